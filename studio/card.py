@@ -1,0 +1,69 @@
+"""The model card (README.md) written next to a merged model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import yaml
+
+from studio.config import dump_yaml
+
+if TYPE_CHECKING:
+    from studio.plan import MergePlan
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "\\n")
+
+
+def model_card(plan: "MergePlan") -> str:
+    config = plan.config
+    hub_models = [ref for ref, is_local in ((r.ref, r.local) for r in plan.rows) if not is_local]
+    front = {"library_name": "transformers", "tags": ["moe", "frankenmoe", "merge", "moe-merge-studio"]}
+    if hub_models:
+        front["base_model"] = list(dict.fromkeys(hub_models))
+    rows = "\n".join(
+        f"| {i} | {_cell(e.source_model)} | {'<br>'.join(_cell(p) for p in e.positive_prompts or []) or '-'} "
+        f"| {'<br>'.join(_cell(p) for p in e.negative_prompts or []) or '-'} |"
+        for i, e in enumerate(config.experts))
+    n = len(config.experts)
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
+# {n}-expert {plan.output.name} MoE
+
+A Mixture of Experts built from {n} fine-tunes of `{config.base_model}` with MoE Merge Studio. Attention,
+embeddings and norms come from the base model; each expert's MLP comes from one fine-tune; the routers
+were built with the `{config.gate_mode}` gate mode and pick {config.experts_per_token} of {n} experts per token.
+Total parameters: {plan.parameters / 1e9:.2f} B.
+
+## Experts
+
+| # | source model | positive prompts | negative prompts |
+|---|---|---|---|
+{rows}
+
+## Configuration
+
+```yaml
+{dump_yaml(config).strip()}
+```
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model_id = "path/or/hub-id/of/this/model"
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")
+messages = [{{"role": "user", "content": "Write a Python function that reverses a string."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                       return_tensors="pt").to(model.device)
+output = model.generate(**inputs, max_new_tokens=256)
+print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+The routers are not trained: they come from the prompts above. Fine-tune the model for best results.
+"""

@@ -1,0 +1,150 @@
+"""`python -m studio`: merge and plan from the command line, with mergekit-moe's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import traceback
+
+from studio.errors import StudioError
+
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12,
+              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+IGNORED_FLAGS = {
+    "--allow-crimes": "architecture checks are always on and explain each misfit",
+    "--lazy-unpickle": "tensors are always read lazily",
+    "--clone-tensors": "tensors are never shared between outputs",
+    "--low-cpu-memory": "the merge always streams one tensor at a time",
+    "--write-model-card": "a model card is always written",
+    "--cuda": "use --device cuda",
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '500M', '5B' (mergekit: billions of bytes), '2GiB' or a plain number."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
+    unit = match and match[2].upper()
+    if not match or unit not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 500M, 5B or 2GiB")
+    return int(float(match[1]) * SIZE_UNITS[unit])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m studio", description="Build Mixture-of-Experts models "
+                                     "from dense fine-tunes (mergekit-moe compatible).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    merge = commands.add_parser("merge", help="merge a mergekit-moe config into a model folder")
+    merge.add_argument("config", help="mergekit-moe YAML config")
+    merge.add_argument("out", help="output folder")
+    merge.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
+                       help="maximum bytes per weight file: 500M, 5B, 2GiB (default 5B)")
+    merge.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                       help="where the hidden-state pass runs; auto spreads the base over every GPU, then CPU")
+    merge.add_argument("--load-in-4bit", action="store_true", help="run the hidden-state pass in 4-bit")
+    merge.add_argument("--load-in-8bit", action="store_true", help="run the hidden-state pass in 8-bit")
+    merge.add_argument("--random-seed", type=int, help="seed for random gates and noise_scale")
+    merge.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_identical_experts",
+                       action="store_true", help="allow every expert to be the same model")
+    merge.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                       help="copy the base tokenizer into the output (default on)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder when done")
+    merge.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass for hidden gates")
+    _common(merge)
+
+    plan = commands.add_parser("plan", help="check a config's models and estimate sizes; writes nothing")
+    plan.add_argument("config", help="mergekit-moe YAML config")
+    plan.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_identical_experts",
+                      action="store_true", help=argparse.SUPPRESS)
+    _common(plan)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the Hub (unsafe)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging; tracebacks on error")
+
+
+def _strip_ignored(argv: list[str]) -> tuple[list[str], list[str]]:
+    kept, notes = [], []
+    for arg in argv:
+        flag = arg.split("=")[0]
+        if flag in IGNORED_FLAGS or flag.replace("--no-", "--") in IGNORED_FLAGS:
+            notes.append(f"Note: {flag} is accepted for mergekit compatibility and does nothing here: "
+                         f"{IGNORED_FLAGS[flag.replace('--no-', '--')]}.")
+        else:
+            kept.append(arg)
+    return kept, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, notes = _strip_ignored(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_args(argv)
+    for note in notes:
+        print(note, file=sys.stderr)
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
+    try:
+        return {"merge": _merge, "plan": _plan}[args.command](args)
+    except StudioError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted; no output was left behind.", file=sys.stderr)
+        return 130
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from studio.config import load_config
+    from studio.merge import MergeOptions, merge
+
+    config = load_config(args.config)
+    options = MergeOptions(out_shard_size=args.out_shard_size, device=args.device, load_in_4bit=args.load_in_4bit,
+                           load_in_8bit=args.load_in_8bit, random_seed=args.random_seed,
+                           trust_remote_code=args.trust_remote_code,
+                           allow_identical_experts=args.allow_identical_experts,
+                           copy_tokenizer=args.copy_tokenizer, overwrite=args.overwrite, batch_size=args.batch_size)
+    bar = None
+
+    def progress(p) -> None:
+        nonlocal bar
+        if p.stage != "write":
+            return
+        if bar is None:
+            bar = tqdm(total=p.total, unit="B", unit_scale=True, desc="Writing", file=sys.stderr)
+        bar.update(p.done - bar.n)
+
+    try:
+        result = merge(config, args.out, options, progress=progress, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        if bar is not None:
+            bar.close()
+    print(result.out)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from studio.config import check_rules, load_config
+    from studio.plan import compatibility, make_plan
+    from studio.report import compatibility_table, estimates_table
+    from studio.sources import open_models
+
+    config = load_config(args.config)
+    errors, warnings = check_rules(config, args.allow_identical_experts)
+    sources = open_models(config.model_refs(), fetch_weights=False)
+    rows, misfits = compatibility(config, sources)
+    print(compatibility_table(rows))
+    for warning in warnings:
+        print(f"Warning: {warning}")
+    if errors or misfits:
+        raise StudioError("\n".join(errors + misfits))
+    plan = make_plan(config, sources)
+    print()
+    print(estimates_table(plan))
+    return 0

@@ -1,0 +1,191 @@
+"""The mergekit-moe config: schema, YAML in and out, and the rules a config must follow.
+
+The format is mergekit-moe's, field for field, so configs from model cards and guides work unchanged.
+What we add is strictness: unknown keys and unknown gate modes are errors with a suggestion, where
+mergekit drops the key silently or crashes later.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from studio.errors import StudioError
+
+GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
+GATE_MODE_ALIASES = {"hidden_last": "hidden"}
+PROMPT_FREE_GATE_MODES = ("random", "uniform_random")
+DTYPES = ("bfloat16", "float16", "float32")
+
+# Keys that belong to other tools' configs, with what to tell the user instead of "unknown key".
+FOREIGN_KEYS = {
+    "merge_method": "this looks like a mergekit-yaml config; MoE configs have base_model and experts",
+    "models": "this looks like a mergekit-yaml config; MoE configs list experts under `experts:`",
+    "slices": "this looks like a mergekit-yaml config; MoE configs list experts under `experts:`",
+    "tokenizer_source": "MoE configs have no tokenizer field: the base model's tokenizer is always used",
+    "tokenizer": "MoE configs have no tokenizer field: the base model's tokenizer is always used",
+    "chat_template": "MoE configs have no chat_template field: the base model's template is copied",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Expert(_Strict):
+    """One expert: the model whose MLPs it takes, and the prompts its router row is built from."""
+
+    source_model: str = Field(min_length=1)
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @classmethod
+    def _one_prompt_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class MoEConfig(_Strict):
+    """A mergekit-moe configuration (the YAML given to `mergekit-moe` or `python -m studio merge`)."""
+
+    base_model: str = Field(min_length=1)
+    experts: list[Expert] = Field(min_length=1)
+    gate_mode: str = "hidden"
+    dtype: str | None = None
+    experts_per_token: int = Field(default=2, ge=1)
+    shared_experts: list[Expert] | None = None
+    architecture: str | None = None
+
+    @field_validator("gate_mode")
+    @classmethod
+    def _known_gate_mode(cls, value: str) -> str:
+        value = GATE_MODE_ALIASES.get(value, value)
+        if value not in GATE_MODES:
+            raise ValueError(f"unknown gate mode {value!r}{_suggest(value, GATE_MODES)}; "
+                             f"choose one of {', '.join(GATE_MODES)}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.removeprefix("torch.")
+        if value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}{_suggest(value, DTYPES)}; choose one of {', '.join(DTYPES)}")
+        return value
+
+    @property
+    def all_experts(self) -> list[Expert]:
+        """Routed experts first, then shared ones: the order gate rows are computed in."""
+        return self.experts + (self.shared_experts or [])
+
+    def model_refs(self) -> list[str]:
+        """Every distinct model the merge reads, base first."""
+        refs = [self.base_model] + [e.source_model for e in self.all_experts]
+        return list(dict.fromkeys(refs))
+
+
+def _suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error["loc"]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if error["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        if key in FOREIGN_KEYS:
+            return f"`{where}`: unknown key; {FOREIGN_KEYS[key]}."
+        in_expert = len(loc) > 1 and loc[0] in ("experts", "shared_experts")
+        fields = _field_names(Expert if in_expert else MoEConfig)
+        return f"`{where}`: unknown key{_suggest(key, fields)}. Allowed here: {', '.join(fields)}."
+    if error["type"] == "missing":
+        return f"`{where}`: required field is missing."
+    message = error["msg"].removeprefix("Value error, ")
+    return f"`{where}`: {message} (got {error.get('input')!r})." if where else f"{message}."
+
+
+def parse_config(data: Any, source: str = "config") -> MoEConfig:
+    """Build a config from already-parsed YAML, turning schema errors into one readable message."""
+    if not isinstance(data, dict):
+        raise StudioError(f"{source}: expected a mapping with `base_model` and `experts`, got {type(data).__name__}.")
+    try:
+        return MoEConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise StudioError(f"{source} is not a valid MoE config:\n{lines}") from None
+
+
+def load_yaml(text: str, source: str = "config") -> MoEConfig:
+    """Parse YAML text into a config."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StudioError(f"{source} is not valid YAML: {exc}") from None
+    return parse_config(data, source)
+
+
+def load_config(path: str | Path) -> MoEConfig:
+    """Read a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StudioError(f"Cannot read config file {path}: {exc.strerror}.") from None
+    return load_yaml(text, str(path))
+
+
+def dump_yaml(config: MoEConfig) -> str:
+    """The config as mergekit-moe YAML; `load_yaml(dump_yaml(c)) == c`."""
+    data = config.model_dump(exclude_none=True)
+    if data.get("experts_per_token") == 2:
+        data.pop("experts_per_token")
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+
+
+def _prompt_key(expert: Expert) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(expert.positive_prompts or ()), tuple(expert.negative_prompts or ())
+
+
+def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tuple[list[str], list[str]]:
+    """mergekit-moe's config rules, as (errors, warnings). Model files are checked elsewhere."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    n = len(config.experts)
+    if n < config.experts_per_token:
+        errors.append(f"`experts_per_token` is {config.experts_per_token} but there are only {n} experts; "
+                      f"lower it or add experts.")
+    if n & (n - 1):
+        warnings.append(f"{n} experts is not a power of two; llama.cpp cannot run such a model.")
+    shared = config.shared_experts or []
+    if len(shared) > 1:
+        errors.append(f"`shared_experts` has {len(shared)} entries; at most one shared expert is supported.")
+
+    if config.gate_mode not in PROMPT_FREE_GATE_MODES:
+        for i, expert in enumerate(config.experts):
+            if not expert.positive_prompts:
+                errors.append(f"`experts[{i}]` ({expert.source_model}) has no `positive_prompts`; gate mode "
+                              f"{config.gate_mode!r} builds its router row from them. Add some, or use "
+                              f"`gate_mode: random`.")
+        if n > 1 and len({_prompt_key(e) for e in config.experts}) == 1:
+            errors.append("Every expert has the same prompts, so the router could not tell them apart. Give each "
+                          "expert prompts of its own, or use `gate_mode: random`.")
+        if n > 1 and len({e.source_model for e in config.experts}) == 1 and not allow_identical_experts:
+            errors.append(f"Every expert is {config.experts[0].source_model}: identical experts are useless without "
+                          f"training. Pass --i-understand-this-is-not-useful-without-training if you will "
+                          f"train the result, or use `gate_mode: random`.")
+    if shared and len({bool(e.positive_prompts) for e in shared}) > 1:
+        errors.append("Shared experts must all have prompts or all have none.")
+    return errors, warnings

@@ -1,0 +1,213 @@
+"""Router (gate) rows built from prompts, embeddings or noise: mergekit-moe's gate modes.
+
+The result is one tensor G of shape (layers, experts, hidden): G[l, e] becomes row e of layer l's router.
+
+hidden      the base model's residual stream entering layer l, at each prompt's last token; mean over the
+            positive prompts minus mean over the negative ones, scaled to unit norm.
+hidden_avg  the same, averaged over the prompt's real tokens instead of taken at the last one.
+cheap_embed the normalised sum of the prompts' token embeddings, the same row for every layer.
+random      standard normal entries (for sparse upcycling that will be trained).
+uniform_random  U(-1/sqrt(H), 1/sqrt(H)), PyTorch's nn.Linear initialisation.
+
+Prompts are the BOS string followed by the raw prompt text, as in mergekit. Unlike mergekit, batches are
+bounded, and positions follow the attention mask, so a prompt's vector does not depend on its batch mates.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from studio.config import PROMPT_FREE_GATE_MODES, Expert, MoEConfig
+from studio.families import Family
+from studio.sources import ModelSource
+
+DEGENERATE_CONDITION = 5.0
+
+
+@dataclass
+class GateOptions:
+    device: str = "cpu"  # cpu, cuda, or auto (accelerate's device map over every GPU, then CPU)
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    batch_size: int = 16
+    seed: int | None = None
+    trust_remote_code: bool = False
+
+
+def experts_with_gates(config: MoEConfig) -> list[Expert]:
+    """Routed experts, then shared experts that get a gate (prompted ones, or any under random modes)."""
+    shared = [e for e in config.shared_experts or []
+              if e.positive_prompts or config.gate_mode in PROMPT_FREE_GATE_MODES]
+    return config.experts + shared
+
+
+def compute_gates(config: MoEConfig, base: ModelSource, family: Family, options: GateOptions,
+                  log: Callable[[str], None] = print) -> torch.Tensor:
+    """G (layers, experts, hidden) in float32, for `experts_with_gates(config)` in that order."""
+    layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
+    experts = experts_with_gates(config)
+    mode = config.gate_mode
+    if mode in PROMPT_FREE_GATE_MODES:
+        return random_gates(mode, (layers, len(experts), hidden), options.seed)
+    tokenizer = load_tokenizer(base, options.trust_remote_code)
+    if mode == "cheap_embed":
+        embedding = base.read(family.embed).float()
+        row = torch.stack([embedding_direction(e, tokenizer, embedding) for e in experts])
+        return row.unsqueeze(0).expand(layers, -1, -1).contiguous()
+    states = hidden_states_of_prompts(base, tokenizer, _all_prompts(experts), options,
+                                      average=(mode == "hidden_avg"), log=log)
+    rows = [_mean(states, e.positive_prompts) - _mean(states, e.negative_prompts) for e in experts]
+    return unit_rows(torch.stack(rows, dim=1))
+
+
+def random_gates(mode: str, shape: tuple[int, int, int], seed: int | None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if mode == "random":
+        return torch.randn(shape, generator=generator)
+    bound = shape[-1] ** -0.5
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def load_tokenizer(base: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base.folder, trust_remote_code=trust_remote_code)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """mergekit's prompt encoding: the BOS string, then the text, with no other special tokens."""
+    return tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"]
+
+
+def embedding_direction(expert: Expert, tokenizer, embedding: torch.Tensor) -> torch.Tensor:
+    """cheap_embed: unit(sum of positive prompt embeddings) - unit(sum of negative ones), unit norm."""
+
+    def direction(prompts: list[str] | None) -> torch.Tensor:
+        total = torch.zeros(embedding.shape[1])
+        for prompt in prompts or []:
+            total += embedding[prompt_ids(tokenizer, prompt)].sum(dim=0)
+        return unit_rows(total)
+
+    row = direction(expert.positive_prompts)
+    if expert.negative_prompts:
+        row = row - direction(expert.negative_prompts)
+    return unit_rows(row)
+
+
+def _all_prompts(experts: list[Expert]) -> list[str]:
+    prompts = [p for e in experts for p in (e.positive_prompts or []) + (e.negative_prompts or [])]
+    return list(dict.fromkeys(prompts))
+
+
+def _mean(states: dict[str, torch.Tensor], prompts: list[str] | None) -> torch.Tensor | float:
+    return torch.stack([states[p] for p in prompts]).mean(dim=0) if prompts else 0.0
+
+
+def load_base_model(base: ModelSource, options: GateOptions):
+    """The base model for the hidden-state pass, quantized when asked."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = None
+    if options.load_in_4bit:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    elif options.load_in_8bit:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    kwargs = {"quantization_config": quantization} if quantization else {}
+    model = AutoModelForCausalLM.from_pretrained(base.folder, dtype=torch.bfloat16, device_map=options.device,
+                                                 trust_remote_code=options.trust_remote_code, **kwargs)
+    return model.eval()
+
+
+@torch.inference_mode()
+def hidden_states_of_prompts(base: ModelSource, tokenizer, prompts: list[str], options: GateOptions,
+                             average: bool = False, log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """For each prompt, the residual stream entering every layer (layers, hidden), float32 on CPU.
+
+    Taken at the last token, or averaged over the prompt's tokens when `average`.
+    """
+    log(f"Computing hidden states of {len(prompts)} prompts with {base.label}")
+    model = load_base_model(base, options)
+    device = model.get_input_embeddings().weight.device
+    encoded = {p: prompt_ids(tokenizer, p) for p in prompts}
+    order = sorted(prompts, key=lambda p: len(encoded[p]))  # similar lengths share a batch: little padding
+    states = {}
+    try:
+        for start in range(0, len(order), options.batch_size):
+            batch = order[start:start + options.batch_size]
+            ids, mask = _left_padded([encoded[p] for p in batch], tokenizer)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                        output_hidden_states=True, use_cache=False)
+            entering = torch.stack(out.hidden_states[:-1], dim=1).float().cpu()  # (batch, layers, seq, hidden)
+            if average:
+                weights = mask[:, None, :, None].float()
+                vectors = (entering * weights).sum(2) / weights.sum(2).clamp_min(1)
+            else:
+                vectors = entering[:, :, -1, :]
+            states.update(zip(batch, vectors))
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return states
+
+
+def _left_padded(sequences: list[list[int]], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+                if t is not None), 0)
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def degenerate_gate_warning(gates: torch.Tensor, labels: list[str]) -> str | None:
+    """Name the layers whose router rows are nearly dependent, and the pair of experts to blame.
+
+    A layer is flagged, as in mergekit, when the condition number of its (experts x hidden) matrix exceeds 5.
+    """
+    if gates.shape[1] < 2:
+        return None
+    condition = torch.linalg.cond(gates.float())
+    flagged = [l for l in range(gates.shape[0]) if not condition[l] <= DEGENERATE_CONDITION]
+    if not flagged:
+        return None
+    by_pair: dict[tuple[int, int], list[int]] = {}
+    worst_cosine: dict[tuple[int, int], float] = {}
+    for layer in flagged:
+        rows = unit_rows(gates[layer].float())
+        cosine = rows @ rows.T
+        cosine.fill_diagonal_(-2.0)
+        i, j = divmod(int(cosine.argmax()), cosine.shape[1])
+        pair = (min(i, j), max(i, j))
+        by_pair.setdefault(pair, []).append(layer)
+        worst_cosine[pair] = max(worst_cosine.get(pair, -1.0), float(cosine[i, j]))
+    details = "; ".join(
+        f"layers {_ranges(layers)}: experts {a} ({labels[a]}) and {b} ({labels[b]}) are most alike "
+        f"(cosine {worst_cosine[(a, b)]:.2f})" for (a, b), layers in sorted(by_pair.items()))
+    return (f"Degenerate routing in {len(flagged)} of {gates.shape[0]} layers (router condition number up to "
+            f"{float(condition[flagged].max()):.1f} > {DEGENERATE_CONDITION:g}): {details}. Some experts will be "
+            f"underused; give those experts more distinct prompts.")
+
+
+def _ranges(numbers: list[int]) -> str:
+    spans, start = [], numbers[0]
+    for prev, cur in zip(numbers, numbers[1:] + [None]):
+        if cur != prev + 1:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(spans)

@@ -1,0 +1,241 @@
+"""The merge: config -> plan -> gates -> tensors on disk, streamed, atomic and cancellable.
+
+The output is built in a hidden sibling folder and renamed into place only when every file is written, so
+an interrupted merge (error, cancel, Ctrl-C) leaves nothing that looks like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from studio import card
+from studio.config import MoEConfig, check_rules, dump_yaml
+from studio.errors import Cancelled, StudioError
+from studio.gates import GateOptions, compute_gates, degenerate_gate_warning, experts_with_gates
+from studio.plan import MergePlan, TensorJob, make_plan
+from studio.sources import TOKENIZER_FILES, ModelSource, open_models
+from studio.writer import shard_names, write_shard
+
+DISK_MARGIN = 64 * 2**20
+
+
+class CancelToken:
+    """Set from any thread (a UI button, a signal handler); the merge stops at the next tensor."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("Merge cancelled; nothing was written.")
+
+
+@dataclass
+class Progress:
+    stage: str  # "open", "gates", "write", "done"
+    done: int
+    total: int
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+@dataclass
+class MergeOptions:
+    out_shard_size: int = 5_000_000_000
+    device: str = "cpu"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    random_seed: int | None = None
+    trust_remote_code: bool = False
+    allow_identical_experts: bool = False
+    copy_tokenizer: bool = True
+    overwrite: bool = False
+    batch_size: int = 16
+
+    def gate_options(self) -> GateOptions:
+        return GateOptions(self.device, self.load_in_4bit, self.load_in_8bit, self.batch_size, self.random_seed,
+                           self.trust_remote_code)
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    plan: MergePlan
+    files: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare(config: MoEConfig, options: MergeOptions, fetch_weights: bool = True,
+            log: Callable[[str], None] = print) -> tuple[MergePlan, list[str]]:
+    """Validate the config, open every model and plan the merge. Returns the plan and the warnings."""
+    errors, warnings = check_rules(config, options.allow_identical_experts)
+    if errors:
+        raise StudioError("The config breaks these rules:\n" + "\n".join(f"  - {e}" for e in errors))
+    sources = open_models(config.model_refs(), fetch_weights, on_open=lambda ref: log(f"Opening {ref}"))
+    return make_plan(config, sources), warnings
+
+
+def merge(config: MoEConfig, out: str | Path, options: MergeOptions | None = None,
+          progress: Callable[[Progress], None] | None = None, cancel: CancelToken | None = None,
+          log: Callable[[str], None] = print) -> MergeResult:
+    """Merge `config` into the folder `out`. Raises StudioError (Cancelled when cancelled)."""
+    options = options or MergeOptions()
+    cancel = cancel or CancelToken()
+    report = progress or (lambda p: None)
+    out = Path(out).expanduser().absolute()
+    _check_destination(out, options.overwrite)
+    report(Progress("open", 0, 1, "Opening models"))
+    plan, warnings = prepare(config, options, log=log)
+    _check_not_a_source(out, plan)
+    _check_disk_space(out, plan.total_bytes)
+    cancel.check()
+
+    report(Progress("gates", 0, 1, f"Computing {config.gate_mode} gates"))
+    gates = compute_gates(config, plan.base, plan.family, options.gate_options(), log=log)
+    labels = [e.source_model for e in experts_with_gates(config)]
+    degenerate = degenerate_gate_warning(gates, labels) if config.gate_mode.startswith(("hidden", "cheap")) else None
+    warnings += [degenerate] if degenerate else []
+    for warning in warnings:
+        log(f"Warning: {warning}")
+    cancel.check()
+
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        files = _write_all(plan, gates, staging, options, report, cancel)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report(Progress("done", plan.total_bytes, plan.total_bytes, f"Merged into {out}"))
+    log(f"Wrote {len(files)} files, {plan.total_bytes / 1e9:.2f} GB, to {out}")
+    return MergeResult(out, plan, files, warnings)
+
+
+def _write_all(plan: MergePlan, gates: torch.Tensor, folder: Path, options: MergeOptions,
+               report: Callable[[Progress], None], cancel: CancelToken) -> list[str]:
+    shards = plan.shards(options.out_shard_size)
+    names = shard_names(len(shards))
+    total, done = plan.total_bytes, 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        report(Progress("write", done, total, f"Writing {done / 1e9:.2f} of {total / 1e9:.2f} GB"))
+
+    def produce(jobs: list[TensorJob]):
+        for job in jobs:
+            cancel.check()
+            yield _tensor_for(job, gates, options.random_seed)
+
+    for name, jobs in zip(names, shards):
+        entries = [(j.name, j.dtype, j.shape, j.nbytes) for j in jobs]
+        write_shard(folder / name, entries, produce(jobs), on_bytes=advance)
+    if len(shards) > 1:
+        weight_map = {job.name: name for name, jobs in zip(names, shards) for job in jobs}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_json(folder / "config.json", plan.moe_config)
+    _write_json(folder / "generation_config.json", _generation_config(plan.base))
+    if options.copy_tokenizer:
+        _copy_tokenizer(plan.base, folder)
+    (folder / "mergekit_moe_config.yml").write_text(dump_yaml(plan.config), encoding="utf-8")
+    (folder / "README.md").write_text(card.model_card(plan), encoding="utf-8")
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _tensor_for(job: TensorJob, gates: torch.Tensor, seed: int | None):
+    """The bytes of one output tensor: a verbatim copy when possible, else the transformed tensor."""
+    if job.router_layer is not None:
+        return gates[job.router_layer, : job.shape[0]].to(job.dtype)
+    if job.is_plain_copy:
+        return job.source.info(job.source_name)
+    tensor = job.source.read(job.source_name)
+    if job.noise_scale is not None:
+        generator = torch.Generator().manual_seed(_noise_seed(seed, job.name))
+        tensor = tensor.float() + job.noise_scale * torch.randn(tensor.shape, generator=generator)
+    if job.scale is not None:
+        tensor = tensor.float() * job.scale
+    return tensor.to(job.dtype)
+
+
+def _noise_seed(seed: int | None, name: str) -> int:
+    """A per-tensor seed: reproducible with --random-seed, different for every tensor, fresh without it."""
+    if seed is None:
+        return int.from_bytes(os.urandom(7), "little")
+    return int.from_bytes(name.encode(), "little") % (2**61 - 1) ^ seed
+
+
+def _generation_config(base: ModelSource) -> dict:
+    path = base.file("generation_config.json")
+    if path:
+        return json.loads(path.read_text())
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: base.config[k] for k in keys if base.config.get(k) is not None}
+
+
+def _copy_tokenizer(base: ModelSource, folder: Path) -> None:
+    """The base tokenizer's files, byte for byte (mergekit saves a modified, left-padding copy)."""
+    copied = [name for name in TOKENIZER_FILES if base.file(name)]
+    if not copied:
+        raise StudioError(f"base_model ({base.label}) has no tokenizer files; add them, or pass --no-copy-tokenizer.")
+    for name in copied:
+        shutil.copyfile(base.file(name), folder / name)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise StudioError(f"Output {out} is a file; choose a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise StudioError(f"Output folder {out} already exists and is not empty. Choose another folder, or pass "
+                          f"--overwrite to replace it once the new merge is complete.")
+
+
+def _check_not_a_source(out: Path, plan: MergePlan) -> None:
+    folders = {plan.base.folder.absolute()} | {j.source.folder.absolute() for j in plan.jobs if j.source}
+    for folder in folders:
+        if out == folder or out in folder.parents:
+            raise StudioError(f"Output {out} would replace the model folder {folder}, which the merge reads. "
+                              f"Choose another output folder.")
+
+
+def _check_disk_space(out: Path, needed: int) -> None:
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    if free < needed + DISK_MARGIN:
+        raise StudioError(f"Not enough disk space for the output: it needs {needed / 1e9:.2f} GB, and {parent} has "
+                          f"{free / 1e9:.2f} GB free. Free some space or choose another output folder.")
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Swap the finished folder in; an old output (with --overwrite) is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

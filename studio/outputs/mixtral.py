@@ -1,0 +1,48 @@
+"""Mixtral output, written in the classic tensor names every loader reads.
+
+`block_sparse_moe.experts.J.w1|w2|w3` is what transformers 4.x, 5.x (which converts it on load), vLLM
+and llama.cpp's converter all understand; the fused v5 layout is read by transformers 5 alone.
+"""
+
+from __future__ import annotations
+
+from studio.config import MoEConfig
+from studio.outputs import OutputArch
+
+CLASSIC_NAMES = {"gate": "w1", "down": "w2", "up": "w3"}
+DROPPED_KEYS = ("architectures", "model_type", "auto_map", "transformers_version", "_name_or_path")
+
+
+class Mixtral(OutputArch):
+    name = "Mixtral"
+    input_model_types = ("llama", "mistral")
+
+    def moe_config(self, base_config: dict, config: MoEConfig, dtype: str | None) -> dict:
+        out = {k: v for k, v in base_config.items() if k not in DROPPED_KEYS}
+        # Llama fields Mixtral lacks would be kept by transformers but mean nothing; drop the misleading ones.
+        for key in ("mlp_bias", "pretraining_tp"):
+            out.pop(key, None)
+        rope = out.get("rope_parameters") or {}
+        if "rope_theta" not in out and "rope_theta" in rope:
+            out["rope_theta"] = rope["rope_theta"]  # transformers 4.x reads only the top-level key
+        out.update({
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "num_local_experts": len(config.experts),
+            "num_experts_per_tok": config.experts_per_token,
+            "sliding_window": base_config.get("sliding_window"),
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.001,
+            "router_jitter_noise": 0.0,
+        })
+        out.setdefault("num_key_value_heads", out.get("num_attention_heads"))
+        if dtype:
+            out["torch_dtype"] = out["dtype"] = dtype
+        return out
+
+    def router(self, layer: int) -> str:
+        return f"model.layers.{layer}.block_sparse_moe.gate.weight"
+
+    def expert(self, layer: int, expert: int) -> dict[str, str]:
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        return {role: f"{prefix}.{short}.weight" for role, short in CLASSIC_NAMES.items()}

@@ -1,0 +1,208 @@
+"""From a config and the opened models to a merge plan: every output tensor, its shape, dtype and origin.
+
+Planning reads only config.json files and checkpoint headers, so it is instant, writes nothing, and finds
+every incompatibility before a byte of output exists.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from studio.config import MoEConfig
+from studio.errors import StudioError
+from studio.families import Family, family_of, layer_of, shape_facts
+from studio.outputs import MergeInputs, OutputArch, choose_output
+from studio.sources import ModelSource, TensorInfo
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# 4-bit NF4 stores half a byte per weight plus one float32 absmax per 64 weights.
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of the compatibility table."""
+
+    role: str
+    ref: str
+    family: str | None
+    facts: dict[str, int | None]
+    parameters: int
+    dtype: str
+    size_bytes: int
+    local: bool
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: copied from a source tensor (maybe rescaled or noised), or a router block."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    source: ModelSource | None = None
+    source_name: str | None = None
+    router_layer: int | None = None
+    noise_scale: float | None = None
+    scale: float | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return TensorInfo(self.name, self.dtype, self.shape, None, None).nbytes  # type: ignore[arg-type]
+
+    @property
+    def is_plain_copy(self) -> bool:
+        """True when the output bytes are exactly the source bytes (no cast, noise or scale)."""
+        if self.source is None or self.noise_scale is not None or self.scale is not None:
+            return False
+        info = self.source.info(self.source_name)
+        return info.offset is not None and info.dtype == self.dtype
+
+
+@dataclass
+class MergePlan:
+    config: MoEConfig
+    output: OutputArch
+    family: Family
+    base: ModelSource
+    rows: list[ModelRow]
+    jobs: list[TensorJob]
+    moe_config: dict
+    dtype_name: str | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(job.nbytes for job in self.jobs)
+
+    @property
+    def parameters(self) -> int:
+        return sum(job.nbytes // job.dtype.itemsize for job in self.jobs)
+
+    def shards(self, max_bytes: int) -> list[list[TensorJob]]:
+        """Consecutive jobs grouped into shards of at most `max_bytes` (a bigger tensor gets a shard alone)."""
+        shards: list[list[TensorJob]] = [[]]
+        size = 0
+        for job in self.jobs:
+            if shards[-1] and size + job.nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(job)
+            size += job.nbytes
+        return shards
+
+    def memory_estimates(self) -> dict[str, int]:
+        """Bytes: the output on disk, the merged model in memory at bf16 and at 4-bit, and the merge's peak.
+
+        The merge streams tensor by tensor, so its peak is the largest tensor it builds, or the base model in
+        bf16 while the hidden-state pass runs.
+        """
+        layer_matrices = sum(j.nbytes // j.dtype.itemsize for j in self.jobs
+                             if len(j.shape) == 2 and layer_of(j.name) is not None)
+        base_params = sum(i.nbytes // i.dtype.itemsize for i in self.base.tensors.values())
+        hidden_pass = base_params * 2 if self.config.gate_mode.startswith("hidden") else 0
+        return {
+            "output": self.total_bytes,
+            "bf16": self.parameters * 2,
+            "4bit": int(layer_matrices * NF4_BYTES_PER_PARAM + (self.parameters - layer_matrices) * 2),
+            "merge_peak": max(hidden_pass, max(j.nbytes for j in self.jobs) * 2),
+        }
+
+
+def _row(role: str, source: ModelSource) -> ModelRow:
+    counts = Counter()
+    params = 0
+    for info in source.tensors.values():
+        n = info.nbytes // info.dtype.itemsize
+        params += n
+        counts[str(info.dtype).removeprefix("torch.")] += n
+    family = family_of(source.config.get("model_type"))
+    return ModelRow(role, source.label, source.config.get("model_type") if family is None else family.name,
+                    shape_facts(source.config), params, counts.most_common(1)[0][0] if counts else "?",
+                    sum(i.nbytes for i in source.tensors.values()), source.ref.is_local)
+
+
+def compatibility(config: MoEConfig, sources: dict[str, ModelSource]) -> tuple[list[ModelRow], list[str]]:
+    """The table of models, and every way an expert does not fit the base (naming model, field, both values)."""
+    base = sources[config.base_model]
+    rows = [_row("base", base)]
+    rows += [_row(f"experts[{i}]", sources[e.source_model]) for i, e in enumerate(config.experts)]
+    rows += [_row(f"shared_experts[{i}]", sources[e.source_model]) for i, e in enumerate(config.shared_experts or [])]
+    errors = []
+    if family_of(base.config.get("model_type")) is None:
+        errors.append(f"base_model ({base.label}): model_type {base.config.get('model_type')!r} is not supported; "
+                      f"the studio reads llama, mistral, qwen2, qwen3 and phi models.")
+    for row in rows[1:]:
+        if row.family != rows[0].family:
+            errors.append(f"{row.role} ({row.ref}): model family is {row.family}, but the base ({rows[0].ref}) is "
+                          f"{rows[0].family}. Experts must be fine-tunes of the base's architecture.")
+            continue
+        for key, value in row.facts.items():
+            if value != rows[0].facts[key]:
+                errors.append(f"{row.role} ({row.ref}): {key} is {value}, but the base ({rows[0].ref}) has "
+                              f"{rows[0].facts[key]}. Experts must share the base's shape.")
+    return rows, errors
+
+
+def output_dtype(config: MoEConfig, base: ModelSource) -> str | None:
+    """The config's dtype, else the base's declared one, else None (keep each tensor's own)."""
+    declared = config.dtype or base.config.get("torch_dtype") or base.config.get("dtype")
+    return declared if declared in DTYPES else None
+
+
+def make_plan(config: MoEConfig, sources: dict[str, ModelSource]) -> MergePlan:
+    """Check the models against each other and list every output tensor. Raises StudioError on any misfit."""
+    rows, errors = compatibility(config, sources)
+    if errors:
+        raise StudioError("The models do not fit together:\n" + "\n".join(f"  - {e}" for e in errors))
+    base = sources[config.base_model]
+    family = family_of(base.config["model_type"])
+    inputs = MergeInputs(config, family, {r.ref: r.family for r in rows}, base.config)
+    output = choose_output(inputs)
+    dtype_name = output_dtype(config, base)
+    jobs = _jobs(config, sources, base, family, output, dtype_name)
+    moe_config = output.moe_config(base.config, config, dtype_name)
+    return MergePlan(config, output, family, base, rows, jobs, moe_config, dtype_name)
+
+
+def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource, family: Family,
+          output: OutputArch, dtype_name: str | None) -> list[TensorJob]:
+    out_dtype = DTYPES.get(dtype_name) if dtype_name else None
+    tied = bool(base.config.get("tie_word_embeddings", False))
+
+    def copy(name: str, info: TensorInfo, source: ModelSource, **extra) -> TensorJob:
+        return TensorJob(name, info.shape, out_dtype or info.dtype, source, info.name, **extra)
+
+    layers: dict[int | None, list[TensorJob]] = {}
+    for name, info in base.tensors.items():
+        if family.is_mlp(name) or (tied and name == family.lm_head):
+            continue
+        layers.setdefault(layer_of(name), []).append(copy(name, info, base))
+    n_layers = base.config["num_hidden_layers"]
+    hidden = base.config["hidden_size"]
+    for layer in range(n_layers):
+        block = layers.setdefault(layer, [])
+        block.append(TensorJob(output.router(layer), (len(config.experts), hidden), out_dtype or torch.float32,
+                               router_layer=layer))
+        for j, expert in enumerate(config.experts):
+            source = sources[expert.source_model]
+            dense = family.mlp_tensors(layer)
+            for role, out_name in output.expert(layer, j).items():
+                info = _expert_tensor(source, dense[role], base.info(dense[role]), config, j)
+                block.append(copy(out_name, info, source, noise_scale=expert.noise_scale,
+                                  scale=expert.residual_scale if role == "down" else None))
+    non_layer = layers.pop(None, [])
+    head = [j for j in non_layer if "embed" in j.name]
+    tail = [j for j in non_layer if "embed" not in j.name]
+    return head + [job for layer in sorted(layers) for job in layers[layer]] + tail
+
+
+def _expert_tensor(source: ModelSource, name: str, base_info: TensorInfo, config: MoEConfig, index: int) -> TensorInfo:
+    info = source.info(name)
+    if info.shape != base_info.shape:
+        raise StudioError(f"experts[{index}] ({source.label}): tensor {name} has shape {list(info.shape)}, but the "
+                          f"base ({config.base_model}) has {list(base_info.shape)}. Experts must share the base's "
+                          f"shape.")
+    return info

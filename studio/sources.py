@@ -1,0 +1,289 @@
+"""Where model weights come from: local folders and Hugging Face Hub repos, read one tensor at a time.
+
+safetensors files are indexed from their headers and memory-mapped, so reading a tensor costs only its
+own bytes, and a tensor that needs no change can be copied file-to-file without passing through Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from studio.errors import StudioError
+
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
+MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as written in a config: a local folder, `org/name`, or `org/name@revision`."""
+
+    text: str
+    location: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        if "+" in text and not Path(text).exists():
+            raise StudioError(f"Model {text!r}: `model+lora` references are not supported; merge the LoRA into "
+                              f"its model first and point the config at the result.")
+        location, _, revision = text.partition("@") if not Path(text).exists() else (text, "", "")
+        return cls(text, location, revision or None)
+
+    @property
+    def is_local(self) -> bool:
+        looks_like_path = self.location.startswith((".", "/", "~")) or self.location.count("/") > 1
+        return Path(self.location).expanduser().exists() or looks_like_path or not HUB_ID.match(self.location)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives. `offset` is the byte offset in `path` (None for .bin checkpoints)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: Path
+    offset: int | None
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Index a .safetensors file from its header, checking that every tensor lies inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_len <= min(MAX_HEADER, size - 8):
+            raise StudioError(f"{path} is not a valid safetensors file (bad header length); the file is truncated "
+                              f"or corrupt. Download it again.")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise StudioError(f"{path} has a corrupt safetensors header; download the file again.") from None
+    data_start = 8 + header_len
+    index = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            start, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise StudioError(f"{path}: tensor {name!r} has an unreadable header entry {meta!r}.") from None
+        info = TensorInfo(name, dtype, shape, path, data_start + start)
+        if end - start != info.nbytes or data_start + end > size:
+            raise StudioError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; the file is "
+                              f"truncated or corrupt. Download it again.")
+        index[name] = info
+    return index
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The checkpoint files of a folder: safetensors preferred, .bin otherwise."""
+    for index_name, single, pattern in (("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
+                                        ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin")):
+        index_file = folder / index_name
+        if index_file.exists():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise StudioError(f"{index_file} is not a valid shard index (no `weight_map`).") from None
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise StudioError(f"{folder}: the shard index lists {', '.join(missing)}, which is not in the "
+                                  f"folder. Download the model again.")
+            return files
+        if (folder / single).exists():
+            return [folder / single]
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise StudioError(f"{folder} holds no model weights (no *.safetensors or pytorch_model*.bin).")
+
+
+@dataclass
+class ModelSource:
+    """One model's config and tensors, read lazily."""
+
+    ref: ModelRef
+    folder: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    _bins: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.ref.text
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise StudioError(f"Model {self.label}: tensor {name!r} is missing from its checkpoint in "
+                              f"{self.folder}. Is it the architecture the config says it is?") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor in memory of its own, read with one call; nothing else of the file is kept."""
+        info = self.info(name)
+        if info.offset is None:
+            state = self._bins.get(info.path)
+            if state is None:
+                state = self._bins[info.path] = torch.load(info.path, map_location="cpu", mmap=True,
+                                                           weights_only=True)
+            return state[name]
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(info.path, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            if f.readinto(raw.numpy()) != info.nbytes:
+                raise StudioError(f"{info.path}: unexpected end of file while reading {name!r}; the file is "
+                                  f"truncated. Download it again.")
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def file(self, name: str) -> Path | None:
+        path = self.folder / name
+        return path if path.exists() else None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StudioError(f"{path.parent} has no {path.name}; is it a Hugging Face model folder?") from None
+    except json.JSONDecodeError as exc:
+        raise StudioError(f"{path} is not valid JSON ({exc}); {what}.") from None
+
+
+def index_folder(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a local checkpoint, from headers only."""
+    index: dict[str, TensorInfo] = {}
+    for path in _weight_files(folder):
+        if path.suffix == ".safetensors":
+            index.update(read_safetensors_header(path))
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            index.update({k: TensorInfo(k, v.dtype, tuple(v.shape), path, None) for k, v in state.items()})
+    return index
+
+
+def open_local(ref: ModelRef, folder: Path) -> ModelSource:
+    if not folder.is_dir():
+        raise StudioError(f"Model {ref.text!r}: folder {folder} does not exist. Check the path, or use a Hub id "
+                          f"such as `mistralai/Mistral-7B-v0.1`.")
+    config = _read_json(folder / "config.json", "fix or re-download the model")
+    return ModelSource(ref, folder, config, index_folder(folder))
+
+
+# Hub access: a thin layer over huggingface_hub. The token comes from HF_TOKEN or the login cache and is
+# never printed; huggingface_hub reads it itself.
+HUB_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt"]
+
+
+def _hub_error(ref: ModelRef, exc: Exception) -> StudioError:
+    from huggingface_hub import errors
+
+    kind = type(exc).__name__
+    if isinstance(exc, errors.GatedRepoError):
+        why = "is gated: accept its licence on the Hub, then set HF_TOKEN to a token of that account"
+    elif isinstance(exc, errors.RepositoryNotFoundError):
+        why = "was not found on the Hub (or is private: set HF_TOKEN)"
+    elif isinstance(exc, errors.RevisionNotFoundError):
+        why = f"has no revision {ref.revision!r}"
+    else:
+        why = f"could not be fetched ({kind}); check the network connection, or download it and use a local path"
+    return StudioError(f"Model {ref.text!r} {why}.")
+
+
+def download(ref: ModelRef, tqdm_class: type | None = None) -> Path:
+    """Fetch only the files a merge needs: weights (safetensors, else .bin), json and tokenizer files."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = HfApi().list_repo_files(ref.location, revision=ref.revision)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        return Path(snapshot_download(ref.location, revision=ref.revision, allow_patterns=weights + HUB_PATTERNS,
+                                      tqdm_class=tqdm_class))
+    except Exception as exc:  # huggingface_hub raises many types; each becomes one readable message
+        raise _hub_error(ref, exc) from exc
+
+
+def _hub_index(ref: ModelRef) -> tuple[dict, dict[str, TensorInfo]]:
+    """config.json and the tensor index of a Hub model, read without downloading its weights."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        config = json.loads(Path(hf_hub_download(ref.location, "config.json", revision=ref.revision)).read_text())
+        meta = HfApi().get_safetensors_metadata(ref.location, revision=ref.revision)
+    except Exception as exc:
+        raise _hub_error(ref, exc) from exc
+    index = {}
+    for filename, file_meta in meta.files_metadata.items():
+        for name, t in file_meta.tensors.items():
+            index[name] = TensorInfo(name, SAFETENSORS_DTYPES[t.dtype], tuple(t.shape), Path(filename), None)
+    return config, index
+
+
+def open_model(text: str, fetch_weights: bool = True, tqdm_class: type | None = None) -> ModelSource:
+    """Open a model reference. Without `fetch_weights`, Hub models are indexed from metadata only."""
+    ref = ModelRef.parse(text)
+    if ref.is_local:
+        return open_local(ref, Path(ref.location).expanduser())
+    if fetch_weights:
+        return open_local(ref, download(ref, tqdm_class))
+    config, index = _hub_index(ref)
+    return ModelSource(ref, Path(ref.location), config, index)
+
+
+def open_models(refs: list[str], fetch_weights: bool = True,
+                on_open: Callable[[str], None] | None = None) -> dict[str, ModelSource]:
+    """Open each distinct reference once."""
+    sources = {}
+    for text in refs:
+        if on_open:
+            on_open(text)
+        sources[text] = open_model(text, fetch_weights)
+    return sources
+
+
+def copy_bytes(info: TensorInfo, out, chunk: int = 64 * 2**20) -> None:
+    """Append a tensor's raw bytes from its file to `out`, in the kernel where the OS allows."""
+    with open(info.path, "rb") as src:
+        remaining, offset = info.nbytes, info.offset
+        out.flush()
+        while remaining:
+            try:
+                sent = os.copy_file_range(src.fileno(), out.fileno(), min(chunk, remaining), offset)
+            except (AttributeError, OSError):
+                src.seek(offset)
+                sent = out.write(src.read(min(chunk, remaining)))
+                out.flush()
+            if sent == 0:
+                raise StudioError(f"{info.path}: unexpected end of file while copying {info.name!r}.")
+            offset += sent
+            remaining -= sent
