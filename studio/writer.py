@@ -5,6 +5,7 @@ bytes as soon as it exists, so memory holds one tensor at a time instead of a wh
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -53,3 +54,4 @@ def write_shard(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...
                 write_tensor(out, item)
             if on_bytes:
                 on_bytes(nbytes)
+        os.fsync(out.fileno())  # on disk before the folder is renamed into place
