@@ -1,0 +1,90 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from studio.cli import parse_size
+
+from conftest import moe_yaml
+
+ROOT = Path(__file__).parent.parent
+
+
+def studio(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "studio", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_sizes_follow_mergekit_and_binary_units():
+    assert parse_size("5B") == 5_000_000_000
+    assert parse_size("500M") == 500_000_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5G") == 1_500_000_000
+    assert parse_size("4096") == 4096
+
+
+def test_merge_with_guide_flags_then_refuse_to_overwrite(mistral, write_config, tmp_path):
+    base, experts = mistral
+    config = write_config(moe_yaml(base, experts, gate_mode="cheap_embed"))
+    out = tmp_path / "out"
+    done = studio("merge", config, out, "--allow-crimes", "--lazy-unpickle", "--out-shard-size", "200K",
+                  "--random-seed", "1", "--copy-tokenizer")
+    assert done.returncode == 0, done.stderr
+    assert "Note: --allow-crimes is accepted for mergekit compatibility and does nothing here" in done.stderr
+    assert "Note: --lazy-unpickle" in done.stderr
+    assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+
+    again = studio("merge", config, out)
+    assert again.returncode == 2
+    assert "already exists and is not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_bad_config_exits_2_with_one_paragraph(write_config, tmp_path):
+    config = write_config({"base_model": "x/y", "gateway_mode": "cheap_embed", "experts": [{"source_model": "a/b"}]})
+    done = studio("merge", config, tmp_path / "out")
+    assert done.returncode == 2
+    assert "did you mean `gate_mode`" in done.stderr and "Traceback" not in done.stderr
+    verbose = studio("merge", config, tmp_path / "out", "-v")
+    assert "Traceback" in verbose.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_local_model_is_named(write_config, tmp_path):
+    config = write_config({"base_model": str(tmp_path / "nowhere"), "gate_mode": "random",
+                           "experts": [{"source_model": "./a"}, {"source_model": "./b"}]})
+    done = studio("merge", config, tmp_path / "out")
+    assert done.returncode == 2 and "nowhere does not exist" in done.stderr
+
+
+def test_no_tokenizer_copy(mistral, write_config, tmp_path):
+    base, experts = mistral
+    done = studio("merge", write_config(moe_yaml(base, experts, gate_mode="random")), tmp_path / "o",
+                  "--no-copy-tokenizer")
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "o" / "tokenizer.json").exists()
+
+
+def test_plan_prints_the_table_and_writes_nothing(mistral, write_config, tmp_path):
+    base, experts = mistral
+    config = write_config(moe_yaml(base, experts))
+    before = sorted(tmp_path.rglob("*"))
+    done = studio("plan", config)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["role", "model", "family", "layers", "hidden", "intermediate", "heads", "kv",
+                                "heads", "parameters", "dtype", "size", "where"]
+    assert sum(line.startswith("experts[") for line in lines) == 4
+    assert "output architecture       Mixtral" in done.stdout and "memory to run, 4-bit" in done.stdout
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_plan_reports_misfits_with_both_values(mistral, llama_tied, write_config):
+    config = write_config(moe_yaml(mistral[0], [mistral[1][0], llama_tied[1][0]]))
+    done = studio("plan", config)
+    assert done.returncode == 2
+    assert "model family is llama, but the base" in done.stderr
+    assert "llama" in done.stdout  # the table is still shown

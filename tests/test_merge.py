@@ -1,0 +1,252 @@
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from studio.config import load_config, load_yaml
+from studio.errors import Cancelled, StudioError
+from studio.families import MISTRAL
+from studio.gates import GateOptions, compute_gates
+from studio.merge import CancelToken, MergeOptions, merge
+from studio.sources import open_model
+
+from conftest import moe_yaml
+
+QUIET = {"log": lambda message: None}
+
+
+def output_tensors(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def source_tensors(folder) -> dict[str, torch.Tensor]:
+    source = open_model(str(folder))
+    return {name: source.read(name) for name in source.tensors}
+
+
+def config_of(data: dict):
+    return load_yaml(yaml.safe_dump(data))
+
+
+@pytest.fixture(scope="module")
+def merged(mistral, tmp_path_factory):
+    base, experts = mistral
+    config = config_of(moe_yaml(base, experts))
+    out = tmp_path_factory.mktemp("merged") / "moe"
+    result = merge(config, out, MergeOptions(out_shard_size=150_000), **QUIET)
+    return config, out, result
+
+
+def test_every_expert_tensor_is_its_source_mlp_bit_for_bit(mistral, merged):
+    base, experts = mistral
+    _, out, _ = merged
+    written = output_tensors(out)
+    base_tensors = source_tensors(base)
+    for j, expert in enumerate(experts):
+        dense = source_tensors(expert)
+        for layer in range(2):
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts.{j}"
+            for short, role in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+                assert torch.equal(written[f"{prefix}.{short}.weight"], dense[f"model.layers.{layer}.mlp.{role}.weight"])
+    for name, tensor in base_tensors.items():
+        if ".mlp." not in name:
+            assert torch.equal(written[name], tensor), name
+    moe_names = {n for n in written if "block_sparse_moe" in n}
+    assert len(moe_names) == 2 * (4 * 3 + 1)
+    assert set(written) == moe_names | {n for n in base_tensors if ".mlp." not in n}
+
+
+def test_routers_are_the_hidden_gates(mistral, merged):
+    config, out, _ = merged
+    gates = compute_gates(config, open_model(str(mistral[0])), MISTRAL, GateOptions(), log=lambda m: None)
+    written = output_tensors(out)
+    for layer in range(2):
+        router = written[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        assert router.dtype == torch.bfloat16 and router.shape == (4, 64)
+        assert torch.equal(router, gates[layer].to(torch.bfloat16))
+
+
+def test_shard_index_is_complete_and_shards_respect_the_limit(merged):
+    _, out, _ = merged
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1
+    assert {p.name for p in shards} == set(index["weight_map"].values())
+    written = output_tensors(out)
+    assert set(index["weight_map"]) == set(written)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    for path in shards:
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+            size = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+        assert size <= 150_000 or len(keys) == 1
+        assert all(index["weight_map"][k] == path.name for k in keys)
+
+
+def test_output_loads_generates_and_holds_the_sources(mistral, merged):
+    base, experts = mistral
+    _, out, _ = merged
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.config.num_local_experts == 4 and model.config.num_experts_per_tok == 2
+    dense = source_tensors(experts[2])
+    fused = model.model.layers[1].mlp.experts
+    gate_up = torch.cat([dense["model.layers.1.mlp.gate_proj.weight"], dense["model.layers.1.mlp.up_proj.weight"]])
+    assert torch.equal(fused.gate_up_proj[2], gate_up)
+    assert torch.equal(fused.down_proj[2], dense["model.layers.1.mlp.down_proj.weight"])
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = tokenizer("def add(a, b):", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+def test_side_files_tokenizer_card_and_config(mistral, merged):
+    base, _ = mistral
+    config, out, result = merged
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    assert load_config(out / "mergekit_moe_config.yml") == config
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["MixtralForCausalLM"] and saved["model_type"] == "mixtral"
+    assert saved["torch_dtype"] == "bfloat16" and saved["tie_word_embeddings"] is False
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "tags:" in card and "| 3 |" in card and "12 + 7 =" in card
+    assert "```yaml" in card and "AutoModelForCausalLM" in card
+    assert sorted(result.files) == sorted(p.name for p in out.iterdir())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_tied_llama_stays_tied_and_dtype_is_applied(llama_tied, tmp_path):
+    base, experts = llama_tied
+    config = config_of(moe_yaml(base, experts, gate_mode="cheap_embed", dtype="float16"))
+    out = tmp_path / "moe"
+    merge(config, out, **QUIET)
+    written = output_tensors(out)
+    assert "lm_head.weight" not in written
+    assert all(t.dtype == torch.float16 for t in written.values())
+    source = source_tensors(experts[1])
+    assert torch.equal(written["model.layers.2.block_sparse_moe.experts.1.w2.weight"],
+                       source["model.layers.2.mlp.down_proj.weight"].half())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_residual_scale_and_seeded_noise(mistral, tmp_path):
+    base, experts = mistral
+    data = moe_yaml(base, experts, dtype="float32")
+    data["experts"][1]["residual_scale"] = 0.25
+    data["experts"][3]["noise_scale"] = 0.01
+    config = config_of(data)
+    outs = [tmp_path / name for name in ("a", "b", "c")]
+    for out, seed in zip(outs, (5, 5, 6)):
+        merge(config, out, MergeOptions(random_seed=seed), **QUIET)
+    a, b, c = (output_tensors(o) for o in outs)
+    dense1, dense3 = source_tensors(experts[1]), source_tensors(experts[3])
+    w2 = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+    assert torch.equal(a[w2], dense1["model.layers.0.mlp.down_proj.weight"].float() * 0.25)
+    assert torch.equal(a["model.layers.0.block_sparse_moe.experts.1.w1.weight"],
+                       dense1["model.layers.0.mlp.gate_proj.weight"].float())
+    noisy = "model.layers.1.block_sparse_moe.experts.3.w3.weight"
+    delta = a[noisy] - dense3["model.layers.1.mlp.up_proj.weight"].float()
+    assert 0.008 < delta.std() < 0.012 and abs(delta.mean()) < 0.002
+    assert torch.equal(a[noisy], b[noisy]) and not torch.equal(a[noisy], c[noisy])
+    other = a["model.layers.1.block_sparse_moe.experts.3.w1.weight"] - dense3["model.layers.1.mlp.gate_proj.weight"]
+    assert not torch.equal(delta[: other.shape[0], : other.shape[1]], other)
+
+
+def test_mismatched_expert_is_refused_before_writing(mistral, tmp_path, tokenizer):
+    from studio.synthetic import make_family
+
+    base, experts = mistral
+    _, wide = make_family(tmp_path / "wide", 1, "mistral", intermediate=96, tokenizer=tokenizer)
+    config = config_of(moe_yaml(base, [experts[0], wide[0]]))
+    with pytest.raises(StudioError) as info:
+        merge(config, tmp_path / "out", **QUIET)
+    assert f"experts[1] ({wide[0]}): intermediate_size is 96, but the base ({base}) has 128" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+    # Same config.json, different tensor: found from the checkpoint header.
+    liar = tmp_path / "liar"
+    shutil.copytree(wide[0], liar)
+    (liar / "config.json").write_text((experts[0] / "config.json").read_text())
+    config = config_of(moe_yaml(base, [experts[0], liar]))
+    with pytest.raises(StudioError, match=r"experts\[1\] .*model.layers.0.mlp.gate_proj.weight has shape \[96, 64\], "
+                                          r"but the base .* has \[128, 64\]"):
+        merge(config, tmp_path / "out", **QUIET)
+
+
+def test_family_mismatch_is_named(mistral, llama_tied):
+    config = config_of(moe_yaml(mistral[0], [mistral[1][0], llama_tied[1][0]]))
+    with pytest.raises(StudioError, match=r"experts\[1\] .*: model family is llama, but the base .* is mistral"):
+        merge(config, "/tmp/never-written", **QUIET)
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("how", ["cancel", "ctrl-c", "error"])
+def test_interrupted_merge_leaves_nothing(mistral, tmp_path, how):
+    base, experts = mistral
+    config = config_of(moe_yaml(base, experts))
+    token = CancelToken()
+
+    def progress(p):
+        if p.stage == "write" and p.done > p.total // 2:
+            if how == "cancel":
+                token.cancel()
+            elif how == "ctrl-c":
+                raise KeyboardInterrupt
+            else:
+                raise OSError(28, "No space left on device")
+
+    expected = {"cancel": Cancelled, "ctrl-c": KeyboardInterrupt, "error": OSError}[how]
+    with pytest.raises(expected):
+        merge(config, tmp_path / "out", MergeOptions(out_shard_size=100_000), progress=progress, cancel=token, **QUIET)
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(mistral, tmp_path):
+    base, experts = mistral
+    config = config_of(moe_yaml(base, experts, gate_mode="random"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(StudioError, match="already exists and is not empty.*--overwrite"):
+        merge(config, out, **QUIET)
+    assert (out / "precious.txt").exists()
+    merge(config, out, MergeOptions(overwrite=True), **QUIET)
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+    assert leftovers(tmp_path) == ["out"]
+
+
+def test_output_may_not_replace_a_source_model(mistral, tmp_path):
+    base, experts = mistral
+    config = config_of(moe_yaml(base, experts, gate_mode="random"))
+    with pytest.raises(StudioError, match="which the merge reads"):
+        merge(config, experts[1], MergeOptions(overwrite=True), **QUIET)
+    assert (experts[1] / "model.safetensors").exists()
+
+
+def test_disk_space_is_checked_first(mistral, tmp_path, monkeypatch):
+    import studio.merge
+
+    base, experts = mistral
+    config = config_of(moe_yaml(base, experts, gate_mode="random"))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(studio.merge.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(StudioError, match=r"Not enough disk space.*needs 0.00 GB.*has 0.00 GB free"):
+        merge(config, tmp_path / "out", **QUIET)
+    assert leftovers(tmp_path) == []
