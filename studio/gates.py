@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from studio.config import PROMPT_FREE_GATE_MODES, Expert, MoEConfig
+from studio.errors import StudioError
 from studio.families import Family
 from studio.sources import ModelSource
 
@@ -115,6 +116,9 @@ def load_base_model(base: ModelSource, options: GateOptions):
     """The base model for the hidden-state pass, quantized when asked."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise StudioError("--device cuda was asked for, but this machine has no CUDA GPU that torch can use. "
+                          "Use --device cpu, or install a CUDA build of torch.")
     quantization = None
     if options.load_in_4bit:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
