@@ -15,7 +15,7 @@ from studio.config import MoEConfig
 from studio.errors import StudioError
 from studio.families import Family, family_of, layer_of, shape_facts
 from studio.outputs import MergeInputs, OutputArch, choose_output
-from studio.sources import ModelSource, TensorInfo
+from studio.sources import ModelSource, TensorInfo, tensor_nbytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # 4-bit NF4 stores half a byte per weight plus one float32 absmax per 64 weights.
@@ -51,7 +51,7 @@ class TensorJob:
 
     @property
     def nbytes(self) -> int:
-        return TensorInfo(self.name, self.dtype, self.shape, None, None).nbytes  # type: ignore[arg-type]
+        return tensor_nbytes(self.dtype, self.shape)
 
     @property
     def is_plain_copy(self) -> bool:

@@ -7,6 +7,7 @@ own bytes, and a tensor that needs no change can be copied file-to-file without 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,7 +43,9 @@ class ModelRef:
         if "+" in text and not Path(text).exists():
             raise StudioError(f"Model {text!r}: `model+lora` references are not supported; merge the LoRA into "
                               f"its model first and point the config at the result.")
-        location, _, revision = text.partition("@") if not Path(text).exists() else (text, "", "")
+        if Path(text).expanduser().exists():
+            return cls(text, text)
+        location, _, revision = text.partition("@")
         return cls(text, location, revision or None)
 
     @property
@@ -63,10 +66,11 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

@@ -125,24 +125,26 @@ def tf5(merged) -> dict:
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
         with torch.no_grad():
             logits = model.eval()(input_ids=torch.tensor(INPUT_IDS)).logits.float()
-        found[name] = {"class": type(model).__name__, "loading_info": info, "logits": logits}
+        found[name] = {"class": type(model).__name__, "loading_info": info, "logits": logits,
+                       "rope_theta": model.config.rope_parameters["rope_theta"]}
     return found
 
 
-@pytest.fixture
-def tf4_result(request) -> dict:
-    tf4_python()  # a missing venv fails the test itself, with the setup hint, rather than erroring in setup
+def tf4_results(request) -> dict:
+    """Called in each test's body, so that a missing venv fails the test itself (with the setup hint)."""
+    tf4_python()
     return request.getfixturevalue("tf4")
 
 
-def test_runs_transformers_4_from_the_venv(tf4_result):
-    assert tf4_result["version"].startswith("4."), tf4_result["version"]
-    assert Path(tf4_result["module"]).is_relative_to(ROOT / ".venv-tf4"), tf4_result["module"]
+def test_runs_transformers_4_from_the_venv(request):
+    found = tf4_results(request)
+    assert found["version"].startswith("4."), found["version"]
+    assert Path(found["module"]).is_relative_to(ROOT / ".venv-tf4"), found["module"]
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_transformers_4_loads_every_tensor(tf4_result, name):
-    out = tf4_result["outputs"][name]
+def test_transformers_4_loads_every_tensor(request, name):
+    out = tf4_results(request)["outputs"][name]
     assert out["class"] == "MixtralForCausalLM"
     problems = {k: v for k, v in out["loading_info"].items() if v}
     assert not problems, f"transformers 4.x loading info for {name}: {problems}"
@@ -154,20 +156,24 @@ def test_transformers_4_loads_every_tensor(tf4_result, name):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_transformers_4_routers_are_the_files_gates(tf4_result, merged, name):
-    out = tf4_result["outputs"][name]
+def test_transformers_4_routers_are_the_files_gates(request, name):
+    out = tf4_results(request)["outputs"][name]
+    merged = request.getfixturevalue("merged")
     layers = json.loads((merged[name] / "config.json").read_text())["num_hidden_layers"]
     assert out["routers"] == sorted(f"model.layers.{l}.block_sparse_moe.gate.weight" for l in range(layers))
     assert out["routers_differing"] == [], "router weights were randomly initialised, not read from the file"
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_transformers_4_and_5_compute_the_same_logits(tf4_result, tf5, name):
-    five = tf5[name]
+def test_transformers_4_and_5_compute_the_same_logits(request, name):
+    four = tf4_results(request)["outputs"][name]
+    five = request.getfixturevalue("tf5")[name]
     assert five["class"] == "MixtralForCausalLM"
     problems = {k: v for k, v in five["loading_info"].items() if v}
     assert not problems, f"transformers 5.x loading info for {name}: {problems}"
-    logits4 = torch.tensor(tf4_result["outputs"][name]["logits"])
+    # 4.x reads only the top-level rope_theta (else Mixtral's default, 1e6); 5.x reads rope_parameters.
+    assert four["rope_theta"] == five["rope_theta"], "transformers 4.x and 5.x use different RoPE bases"
+    logits4 = torch.tensor(four["logits"])
     assert logits4.shape == five["logits"].shape
     difference = (logits4 - five["logits"]).abs().max().item()
     assert difference <= ATOL, f"{name}: transformers 4.x and 5.x logits differ by up to {difference:.2e}"
