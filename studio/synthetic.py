@@ -6,6 +6,7 @@ merge reads them exactly as it reads models from the Hub.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -35,6 +36,15 @@ def make_tokenizer(vocab_size: int = 384):
     tok.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    chat_template=CHAT_TEMPLATE)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Save so that transformers 4.x reads it too (5.x names its own backend class, which 4.x lacks)."""
+    tokenizer.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def dense_config(family: str = "mistral", hidden: int = 64, intermediate: int = 128, layers: int = 2,
@@ -68,6 +78,6 @@ def make_family(folder: Path, n_experts: int = 4, family: str = "mistral", dtype
         model.load_state_dict(state)
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(path, **kwargs)
-        tokenizer.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
         paths.append(path)
     return paths[0], paths[1:]

@@ -6,7 +6,7 @@ checkpoint with freshly initialised experts and routers (and only warns). Ours i
 logits as 5.x.
 
 transformers 4.x runs in a subprocess from the `.venv-tf4` virtualenv made by `bash .ci/transformers4.sh`.
-Without it these tests fail (set STUDIO_SKIP_TF4=1 to skip them instead).
+The first run makes it (set STUDIO_SKIP_TF4=1 to skip these tests instead).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ PROMPTS = [["def add(a, b):", "import os"], ["12 + 7 =", "3 * 4 ="], ["Once upon
            ["Hello, how are you?", "Question: what is"]]
 INPUT_IDS = [[1, 17, 42, 99, 200, 7, 300, 5, 383, 64], [1, 250, 3, 3, 120, 77, 18, 260, 11, 2]]
 ATOL = 1e-4
+TEXT = "def add(a, b):\n    return a + b"
 
 # Runs under .venv-tf4/bin/python: loads each output with transformers 4.x and reports what it found.
 TF4_SCRIPT = r"""
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 job = json.loads(sys.argv[1])
 results = {"version": transformers.__version__, "module": transformers.__file__, "outputs": {}}
@@ -70,18 +71,27 @@ for name, folder in job["outputs"].items():
         "lm_head_is_embedding": bool(torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)),
         "rope_theta": getattr(model.config, "rope_theta", None),
         "logits": logits.tolist(),
+        "token_ids": AutoTokenizer.from_pretrained(folder)(job["text"])["input_ids"],
     }
 Path(job["result"]).write_text(json.dumps(results))
 """
 
 
 def tf4_python() -> Path:
-    """The venv's interpreter; fails (or skips, with STUDIO_SKIP_TF4=1) when the venv has not been made."""
+    """The venv's interpreter, made on first use by .ci/transformers4.sh (about 20 s, from PyPI).
+
+    With STUDIO_SKIP_TF4=1 and no venv, the tests skip instead; a failed setup fails them with pip's output.
+    """
     if TF4_PYTHON.exists():
         return TF4_PYTHON
     if os.environ.get("STUDIO_SKIP_TF4") == "1":
         pytest.skip(f"STUDIO_SKIP_TF4=1 and {TF4_PYTHON} does not exist")
-    pytest.fail(f"{TF4_PYTHON} does not exist: {SETUP_HINT}", pytrace=False)
+    setup = subprocess.run(["bash", str(ROOT / ".ci" / "transformers4.sh")], capture_output=True, text=True,
+                           timeout=600)
+    if setup.returncode != 0 or not TF4_PYTHON.exists():
+        pytest.fail(f"could not create {TF4_PYTHON}: {SETUP_HINT}\n{setup.stdout[-2000:]}{setup.stderr[-2000:]}",
+                    pytrace=False)
+    return TF4_PYTHON
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +114,8 @@ def merged(tmp_path_factory) -> dict[str, Path]:
 def tf4(merged, tmp_path_factory) -> dict:
     """What transformers 4.x made of every output: one subprocess for all of them."""
     result = tmp_path_factory.mktemp("tf4-result") / "result.json"
-    job = {"outputs": {k: str(v) for k, v in merged.items()}, "input_ids": INPUT_IDS, "result": str(result)}
+    job = {"outputs": {k: str(v) for k, v in merged.items()}, "input_ids": INPUT_IDS, "result": str(result),
+           "text": TEXT}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([str(tf4_python()), "-c", TF4_SCRIPT, json.dumps(job)], capture_output=True, text=True,
@@ -117,7 +128,7 @@ def tf4(merged, tmp_path_factory) -> dict:
 def tf5(merged) -> dict:
     """The same, from the transformers 5.x installed here, in process."""
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert transformers.__version__.startswith("5."), transformers.__version__
     found = {}
@@ -126,7 +137,8 @@ def tf5(merged) -> dict:
         with torch.no_grad():
             logits = model.eval()(input_ids=torch.tensor(INPUT_IDS)).logits.float()
         found[name] = {"class": type(model).__name__, "loading_info": info, "logits": logits,
-                       "rope_theta": model.config.rope_parameters["rope_theta"]}
+                       "rope_theta": model.config.rope_parameters["rope_theta"],
+                       "token_ids": AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"]}
     return found
 
 
@@ -177,3 +189,9 @@ def test_transformers_4_and_5_compute_the_same_logits(request, name):
     assert logits4.shape == five["logits"].shape
     difference = (logits4 - five["logits"]).abs().max().item()
     assert difference <= ATOL, f"{name}: transformers 4.x and 5.x logits differ by up to {difference:.2e}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_transformers_4_and_5_read_the_copied_tokenizer_alike(request, name):
+    four = tf4_results(request)["outputs"][name]["token_ids"]
+    assert four == request.getfixturevalue("tf5")[name]["token_ids"] and len(four) > 3
