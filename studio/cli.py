@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_identical_experts",
                       action="store_true", help=argparse.SUPPRESS)
     _common(plan)
+
+    routing = commands.add_parser("eval-routing", help="how often held-out prompts reach their intended expert")
+    routing.add_argument("model", help="merged MoE folder")
+    routing.add_argument("prompts", help="YAML mapping each expert (index or source model) to held-out prompts")
+    _common(routing)
     return parser
 
 
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
     try:
-        return {"merge": _merge, "plan": _plan}[args.command](args)
+        return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing}[args.command](args)
     except StudioError as exc:
         if args.verbose:
             traceback.print_exc()
@@ -147,4 +152,11 @@ def _plan(args: argparse.Namespace) -> int:
     plan = make_plan(config, sources)
     print()
     print(estimates_table(plan))
+    return 0
+
+
+def _eval_routing(args: argparse.Namespace) -> int:
+    from studio.evaluate import evaluate_routing, load_prompts
+
+    print(evaluate_routing(args.model, load_prompts(args.prompts)).table())
     return 0
