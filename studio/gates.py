@@ -24,6 +24,7 @@ import torch
 from studio.config import PROMPT_FREE_GATE_MODES, Expert, MoEConfig
 from studio.errors import StudioError
 from studio.families import Family
+from studio.forward import StreamedDecoder, why_not_streamable
 from studio.sources import ModelSource
 
 DEGENERATE_CONDITION = 5.0
@@ -56,10 +57,9 @@ def compute_gates(config: MoEConfig, base: ModelSource, family: Family, options:
         return random_gates(mode, (layers, len(experts), hidden), options.seed)
     tokenizer = load_tokenizer(base, options.trust_remote_code)
     if mode == "cheap_embed":
-        embedding = base.read(family.embed).float()
-        row = torch.stack([embedding_direction(e, tokenizer, embedding) for e in experts])
+        row = torch.stack([embedding_direction(e, tokenizer, base, family) for e in experts])
         return row.unsqueeze(0).expand(layers, -1, -1).contiguous()
-    states = hidden_states_of_prompts(base, tokenizer, _all_prompts(experts), options,
+    states = hidden_states_of_prompts(base, family, tokenizer, _all_prompts(experts), options,
                                       average=(mode == "hidden_avg"), log=log)
     rows = [_mean(states, e.positive_prompts) - _mean(states, e.negative_prompts) for e in experts]
     return unit_rows(torch.stack(rows, dim=1))
@@ -88,14 +88,17 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"]
 
 
-def embedding_direction(expert: Expert, tokenizer, embedding: torch.Tensor) -> torch.Tensor:
-    """cheap_embed: unit(sum of positive prompt embeddings) - unit(sum of negative ones), unit norm."""
+def embedding_direction(expert: Expert, tokenizer, base: ModelSource, family: Family) -> torch.Tensor:
+    """cheap_embed: unit(sum of positive prompt embeddings) - unit(sum of negative ones), unit norm.
+
+    Only the prompt tokens' rows of the embedding are read from disk.
+    """
 
     def direction(prompts: list[str] | None) -> torch.Tensor:
-        total = torch.zeros(embedding.shape[1])
-        for prompt in prompts or []:
-            total += embedding[prompt_ids(tokenizer, prompt)].sum(dim=0)
-        return unit_rows(total)
+        ids = [i for prompt in prompts or [] for i in prompt_ids(tokenizer, prompt)]
+        if not ids:
+            return torch.zeros(base.config["hidden_size"])
+        return unit_rows(base.read_rows(family.embed, ids).float().sum(dim=0))
 
     row = direction(expert.positive_prompts)
     if expert.negative_prompts:
@@ -132,51 +135,93 @@ def load_base_model(base: ModelSource, options: GateOptions):
 
 
 @torch.inference_mode()
-def hidden_states_of_prompts(base: ModelSource, tokenizer, prompts: list[str], options: GateOptions,
+def hidden_states_of_prompts(base: ModelSource, family: Family, tokenizer, prompts: list[str], options: GateOptions,
                              average: bool = False, log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
     """For each prompt, the residual stream entering every layer (layers, hidden), float32 on CPU.
 
-    Taken at the last token, or averaged over the prompt's tokens when `average`.
+    Taken at the last token, or averaged over the prompt's tokens when `average`. Llama-shaped bases are run
+    one layer at a time straight from the checkpoint; others, and 4/8-bit requests, go through transformers.
     """
-    log(f"Computing hidden states of {len(prompts)} prompts with {base.label}")
+    encoded = {p: prompt_ids(tokenizer, p) for p in prompts}
+    batches = list(_batches(encoded, options.batch_size, _pad_id(tokenizer)))
+    longest = max((len(ids) for ids in encoded.values()), default=0)
+    quantized = options.load_in_4bit or options.load_in_8bit
+    reason = "4/8-bit loading asked for" if quantized else why_not_streamable(base.config, longest)
+    if reason is None:
+        log(f"Computing hidden states of {len(prompts)} prompts with {base.label}, one layer at a time")
+        return _streamed_states(base, family, batches, options.device, average)
+    log(f"Computing hidden states of {len(prompts)} prompts with {base.label} via transformers ({reason})")
+    return _transformers_states(base, batches, options, average)
+
+
+def _batches(encoded: dict[str, list[int]], size: int, pad: int):
+    """(prompts, ids, mask) batches, left-padded; similar lengths share a batch, so there is little padding."""
+    order = sorted(encoded, key=lambda p: len(encoded[p]))
+    for start in range(0, len(order), size):
+        batch = order[start:start + size]
+        width = max(1, max(len(encoded[p]) for p in batch))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, prompt in enumerate(batch):
+            seq = encoded[prompt]
+            if seq:
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+        yield batch, ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+                 if t is not None), 0)
+
+
+def _reduce(hidden: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """(batch, seq, hidden) -> (batch, hidden): the last position (a real token: padding is on the left), or
+    the mean over real tokens."""
+    if not average:
+        return hidden[:, -1].float().cpu()
+    weights = mask[..., None].to(hidden.dtype)
+    return ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float().cpu()
+
+
+def _streamed_states(base: ModelSource, family: Family, batches: list, device: str,
+                     average: bool) -> dict[str, torch.Tensor]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    decoder = StreamedDecoder(base, family, device)
+    running = [(prompts, decoder.start(ids, mask)) for prompts, ids, mask in batches]
+    per_layer: dict[str, list[torch.Tensor]] = {p: [] for prompts, _ in running for p in prompts}
+    layers = base.config["num_hidden_layers"]
+    for layer in range(layers):
+        for prompts, batch in running:
+            for prompt, vector in zip(prompts, _reduce(batch.hidden, batch.mask, average)):
+                per_layer[prompt].append(vector)
+        if layer + 1 < layers:  # the last layer's output is never needed
+            step = decoder.layer(layer)
+            for _, batch in running:
+                step(batch)
+    return {p: torch.stack(vectors) for p, vectors in per_layer.items()}
+
+
+def _transformers_states(base: ModelSource, batches: list, options: GateOptions,
+                         average: bool) -> dict[str, torch.Tensor]:
     model = load_base_model(base, options)
     device = model.get_input_embeddings().weight.device
-    encoded = {p: prompt_ids(tokenizer, p) for p in prompts}
-    order = sorted(prompts, key=lambda p: len(encoded[p]))  # similar lengths share a batch: little padding
     states = {}
     try:
-        for start in range(0, len(order), options.batch_size):
-            batch = order[start:start + options.batch_size]
-            ids, mask = _left_padded([encoded[p] for p in batch], tokenizer)
+        for prompts, ids, mask in batches:
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                        output_hidden_states=True, use_cache=False)
-            entering = torch.stack(out.hidden_states[:-1], dim=1).float().cpu()  # (batch, layers, seq, hidden)
-            if average:
-                weights = mask[:, None, :, None].float()
-                vectors = (entering * weights).sum(2) / weights.sum(2).clamp_min(1)
-            else:
-                vectors = entering[:, :, -1, :]
-            states.update(zip(batch, vectors))
+            out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=positions.to(device), output_hidden_states=True, use_cache=False)
+            entering = out.hidden_states[:-1]  # index l: the residual stream entering layer l
+            vectors = torch.stack([_reduce(h, mask.to(h.device), average) for h in entering], dim=1)
+            states.update(zip(prompts, vectors))
     finally:
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return states
-
-
-def _left_padded(sequences: list[list[int]], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-                if t is not None), 0)
-    width = max(1, max(len(s) for s in sequences))
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 def degenerate_gate_warning(gates: torch.Tensor, labels: list[str]) -> str | None:

@@ -170,6 +170,26 @@ class ModelSource:
                                   f"truncated. Download it again.")
         return raw.view(info.dtype).reshape(info.shape)
 
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows of a 2-D tensor (an embedding's token rows), reading only those rows from disk."""
+        info = self.info(name)
+        bad = [r for r in rows if not 0 <= r < info.shape[0]]
+        if bad:
+            raise StudioError(f"Model {self.label}: row {bad[0]} of {name!r} does not exist (it has {info.shape[0]} "
+                              f"rows); does the tokenizer belong to this model?")
+        if info.offset is None:
+            return self.read(name)[rows]
+        unique = sorted(set(rows))
+        row_bytes = info.nbytes // info.shape[0]
+        raw = torch.empty((len(unique), row_bytes), dtype=torch.uint8)
+        with open(info.path, "rb", buffering=0) as f:
+            for i, row in enumerate(unique):
+                f.seek(info.offset + row * row_bytes)
+                f.readinto(raw[i].numpy())
+        table = raw.view(info.dtype).reshape(len(unique), *info.shape[1:])
+        position = {row: i for i, row in enumerate(unique)}
+        return table[torch.tensor([position[r] for r in rows], dtype=torch.long)]
+
     def file(self, name: str) -> Path | None:
         path = self.folder / name
         return path if path.exists() else None
