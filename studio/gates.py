@@ -48,8 +48,11 @@ def experts_with_gates(config: MoEConfig) -> list[Expert]:
 
 
 def compute_gates(config: MoEConfig, base: ModelSource, family: Family, options: GateOptions,
-                  log: Callable[[str], None] = print) -> torch.Tensor:
-    """G (layers, experts, hidden) in float32, for `experts_with_gates(config)` in that order."""
+                  log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """G (layers, experts, hidden) in float32, for `experts_with_gates(config)` in that order.
+
+    `check` is called between layers or batches of the hidden pass; it raises to stop the work.
+    """
     layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
     experts = experts_with_gates(config)
     mode = config.gate_mode
@@ -60,7 +63,7 @@ def compute_gates(config: MoEConfig, base: ModelSource, family: Family, options:
         row = torch.stack([embedding_direction(e, tokenizer, base, family) for e in experts])
         return row.unsqueeze(0).expand(layers, -1, -1).contiguous()
     states = hidden_states_of_prompts(base, family, tokenizer, _all_prompts(experts), options,
-                                      average=(mode == "hidden_avg"), log=log)
+                                      average=(mode == "hidden_avg"), log=log, check=check)
     rows = [_mean(states, e.positive_prompts) - _mean(states, e.negative_prompts) for e in experts]
     return unit_rows(torch.stack(rows, dim=1))
 
@@ -80,7 +83,12 @@ def unit_rows(rows: torch.Tensor) -> torch.Tensor:
 def load_tokenizer(base: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(base.folder, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(base.folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
+        raise StudioError(f"base_model ({base.label}): its tokenizer cannot be loaded from {base.folder} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}). Prompt-based gate modes need it; add the "
+                          f"tokenizer files, or use `gate_mode: random`.") from exc
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -136,7 +144,8 @@ def load_base_model(base: ModelSource, options: GateOptions):
 
 @torch.inference_mode()
 def hidden_states_of_prompts(base: ModelSource, family: Family, tokenizer, prompts: list[str], options: GateOptions,
-                             average: bool = False, log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+                             average: bool = False, log: Callable[[str], None] = print,
+                             check: Callable[[], None] = lambda: None) -> dict[str, torch.Tensor]:
     """For each prompt, the residual stream entering every layer (layers, hidden), float32 on CPU.
 
     Taken at the last token, or averaged over the prompt's tokens when `average`. Llama-shaped bases are run
@@ -149,9 +158,9 @@ def hidden_states_of_prompts(base: ModelSource, family: Family, tokenizer, promp
     reason = "4/8-bit loading asked for" if quantized else why_not_streamable(base.config, longest)
     if reason is None:
         log(f"Computing hidden states of {len(prompts)} prompts with {base.label}, one layer at a time")
-        return _streamed_states(base, family, batches, options.device, average)
+        return _streamed_states(base, family, batches, options.device, average, check)
     log(f"Computing hidden states of {len(prompts)} prompts with {base.label} via transformers ({reason})")
-    return _transformers_states(base, batches, options, average)
+    return _transformers_states(base, batches, options, average, check)
 
 
 def _batches(encoded: dict[str, list[int]], size: int, pad: int):
@@ -184,8 +193,8 @@ def _reduce(hidden: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Te
     return ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float().cpu()
 
 
-def _streamed_states(base: ModelSource, family: Family, batches: list, device: str,
-                     average: bool) -> dict[str, torch.Tensor]:
+def _streamed_states(base: ModelSource, family: Family, batches: list, device: str, average: bool,
+                     check: Callable[[], None]) -> dict[str, torch.Tensor]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     decoder = StreamedDecoder(base, family, device)
@@ -193,6 +202,7 @@ def _streamed_states(base: ModelSource, family: Family, batches: list, device: s
     per_layer: dict[str, list[torch.Tensor]] = {p: [] for prompts, _ in running for p in prompts}
     layers = base.config["num_hidden_layers"]
     for layer in range(layers):
+        check()
         for prompts, batch in running:
             for prompt, vector in zip(prompts, _reduce(batch.hidden, batch.mask, average)):
                 per_layer[prompt].append(vector)
@@ -203,13 +213,14 @@ def _streamed_states(base: ModelSource, family: Family, batches: list, device: s
     return {p: torch.stack(vectors) for p, vectors in per_layer.items()}
 
 
-def _transformers_states(base: ModelSource, batches: list, options: GateOptions,
-                         average: bool) -> dict[str, torch.Tensor]:
+def _transformers_states(base: ModelSource, batches: list, options: GateOptions, average: bool,
+                         check: Callable[[], None]) -> dict[str, torch.Tensor]:
     model = load_base_model(base, options)
     device = model.get_input_embeddings().weight.device
     states = {}
     try:
         for prompts, ids, mask in batches:
+            check()
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                               position_ids=positions.to(device), output_hidden_states=True, use_cache=False)

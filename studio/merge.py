@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -109,29 +110,48 @@ def merge(config: MoEConfig, out: str | Path, options: MergeOptions | None = Non
     _check_disk_space(out, plan.total_bytes)
     cancel.check()
 
-    report(Progress("gates", 0, 1, f"Computing {config.gate_mode} gates"))
-    gates = compute_gates(config, plan.base, plan.family, options.gate_options(), log=log)
-    labels = [e.source_model for e in experts_with_gates(config)]
-    degenerate = degenerate_gate_warning(gates, labels) if config.gate_mode.startswith(("hidden", "cheap")) else None
-    warnings += [degenerate] if degenerate else []
-    for warning in warnings:
-        log(f"Warning: {warning}")
-    cancel.check()
-
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
+    stop = threading.Event()
+    gates = _start_gates(config, plan, options, cancel, stop, log)
     try:
         files = _write_all(plan, gates, staging, options, report, cancel)
         _move_into_place(staging, out)
     except BaseException:
+        stop.set()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    warnings += _gate_warnings(config, gates.result())
+    for warning in warnings:
+        log(f"Warning: {warning}")
     report(Progress("done", plan.total_bytes, plan.total_bytes, f"Merged into {out}"))
     log(f"Wrote {len(files)} files, {plan.total_bytes / 1e9:.2f} GB, to {out}")
     return MergeResult(out, plan, files, warnings)
 
 
-def _write_all(plan: MergePlan, gates: torch.Tensor, folder: Path, options: MergeOptions,
+def _start_gates(config: MoEConfig, plan: MergePlan, options: MergeOptions, cancel: CancelToken,
+                 stop: threading.Event, log: Callable[[str], None]) -> Future:
+    """Compute the gates on a worker thread, so the expert weights stream to disk meanwhile."""
+
+    def check() -> None:
+        if stop.is_set():
+            raise Cancelled("Gate computation stopped.")
+        cancel.check()
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gates")
+    future = executor.submit(compute_gates, config, plan.base, plan.family, options.gate_options(), log, check)
+    executor.shutdown(wait=False)
+    return future
+
+
+def _gate_warnings(config: MoEConfig, gates: torch.Tensor) -> list[str]:
+    if not config.gate_mode.startswith(("hidden", "cheap")):
+        return []
+    warning = degenerate_gate_warning(gates, [e.source_model for e in experts_with_gates(config)])
+    return [warning] if warning else []
+
+
+def _write_all(plan: MergePlan, gates: Future, folder: Path, options: MergeOptions,
                report: Callable[[Progress], None], cancel: CancelToken) -> list[str]:
     shards = plan.shards(options.out_shard_size)
     names = shard_names(len(shards))
@@ -145,7 +165,9 @@ def _write_all(plan: MergePlan, gates: torch.Tensor, folder: Path, options: Merg
     def produce(jobs: list[TensorJob]):
         for job in jobs:
             cancel.check()
-            yield _tensor_for(job, gates, options.random_seed)
+            if gates.done() and gates.exception():
+                raise gates.exception()  # fail fast: do not write the rest first
+            yield _tensor_for(job, gates.result() if job.router_layer is not None else None, options.random_seed)
 
     for name, jobs in zip(names, shards):
         entries = [(j.name, j.dtype, j.shape, j.nbytes) for j in jobs]
@@ -163,7 +185,7 @@ def _write_all(plan: MergePlan, gates: torch.Tensor, folder: Path, options: Merg
     return sorted(p.name for p in folder.iterdir())
 
 
-def _tensor_for(job: TensorJob, gates: torch.Tensor, seed: int | None):
+def _tensor_for(job: TensorJob, gates: torch.Tensor | None, seed: int | None):
     """The bytes of one output tensor: a verbatim copy when possible, else the transformed tensor."""
     if job.router_layer is not None:
         return gates[job.router_layer, : job.shape[0]].to(job.dtype)

@@ -182,10 +182,11 @@ def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource,
         layers.setdefault(layer_of(name), []).append(copy(name, info, base))
     n_layers = base.config["num_hidden_layers"]
     hidden = base.config["hidden_size"]
+    # Routers go last: the merge writes every other tensor while the gates are still being computed.
+    routers = [TensorJob(output.router(layer), (len(config.experts), hidden), out_dtype or torch.float32,
+                         router_layer=layer) for layer in range(n_layers)]
     for layer in range(n_layers):
         block = layers.setdefault(layer, [])
-        block.append(TensorJob(output.router(layer), (len(config.experts), hidden), out_dtype or torch.float32,
-                               router_layer=layer))
         for j, expert in enumerate(config.experts):
             source = sources[expert.source_model]
             dense = family.mlp_tensors(layer)
@@ -196,7 +197,7 @@ def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource,
     non_layer = layers.pop(None, [])
     head = [j for j in non_layer if "embed" in j.name]
     tail = [j for j in non_layer if "embed" not in j.name]
-    return head + [job for layer in sorted(layers) for job in layers[layer]] + tail
+    return head + [job for layer in sorted(layers) for job in layers[layer]] + tail + routers
 
 
 def _expert_tensor(source: ModelSource, name: str, base_info: TensorInfo, config: MoEConfig, index: int) -> TensorInfo:

@@ -250,3 +250,15 @@ def test_disk_space_is_checked_first(mistral, tmp_path, monkeypatch):
     with pytest.raises(StudioError, match=r"Not enough disk space.*needs 0.00 GB.*has 0.00 GB free"):
         merge(config, tmp_path / "out", **QUIET)
     assert leftovers(tmp_path) == []
+
+
+def test_gate_failure_stops_the_merge_and_leaves_nothing(mistral, tmp_path):
+    base, experts = mistral
+    bare = tmp_path / "bare-base"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(base / name, bare)
+    config = config_of(moe_yaml(bare, experts))
+    with pytest.raises(StudioError, match="its tokenizer cannot be loaded"):
+        merge(config, tmp_path / "out", MergeOptions(copy_tokenizer=False), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare-base"]

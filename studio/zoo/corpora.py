@@ -1,0 +1,148 @@
+"""The zoo's four domain corpora, built offline and deterministically from a seed.
+
+code     Python's own standard-library sources (a file split: training files, held-out files).
+math     generated arithmetic and word problems with their worked answers.
+stories  generated short fairy-tale stories.
+chat     generated chat-style questions and answers in the tokenizer's chat format.
+"""
+
+from __future__ import annotations
+
+import random
+import sysconfig
+from pathlib import Path
+
+DOMAINS = ("code", "math", "stories", "chat")
+
+NAMES = ["Anna", "Ben", "Clara", "Dev", "Elena", "Farid", "Greta", "Hugo", "Iris", "Jonas", "Kira", "Leo", "Mia",
+         "Noah", "Olga", "Pablo", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wen", "Yara", "Zane"]
+ANIMALS = ["fox", "rabbit", "owl", "bear", "mouse", "wolf", "deer", "duck", "cat", "dragon", "frog", "goat"]
+ADJECTIVES = ["little", "brave", "clever", "sleepy", "curious", "kind", "old", "tiny", "proud", "gentle", "shy"]
+PLACES = ["a dark forest", "a quiet village", "the edge of a river", "a tall mountain", "an old castle",
+          "a sunny meadow", "a small island", "a hidden valley", "a busy town", "a snowy hill"]
+WANTS = ["to find a golden key", "to see the sea", "a friend to play with", "to learn to sing", "a warm home",
+         "to reach the moon", "to bake the best bread", "to cross the great river", "to hear the old song"]
+OBSTACLES = ["a storm came over the hills", "the bridge was broken", "a grumpy troll blocked the path",
+             "the night was long and cold", "the map was torn in two", "a river flooded the road"]
+HELPERS = ["a wise owl", "a kind farmer", "a singing bird", "an old witch", "a lost prince", "a clever crow"]
+ENDINGS = ["and they lived happily ever after.", "and from that day on, the forest was never lonely again.",
+           "and everyone in the village sang about it for years.", "and that is why the river still sings at night.",
+           "and it slept soundly, dreaming of the next adventure."]
+ITEMS = ["apples", "books", "coins", "pencils", "marbles", "cookies", "stamps", "stickers", "eggs", "shells"]
+COUNTRIES = {"France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo", "Egypt": "Cairo",
+             "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "India": "New Delhi",
+             "Brazil": "Brasilia", "Germany": "Berlin", "Greece": "Athens", "Chile": "Santiago", "Cuba": "Havana"}
+HOWTOS = {
+    "boil an egg": "Put the egg in boiling water for about nine minutes, then cool it in cold water.",
+    "make tea": "Boil water, pour it over a tea bag, wait three minutes, then remove the bag.",
+    "sleep better": "Go to bed at the same time every night, keep the room dark, and avoid screens late.",
+    "learn a language": "Practice a little every day, read simple texts, and speak with other learners.",
+    "save money": "Write down what you spend, set a budget, and put a small amount aside each week.",
+    "stay focused": "Work in short blocks, remove distractions, and take a break every hour.",
+    "write a letter": "Start with a greeting, say why you are writing, and end with a kind closing.",
+    "plant a tree": "Dig a hole twice as wide as the roots, place the tree, fill the hole, and water it well.",
+}
+WORDS = {"ocean": "a very large body of salt water", "library": "a place where books are kept for people to read",
+         "friend": "a person you know well and like", "bridge": "a structure that lets people cross a river or road",
+         "planet": "a large round object that moves around a star", "kitchen": "a room where food is prepared",
+         "teacher": "a person who helps others learn", "umbrella": "a cover that keeps the rain off you"}
+GREETINGS = ["Hello!", "Hi there!", "Good morning!", "Hey, how are you?", "Good evening!"]
+
+
+def _chat(user: str, assistant: str) -> str:
+    return f"<|user|>\n{user}</s>\n<|assistant|>\n{assistant}</s>\n"
+
+
+def math_text(rng: random.Random) -> str:
+    a, b = rng.randint(1, 99), rng.randint(1, 99)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(7)
+    if kind == 0:
+        return f"{a} + {b} = {a + b}\n"
+    if kind == 1:
+        a, b = max(a, b), min(a, b)
+        return f"{a} - {b} = {a - b}\n"
+    if kind == 2:
+        a, b = a % 13, b % 13
+        return f"{a} * {b} = {a * b}\n"
+    if kind == 3:
+        b = b % 12 + 1
+        return f"{a * b} / {b} = {a}\n"
+    if kind == 4:
+        return (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now? "
+                f"{a} + {b} = {a + b}. The answer is {a + b}.\n")
+    if kind == 5:
+        a, b = max(a, b), min(a, b)
+        return (f"{name} had {a} {item} and gave away {b}. How many {item} are left? "
+                f"{a} - {b} = {a - b}. The answer is {a - b}.\n")
+    c = rng.randint(2, 9)
+    return (f"There are {c} boxes with {a} {item} in each box. How many {item} are there in total? "
+            f"{c} * {a} = {c * a}. The answer is {c * a}.\n")
+
+
+def story_text(rng: random.Random) -> str:
+    name, animal, adj = rng.choice(NAMES), rng.choice(ANIMALS), rng.choice(ADJECTIVES)
+    opening = rng.choice(["Once upon a time", "Long ago", "One morning", "In a land far away", "Once"])
+    return (f"{opening}, there was a {adj} {animal} named {name} who lived in {rng.choice(PLACES)}. "
+            f"More than anything, {name} wanted {rng.choice(WANTS)}. One day {name} set off on a journey. "
+            f"But {rng.choice(OBSTACLES)}, and the {animal} was afraid. Then {rng.choice(HELPERS)} appeared and "
+            f"said, \"Do not give up, {name}.\" So the {adj} {animal} kept going, {rng.choice(ENDINGS)}\n\n")
+
+
+def chat_text(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        country = rng.choice(list(COUNTRIES))
+        return _chat(f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}.")
+    if kind == 1:
+        task = rng.choice(list(HOWTOS))
+        return _chat(f"How do I {task}?", f"Here is a simple way to {task}: {HOWTOS[task]}")
+    if kind == 2:
+        word = rng.choice(list(WORDS))
+        return _chat(f"What does the word \"{word}\" mean?", f"A {word} is {WORDS[word]}.")
+    return _chat(rng.choice(GREETINGS), f"Hello! I am a helpful assistant. How can I help you today, "
+                                        f"{rng.choice(NAMES)}?")
+
+
+def code_files() -> list[Path]:
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def code_text(held_out: bool) -> str:
+    """Standard-library sources: every fifth file is held out."""
+    files = [f for i, f in enumerate(code_files()) if (i % 5 == 0) == held_out]
+    return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
+GENERATORS = {"math": math_text, "stories": story_text, "chat": chat_text}
+
+
+def corpus(domain: str, chars: int, seed: int, held_out: bool = False) -> str:
+    """About `chars` characters of one domain; held-out text never overlaps the training text's source."""
+    if domain == "code":
+        text = code_text(held_out)
+        start = random.Random(seed).randrange(max(1, len(text) - chars))
+        return text[start:start + chars]
+    rng = random.Random(seed * 2 + held_out)
+    parts: list[str] = []
+    size = 0
+    while size < chars:
+        parts.append(GENERATORS[domain](rng))
+        size += len(parts[-1])
+    return "".join(parts)
+
+
+def held_out_prompts(domain: str, count: int, seed: int = 12345) -> list[str]:
+    """Prompt-sized pieces of held-out text, for routing evaluation."""
+    rng = random.Random(seed)
+    if domain == "code":
+        lines = [l for l in code_text(held_out=True).splitlines() if len(l.strip()) > 20]
+        starts = rng.sample(range(len(lines) - 3), count)
+        return ["\n".join(lines[s:s + 3]) for s in starts]
+    texts: dict[str, None] = {}
+    while len(texts) < count:
+        text = GENERATORS[domain](rng).strip()
+        if domain == "chat":
+            text = text.split("<|assistant|>")[0].strip()  # the question, as a user would send it
+        texts[text[:200]] = None
+    return list(texts)

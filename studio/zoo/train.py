@@ -1,0 +1,158 @@
+"""Train the zoo: a small Mistral-architecture base on all four domains, then one expert per domain.
+
+Each expert starts from the base and fine-tunes only its MLPs on its domain (attention, embeddings and norms
+stay the base's), which is the situation an MoE merge assumes: every expert lives in the base's residual
+space. Deterministic for a given Python (the code corpus is its standard library) and CPU-only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from studio.synthetic import CHAT_TEMPLATE, save_tokenizer
+from studio.zoo.corpora import DOMAINS, corpus
+
+ZOO_DIR = Path(__file__).resolve().parents[2] / "assets" / "zoo"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the zoo's weights."""
+
+    hidden: int = 192
+    intermediate: int = 512
+    layers: int = 4
+    heads: int = 6
+    kv_heads: int = 2
+    vocab: int = 2048
+    seq: int = 128
+    batch: int = 16
+    train_chars: int = 1_200_000
+    eval_chars: int = 60_000
+    base_steps: int = 1500
+    expert_steps: int = 500
+    base_lr: float = 3e-3
+    expert_lr: float = 2e-3
+    seed: int = 0
+
+
+def train_tokenizer(texts: list[str], vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=SPECIAL_TOKENS[3:], chat_template=CHAT_TEMPLATE)
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def make_model(recipe: Recipe, tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        hidden_size=recipe.hidden, intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads, vocab_size=len(tokenizer),
+        max_position_embeddings=4 * recipe.seq, tie_word_embeddings=True, sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return MistralForCausalLM(config)
+
+
+def windows(data: list[torch.Tensor], recipe: Recipe, generator: torch.Generator) -> torch.Tensor:
+    """A batch of random windows of `seq` tokens, the domains taking turns row by row."""
+    rows = []
+    for i in range(recipe.batch):
+        ids = data[i % len(data)]
+        start = int(torch.randint(0, len(ids) - recipe.seq, (1,), generator=generator))
+        rows.append(ids[start:start + recipe.seq])
+    return torch.stack(rows)
+
+
+def train(model, data: list[torch.Tensor], steps: int, lr: float, recipe: Recipe, only_mlp: bool,
+          log: Callable[[str], None]) -> None:
+    generator = torch.Generator().manual_seed(recipe.seed + steps + len(data))
+    params = [p for n, p in model.named_parameters() if ".mlp." in n or not only_mlp]
+    for name, p in model.named_parameters():
+        p.requires_grad_(".mlp." in name or not only_mlp)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    model.train()
+    for step in range(steps):
+        warm = min(1.0, (step + 1) / 50)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+        batch = windows(data, recipe, generator)
+        loss = model(input_ids=batch, labels=batch).loss  # the model shifts labels itself
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"  step {step:4d}/{steps}  loss {loss.item():.3f}")
+    model.eval()
+
+
+@torch.inference_mode()
+def held_out_loss(model, ids: torch.Tensor, seq: int = 128) -> float:
+    """Mean next-token loss over consecutive windows of held-out text."""
+    usable = (len(ids) - 1) // seq * seq
+    inputs = ids[:usable].view(-1, seq)
+    losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in inputs.split(16)]
+    return sum(losses) / len(losses)
+
+
+def build_zoo(out: Path = ZOO_DIR, recipe: Recipe = Recipe(), log: Callable[[str], None] = print) -> dict:
+    """Train and save base + experts under `out`; returns held-out losses {model: {domain: loss}}."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(recipe.seed)
+    started = time.time()
+    texts = {d: corpus(d, recipe.train_chars, recipe.seed) for d in DOMAINS}
+    tokenizer = train_tokenizer(list(texts.values()), recipe.vocab)
+    data = {d: encode(tokenizer, t) for d, t in texts.items()}
+    evals = {d: encode(tokenizer, corpus(d, recipe.eval_chars, recipe.seed + 1, held_out=True)) for d in DOMAINS}
+    log(f"Tokenised {sum(len(v) for v in data.values())} training tokens in {time.time() - started:.0f} s")
+
+    base = make_model(recipe, tokenizer)
+    log(f"Base: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, all domains")
+    train(base, list(data.values()), recipe.base_steps, recipe.base_lr, recipe, only_mlp=False, log=log)
+    models = {"base": base}
+    for domain in DOMAINS:
+        log(f"Expert {domain}: MLPs fine-tuned on {domain}")
+        expert = copy.deepcopy(base)
+        train(expert, [data[domain]], recipe.expert_steps, recipe.expert_lr, recipe, only_mlp=True, log=log)
+        models[domain] = expert
+
+    losses = {}
+    for name, model in models.items():
+        folder = out / name
+        model.to(torch.bfloat16).save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
+        saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        losses[name] = {d: held_out_loss(saved, evals[d], recipe.seq) for d in DOMAINS}
+    log(f"Trained the zoo in {time.time() - started:.0f} s")
+    return losses
+
+
+def loss_table(losses: dict[str, dict[str, float]]) -> str:
+    """Markdown: held-out loss per domain (columns) for each model (rows); the best in each column in bold."""
+    best = {d: min(row[d] for row in losses.values()) for d in DOMAINS}
+    lines = ["| model | " + " | ".join(DOMAINS) + " |", "|---" * (len(DOMAINS) + 1) + "|"]
+    for name, row in losses.items():
+        cells = [f"**{row[d]:.3f}**" if row[d] == best[d] else f"{row[d]:.3f}" for d in DOMAINS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
