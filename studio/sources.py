@@ -239,6 +239,8 @@ def _hub_error(ref: ModelRef, exc: Exception) -> StudioError:
         why = "was not found on the Hub (or is private: set HF_TOKEN)"
     elif isinstance(exc, errors.RevisionNotFoundError):
         why = f"has no revision {ref.revision!r}"
+    elif kind == "OfflineModeIsEnabled":
+        why = "is on the Hub, but Hub access is switched off (HF_HUB_OFFLINE=1); download it and use a local path"
     else:
         why = f"could not be fetched ({kind}); check the network connection, or download it and use a local path"
     return StudioError(f"Model {ref.text!r} {why}.")

@@ -80,3 +80,10 @@ def test_missing_folder_config_and_weights(tmp_path, mistral):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-9.safetensors"}}))
     with pytest.raises(StudioError, match="the shard index lists model-9.safetensors"):
         open_model(str(folder))
+
+
+def test_hub_model_without_network_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for fetch_weights in (True, False):
+        with pytest.raises(StudioError, match=r"Model 'example-org/example-model@main' is on the Hub, but Hub access is switched off"):
+            open_model("example-org/example-model@main", fetch_weights=fetch_weights)
