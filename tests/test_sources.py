@@ -83,8 +83,8 @@ def test_missing_folder_config_and_weights(tmp_path, mistral):
 
 
 def test_unreachable_hub_model_gives_a_clear_error():
-    # Without network this is a connection error; with network, a repository that does not exist.
-    for fetch_weights in (True, False):
-        with pytest.raises(StudioError, match=r"^Model 'example-org/no-such-model@main' (could not be fetched "
-                                              r"\(\w+\); check the network|was not found on the Hub)"):
-            open_model("example-org/no-such-model@main", fetch_weights=fetch_weights)
+    # Without network this is a connection error (after huggingface_hub's retries, about 20 s); with network,
+    # a repository that does not exist.
+    with pytest.raises(StudioError, match=r"^Model 'example-org/no-such-model@main' (could not be fetched "
+                                          r"\(\w+\); check the network|was not found on the Hub)"):
+        open_model("example-org/no-such-model@main", fetch_weights=False)
