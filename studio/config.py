@@ -55,12 +55,12 @@ class MoEConfig(_Strict):
     """A mergekit-moe configuration (the YAML given to `mergekit-moe` or `python -m studio merge`)."""
 
     base_model: str = Field(min_length=1)
-    experts: list[Expert] = Field(min_length=1)
+    architecture: str | None = None
     gate_mode: str = "hidden"
     dtype: str | None = None
     experts_per_token: int = Field(default=2, ge=1)
+    experts: list[Expert] = Field(min_length=1)
     shared_experts: list[Expert] | None = None
-    architecture: str | None = None
 
     @field_validator("gate_mode")
     @classmethod
@@ -147,12 +147,24 @@ def load_config(path: str | Path) -> MoEConfig:
     return load_yaml(text, str(path))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (ChatML prompts, code) as literal blocks, the way people write them."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def to_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+
 def dump_yaml(config: MoEConfig) -> str:
     """The config as mergekit-moe YAML; `load_yaml(dump_yaml(c)) == c`."""
     data = config.model_dump(exclude_none=True)
     if data.get("experts_per_token") == 2:
         data.pop("experts_per_token")
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+    return to_yaml(data)
 
 
 def _prompt_key(expert: Expert) -> tuple[tuple[str, ...], tuple[str, ...]]:

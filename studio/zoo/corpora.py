@@ -132,8 +132,8 @@ def corpus(domain: str, chars: int, seed: int, held_out: bool = False) -> str:
     return "".join(parts)
 
 
-def held_out_prompts(domain: str, count: int, seed: int = 12345) -> list[str]:
-    """Prompt-sized pieces of held-out text, for routing evaluation."""
+def held_out_prompts(domain: str, count: int, seed: int = 12345, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Prompt-sized pieces of held-out text, for routing evaluation, none overlapping an `exclude` prompt."""
     rng = random.Random(seed)
     if domain == "code":
         lines = [l for l in code_text(held_out=True).splitlines() if len(l.strip()) > 20]
@@ -144,5 +144,7 @@ def held_out_prompts(domain: str, count: int, seed: int = 12345) -> list[str]:
         text = GENERATORS[domain](rng).strip()
         if domain == "chat":
             text = text.split("<|assistant|>")[0].strip()  # the question, as a user would send it
-        texts[text[:200]] = None
+        text = text[:200]
+        if not any(text in other or other in text for other in exclude):
+            texts[text] = None
     return list(texts)
