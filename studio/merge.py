@@ -85,13 +85,12 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def prepare(config: MoEConfig, options: MergeOptions, fetch_weights: bool = True,
-            log: Callable[[str], None] = print) -> tuple[MergePlan, list[str]]:
+def prepare(config: MoEConfig, options: MergeOptions, log: Callable[[str], None] = print) -> tuple[MergePlan, list[str]]:
     """Validate the config, open every model and plan the merge. Returns the plan and the warnings."""
     errors, warnings = check_rules(config, options.allow_identical_experts)
     if errors:
         raise StudioError("The config breaks these rules:\n" + "\n".join(f"  - {e}" for e in errors))
-    sources = open_models(config.model_refs(), fetch_weights, on_open=lambda ref: log(f"Opening {ref}"))
+    sources = open_models(config.model_refs(), on_open=lambda ref: log(f"Opening {ref}"))
     return make_plan(config, sources), warnings
 
 
@@ -106,6 +105,8 @@ def merge(config: MoEConfig, out: str | Path, options: MergeOptions | None = Non
     _check_destination(out, options.overwrite)
     report(Progress("open", 0, 1, "Opening models"))
     plan, warnings = prepare(config, options, log=log)
+    for warning in warnings:
+        log(f"Warning: {warning}")
     _check_not_a_source(out, plan)
     _check_disk_space(out, plan.total_bytes)
     cancel.check()
@@ -121,9 +122,9 @@ def merge(config: MoEConfig, out: str | Path, options: MergeOptions | None = Non
         stop.set()
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    warnings += _gate_warnings(config, gates.result())
-    for warning in warnings:
+    for warning in _gate_warnings(config, gates.result()):
         log(f"Warning: {warning}")
+        warnings.append(warning)
     report(Progress("done", plan.total_bytes, plan.total_bytes, f"Merged into {out}"))
     log(f"Wrote {len(files)} files, {plan.total_bytes / 1e9:.2f} GB, to {out}")
     return MergeResult(out, plan, files, warnings)

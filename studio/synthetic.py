@@ -23,19 +23,25 @@ CORPUS = [
 ]
 
 
-def make_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer with <s>, </s>, <pad> and a chat template."""
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, extra_special_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer with <pad>, <s>, </s> (and any extra special tokens) and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", *extra_special_tokens],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(texts, trainer)
+    extra = {"additional_special_tokens": list(extra_special_tokens)} if extra_special_tokens else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   chat_template=CHAT_TEMPLATE)
+                                   chat_template=CHAT_TEMPLATE, **extra)
+
+
+def make_tokenizer(vocab_size: int = 384):
+    """The small tokenizer of the test and benchmark models."""
+    return train_bpe_tokenizer(CORPUS * 4, vocab_size)
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:

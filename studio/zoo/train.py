@@ -16,11 +16,11 @@ from typing import Callable
 
 import torch
 
-from studio.synthetic import CHAT_TEMPLATE, save_tokenizer
+from studio.synthetic import save_tokenizer, train_bpe_tokenizer
 from studio.zoo.corpora import DOMAINS, corpus
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "assets" / "zoo"
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>")
 
 
 @dataclass(frozen=True)
@@ -37,25 +37,15 @@ class Recipe:
     batch: int = 16
     train_chars: int = 1_200_000
     eval_chars: int = 60_000
-    base_steps: int = 1500
-    expert_steps: int = 500
+    base_steps: int = 600
+    expert_steps: int = 600
     base_lr: float = 3e-3
-    expert_lr: float = 2e-3
+    expert_lr: float = 3e-3
     seed: int = 0
 
 
 def train_tokenizer(texts: list[str], vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   additional_special_tokens=SPECIAL_TOKENS[3:], chat_template=CHAT_TEMPLATE)
+    return train_bpe_tokenizer(texts, vocab, extra_special_tokens=CHAT_TOKENS)
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:
