@@ -1,11 +1,24 @@
-"""Router scores of a loaded MoE model: for every token and layer, the softmax over experts."""
+"""Router scores of a loaded MoE model: for every token and layer, the softmax over experts.
+
+Two ways in: `router_probabilities` runs one plain forward with `output_router_logits`; `RouterCapture` hooks
+every router while the model generates, for the prompt and each new token, and makes a RouterTrace.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import yaml
+
+from studio.errors import StudioError
+from studio.trace import RouterTrace
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
+ROUTER_NAMES = ("gate", "router")  # what MoE blocks call their router: Mixtral, Qwen-MoE, OLMoE, DeepSeek, gpt-oss
+ROUTER_NAME = re.compile(rf"layers\.(\d+)\.(?:.+\.)?(?:{'|'.join(ROUTER_NAMES)})$")
 
 
 def load_moe(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -28,12 +41,17 @@ def expert_labels(path: str | Path, count: int) -> list[str]:
     return [f"expert {i}" for i in range(count)]
 
 
+def expert_count(config) -> int:
+    """Routed experts per MoE layer, from a transformers config."""
+    count = _config_value(config, EXPERT_COUNT_KEYS, 0)
+    if count:
+        return count
+    raise StudioError(f"{getattr(config, 'model_type', 'This model')} is not a Mixture-of-Experts model (its config "
+                      f"has none of {', '.join(EXPERT_COUNT_KEYS)}). Pick an MoE model, such as a merge.")
+
+
 def num_experts(model) -> int:
-    config = model.config
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    raise ValueError(f"{type(model).__name__} is not a Mixture-of-Experts model (no expert count in its config)")
+    return expert_count(model.config)
 
 
 @torch.inference_mode()
@@ -42,3 +60,109 @@ def router_probabilities(model, input_ids: list[int]) -> torch.Tensor:
     out = model(input_ids=torch.tensor([input_ids]), output_router_logits=True, use_cache=False)
     logits = [layer for layer in out.router_logits if layer is not None]
     return torch.stack([layer.float().softmax(dim=-1) for layer in logits]).reshape(len(logits), len(input_ids), -1)
+
+
+def find_routers(model) -> dict[int, torch.nn.Module]:
+    """Each MoE layer's router, by decoder-layer index: a module called gate or router (ROUTER_NAMES) inside
+    `layers.N` with one output per expert. Dense layers, and gates of one output (Qwen2-MoE's shared-expert
+    gate), have none."""
+    count = num_experts(model)
+    routers: dict[int, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        match = ROUTER_NAME.search(name)
+        if match and _outputs(module) == count:
+            routers.setdefault(int(match[1]), module)
+    if not routers:
+        raise StudioError(f"No router found in {type(model).__name__}: no module named "
+                          f"{' or '.join(ROUTER_NAMES)} with {count} outputs inside its layers.")
+    return dict(sorted(routers.items()))
+
+
+def _outputs(module: torch.nn.Module) -> int | None:
+    """Output width of a router (nn.Linear, a quantized Linear, or a module holding an (experts, hidden) weight)."""
+    if getattr(module, "out_features", None):
+        return module.out_features
+    weight = getattr(module, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+class RouterCapture:
+    """Forward hooks on every router while active: each call's logits (and the model's own top-k, when the router
+    returns it) are kept as they come, and turned into probabilities only when the trace is built, so capture
+    adds almost nothing to a generation step.
+
+    A router fires once for the prompt (tokens, experts), then once per generated token (1, experts). Its output
+    is a tuple `(logits, top-k weights, top-k experts)` in transformers 5 and the logits tensor in 4.x; a router
+    that returns something else (no logits) has its logits recomputed from its input and weight.
+    """
+
+    def __init__(self, model):
+        self.routers = find_routers(model)
+        self.experts = num_experts(model)
+        self.top_k = _config_value(model.config, TOP_K_KEYS, 2)
+        self.renormalize = bool(getattr(model.config, "norm_topk_prob", True))  # Mixtral renormalizes
+        self.calls: dict[int, list[tuple[torch.Tensor, tuple]]] = {layer: [] for layer in self.routers}
+        self._handles: list = []
+
+    def __enter__(self) -> "RouterCapture":
+        self._handles = [router.register_forward_hook(self._recorder(layer)) for layer, router in self.routers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _recorder(self, layer: int):
+        calls = self.calls[layer]
+
+        def record(module, args, output) -> None:
+            logits, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+            if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape[-1] == self.experts):
+                logits, rest = _recomputed_logits(module, args[0]), ()
+            calls.append((logits, rest))
+
+        return record
+
+    def trace(self, token_ids: list[int], tokens: list[str], prompt_length: int, labels: list[str]) -> RouterTrace:
+        """The trace of everything the routers saw since the capture began: exactly the tokens `token_ids`."""
+        probabilities, experts, weights = [], [], []
+        for layer, calls in self.calls.items():
+            logits = torch.cat([l.reshape(-1, self.experts) for l, _ in calls]).float().cpu()
+            if logits.shape[0] != len(token_ids):
+                raise StudioError(f"Layer {layer}'s router saw {logits.shape[0]} tokens for a sequence of "
+                                  f"{len(token_ids)}; routing is recorded for one sequence at a time.")
+            probs = logits.softmax(dim=-1)
+            chosen = self._model_choices(calls) or self._top_k(probs)
+            probabilities.append(probs)
+            weights.append(chosen[0])
+            experts.append(chosen[1])
+        return RouterTrace(tokens, token_ids, prompt_length, labels, list(self.routers), torch.stack(probabilities),
+                           torch.stack(experts), torch.stack(weights))
+
+    def _model_choices(self, calls) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weights and experts the model itself used, when every call returned them."""
+        if not all(len(rest) == 2 and not rest[1].is_floating_point() for _, rest in calls):
+            return None
+        weights = torch.cat([rest[0].reshape(-1, rest[0].shape[-1]) for _, rest in calls]).float().cpu()
+        experts = torch.cat([rest[1].reshape(-1, rest[1].shape[-1]) for _, rest in calls]).long().cpu()
+        return weights, experts
+
+    def _top_k(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts
+
+
+def _recomputed_logits(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    weight = module.weight
+    return torch.nn.functional.linear(hidden.reshape(-1, weight.shape[-1]).to(weight.dtype), weight,
+                                      getattr(module, "bias", None))
+
+
+def _config_value(config, keys: tuple[str, ...], default: int) -> int:
+    for key in keys:
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return default
