@@ -140,7 +140,9 @@ def held_out_prompts(domain: str, count: int, seed: int = 12345, exclude: tuple[
         starts = rng.sample(range(len(lines) - 3), count)
         return ["\n".join(lines[s:s + 3]) for s in starts]
     texts: dict[str, None] = {}
-    while len(texts) < count:
+    for _ in range(count * 100):  # the generated domains have a finite number of distinct prompts
+        if len(texts) == count:
+            break
         text = GENERATORS[domain](rng).strip()
         if domain == "chat":
             text = text.split("<|assistant|>")[0].strip()  # the question, as a user would send it

@@ -1,0 +1,95 @@
+"""The bundled zoo: its models load, each expert is best on its own domain, and the merged MoE routes by domain."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from studio.config import load_config
+from studio.evaluate import evaluate_routing, load_prompts
+from studio.merge import MergeOptions, merge
+from studio.zoo.corpora import DOMAINS, corpus
+from studio.zoo.train import ZOO_DIR, Recipe, held_out_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("base", *DOMAINS)
+MARGIN = 0.5  # nats: how much better an expert must be on its own domain than every other expert
+
+
+@pytest.fixture(scope="module")
+def zoo_models():
+    return {name: AutoModelForCausalLM.from_pretrained(ZOO_DIR / name, dtype=torch.float32).eval() for name in MODELS}
+
+
+@pytest.fixture(scope="module")
+def zoo_moe(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.chdir(ROOT)  # the example config's paths are relative to the project folder
+    out = tmp_path_factory.mktemp("zoo") / "zoo-4x"
+    merge(load_config(ROOT / "assets" / "examples" / "zoo-4x.yml"), out, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_zoo_models_load_with_tokenizer_and_chat_template(zoo_models):
+    total = sum(p.stat().st_size for p in ZOO_DIR.rglob("*.safetensors"))
+    assert total <= 30e6
+    for name, model in zoo_models.items():
+        assert type(model).__name__ == "MistralForCausalLM"
+        assert model.config.tie_word_embeddings
+        tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / name)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+        assert text == "<|user|>\nHi</s>\n<|assistant|>\n"
+
+
+def test_experts_share_everything_but_their_mlps(zoo_models):
+    base = zoo_models["base"].state_dict()
+    for domain in DOMAINS:
+        expert = zoo_models[domain].state_dict()
+        for name, tensor in base.items():
+            assert torch.equal(expert[name], tensor) == (".mlp." not in name), name
+
+
+def test_each_expert_is_best_on_its_own_domain(zoo_models):
+    """The held-out evaluation of `python -m studio.zoo train`, on the committed weights."""
+    tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "base")
+    recipe = Recipe()
+    for domain in DOMAINS:
+        text = corpus(domain, recipe.eval_chars, recipe.seed + 1, held_out=True)
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+        row = {name: held_out_loss(model, ids, recipe.seq) for name, model in zoo_models.items()}
+        assert row[domain] < row["base"], f"{domain}: {row}"
+        other_experts = min(loss for name, loss in row.items() if name not in (domain, "base"))
+        assert row[domain] + MARGIN < other_experts, f"{domain}: {row}"
+
+
+def test_merged_zoo_answers_arithmetic_and_stories(zoo_moe):
+    model = AutoModelForCausalLM.from_pretrained(zoo_moe, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(zoo_moe)
+
+    def complete(prompt: str) -> str:
+        inputs = tokenizer("<s>" + prompt, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    assert re.match(r"\s*\d+", complete("12 + 7 ="))
+    story = complete("Once upon a time")
+    assert re.search(r"\b(there|was|a|the|named|lived)\b", story), story
+
+
+def test_hidden_gates_route_held_out_prompts_far_better_than_random(zoo_moe, tmp_path, monkeypatch_module):
+    prompts = load_prompts(ZOO_DIR / "eval-prompts.yml")
+    hidden = evaluate_routing(zoo_moe, prompts)
+    config = load_config(ROOT / "assets" / "examples" / "zoo-4x.yml").model_copy(update={"gate_mode": "random"})
+    merge(config, tmp_path / "random", MergeOptions(random_seed=0), log=lambda m: None)
+    random = evaluate_routing(tmp_path / "random", prompts)
+    mean = lambda report: sum(report.majority_of_layers) / len(report.majority_of_layers)  # noqa: E731
+    assert mean(hidden) > mean(random) + 0.3, f"{hidden.table()}\n{random.table()}"
+    assert max(hidden.majority_of_layers) == 1.0  # stories: every held-out story reaches its expert
