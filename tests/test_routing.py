@@ -31,7 +31,7 @@ COMMON = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "
 # as in real MoEs. Qwen2-MoE's layer 1 is dense (mlp_only_layers).
 FAMILIES = {
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "intermediate_size": 256}, [0, 1, 2]),
-    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "moe_intermediate_size": 256, "intermediate_size": 128,
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "moe_intermediate_size": 384, "intermediate_size": 128,
                                      "shared_expert_intermediate_size": 128, "mlp_only_layers": [1]}, [0, 2]),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "moe_intermediate_size": 128, "intermediate_size": 128,
                                      "head_dim": 16}, [0, 1, 2]),

@@ -1,0 +1,284 @@
+"""Loading an MoE at a chosen precision, with the experts quantized too, without a full-precision copy in memory.
+
+transformers 5 stores each layer's experts as fused 3-D parameters (`gate_up_proj`, `down_proj`), which
+bitsandbytes leaves at full size: a plain "4-bit" load shrinks an MoE by about 5%. Here the weights are
+streamed: every checkpoint tensor is read into memory of its own when transformers asks for it (no memory
+map, whose pages would count as resident until the end), and a fused expert tensor is quantized the moment
+transformers sets it on its module, one layer at a time. Attention and other linear layers go through
+bitsandbytes as usual. The model in full precision never exists, so the peak while loading stays near the
+final footprint plus one layer's experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import re
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from studio.errors import StudioError
+from studio.routing import expert_count
+from studio.sources import ModelSource
+
+# Quantizing in slices bounds the quantizer's scratch memory (bitsandbytes' CPU path needs ~7x its input).
+# A power of two, so every slice holds whole quantization blocks and the result equals one-shot quantization.
+SLICE = 1 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+CPU_ROW_BLOCK = 32  # bitsandbytes' CPU 4-bit kernel packs weight rows in blocks of this many
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a precision is loaded: dtype of what stays unquantized, bitsandbytes settings, expert quantizer."""
+
+    name: str
+    dtype: torch.dtype
+    bnb: dict | None = None
+    experts: Callable[[torch.Tensor], tuple[torch.Tensor, nn.Module]] | None = None
+
+
+class Int8Rows(nn.Module):
+    """Dequantizes int8 expert weights stored with one absmax scale per output row."""
+
+    def __init__(self, scale: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.dtype = dtype
+
+    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+        return (quantized.float() * self.scale).to(self.dtype)
+
+
+def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+    """NF4 data and the bitsandbytes parametrization that dequantizes it, quantized slice by slice."""
+    from bitsandbytes.functional import QuantState, quantize_4bit
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    flat = weight.reshape(-1)
+    slices = [quantize_4bit(flat[i:i + SLICE], quant_type="nf4") for i in range(0, flat.numel(), SLICE)]
+    first = slices[0][1]
+    state = QuantState(absmax=torch.cat([s.absmax for _, s in slices]), shape=weight.shape, code=first.code,
+                       blocksize=first.blocksize, quant_type=first.quant_type, dtype=weight.dtype)
+    return torch.cat([data for data, _ in slices]), Bnb4bitParametrization(state)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+    """Row-wise absmax int8, one expert at a time (the scratch is one expert in float32)."""
+    data = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(*weight.shape[:-1], 1, dtype=torch.float32, device=weight.device)
+    for e in range(weight.shape[0]):
+        rows = weight[e].float()
+        scale[e] = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+        data[e] = (rows / scale[e]).round_().clamp_(-127, 127).to(torch.int8)
+    return data, Int8Rows(scale, weight.dtype)
+
+
+PRECISIONS = {
+    "4bit": Precision("4bit", torch.bfloat16, {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                               "bnb_4bit_compute_dtype": torch.bfloat16}, quantize_nf4),
+    "8bit": Precision("8bit", torch.bfloat16, {"load_in_8bit": True}, quantize_int8),
+    "bf16": Precision("bf16", torch.bfloat16),
+    "fp32": Precision("fp32", torch.float32),
+}
+PRECISION_ALIASES = {"nf4": "4bit", "int8": "8bit", "bfloat16": "bf16", "float32": "fp32"}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def precision_named(name: str) -> Precision:
+    key = PRECISION_ALIASES.get(name, name)
+    if key not in PRECISIONS:
+        raise StudioError(f"Unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}.")
+    return PRECISIONS[key]
+
+
+def device_map(device: str, quantized: bool) -> tuple[str | dict, dict]:
+    """accelerate's device map for `device`, and the bitsandbytes settings that map needs."""
+    if device not in DEVICES:
+        raise StudioError(f"Unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    has_gpu = torch.cuda.is_available()
+    if device == "cuda" and not has_gpu:
+        raise StudioError("Device cuda was asked for, but this machine has no CUDA GPU that torch can use. "
+                          "Use device cpu or auto, or install a CUDA build of torch.")
+    if device == "auto" and has_gpu:
+        # Every GPU first, then the CPU; bitsandbytes must be told that some layers may stay on the CPU.
+        return "auto", ({"llm_int8_enable_fp32_cpu_offload": True} if quantized else {})
+    return ("cpu" if device == "auto" else device), {}
+
+
+def load_model(source: ModelSource, config, precision: Precision, device: str, trust_remote_code: bool):
+    """The model of `source` at `precision` on `device`, streamed from its checkpoint; eval mode."""
+    import transformers
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
+
+    with torch.device("meta"):  # the architecture without weights: its class and module names
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    where, offload = device_map(device, precision.bnb is not None)
+    kwargs = {"dtype": precision.dtype, "device_map": where}
+    if precision.bnb:
+        kwargs["quantization_config"] = BitsAndBytesConfig(**precision.bnb, **offload,
+                                                           llm_int8_skip_modules=unquantized_modules(skeleton))
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # 4.x keeps experts as nn.Linear modules, which bitsandbytes quantizes itself.
+        return AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=trust_remote_code,
+                                                    **kwargs).eval()
+    with freed_memory_returned_at_once(), quantized_experts(precision.experts, expert_count(config)):
+        model = type(skeleton).from_pretrained(None, config=config, state_dict=_LazyStateDict(source), **kwargs)
+    if source.file("generation_config.json"):  # from_pretrained reads it only when given the folder
+        model.generation_config = GenerationConfig.from_pretrained(source.folder)
+    return model.eval()
+
+
+def unquantized_modules(skeleton: nn.Module) -> list[str]:
+    """Linear layers bitsandbytes must leave alone: the output embedding (as transformers does by default), and
+    layers whose outputs do not fill whole CPU-kernel blocks of 32 rows, such as Qwen2-MoE's one-output
+    shared-expert gate (bitsandbytes' CPU path fails on them; they are tiny anyway)."""
+    output = skeleton.get_output_embeddings()
+    return [name for name, module in skeleton.named_modules()
+            if module is output or (isinstance(module, nn.Linear) and module.out_features % CPU_ROW_BLOCK)]
+
+
+@contextmanager
+def freed_memory_returned_at_once() -> Iterator[None]:
+    """While loading, serve every buffer of 64 KiB or more from a mapping of its own, so that freeing it gives
+    the memory back to the system at once; afterwards, keep buffers under 32 MiB on the heap.
+
+    glibc's default keeps buffers of up to 32 MiB on the heap once one that large has been freed, and the
+    tensors freed while a checkpoint streams then stay resident: the loading peak would grow with the model
+    instead of with one layer. During generation the heap is what we want: a 4-bit model dequantizes each
+    layer's experts at every step, and fresh mappings for them cost page faults every time (4x slower, measured
+    on CPU). glibc cannot be put back into its adaptive mode, so the 32 MiB ceiling of that mode is set, with a
+    trim threshold that keeps freed heap memory for reuse. Nothing happens without glibc.
+    """
+    mallopt = _glibc_mallopt()
+    if mallopt:
+        mallopt(M_MMAP_THRESHOLD, 64 << 10)
+    try:
+        yield
+    finally:
+        if mallopt:
+            mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+def _glibc_mallopt():
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+
+
+class _LazyTensor:
+    """A checkpoint tensor that is read from disk (into memory of its own) only when transformers slices it."""
+
+    def __init__(self, source: ModelSource, name: str):
+        self.source, self.name = source, name
+
+    def __getitem__(self, index):
+        return self.source.read(self.name)[index]
+
+
+class _LazyStateDict(dict):
+    """Every tensor of a checkpoint, unread. transformers deep-copies its arguments; this one is shared."""
+
+    def __init__(self, source: ModelSource):
+        super().__init__({name: _LazyTensor(source, name) for name in source.tensors})
+
+    def __deepcopy__(self, memo) -> "_LazyStateDict":
+        return self
+
+
+@contextmanager
+def quantized_experts(quantize: Callable | None, experts: int) -> Iterator[None]:
+    """While transformers loads a model in this thread, quantize each fused expert tensor as it is set.
+
+    An expert tensor is a floating 3-D parameter whose first dimension is the expert count. torch calls the
+    registration hook with each new parameter; it returns the quantized data in its place, and the
+    parametrization that dequantizes it is attached once loading is done (transformers checks parameters by
+    name until then).
+    """
+    if quantize is None:
+        yield
+        return
+    thread = threading.get_ident()
+    pending: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def hook(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if (threading.get_ident() != thread or param is None or param.is_meta or param.dim() != 3
+                or param.shape[0] != experts or not param.is_floating_point()):
+            return None
+        data, dequantize = quantize(param.data)
+        pending.append((module, name, dequantize))
+        quantized = nn.Parameter(data, requires_grad=False)
+        quantized._is_hf_initialized = True  # transformers would otherwise re-initialize it
+        return quantized
+
+    handle = nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    for module, name, dequantize in pending:
+        parametrize.register_parametrization(module, name, dequantize, unsafe=True)
+    for module in {id(m): m for m, _, _ in pending}.values():
+        _dequantize_once_per_forward(module)
+
+
+def _dequantize_once_per_forward(module: nn.Module) -> None:
+    """Experts read their weights once per expert; cache the dequantized tensor for one forward of the module."""
+    open_caches = []
+
+    def enter(_module, _args) -> None:
+        cache = parametrize.cached()
+        cache.__enter__()
+        open_caches.append(cache)
+
+    def leave(_module, _args, _output) -> None:
+        open_caches.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+
+
+def footprint(model: nn.Module) -> int:
+    """Bytes of every parameter, buffer and quantization state (absmax, codes, scales), shared storage once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in _all_tensors(model):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def layer_expert_bytes(source: ModelSource) -> int:
+    """Bytes at bf16 of the largest layer's expert tensors in a checkpoint: the "one layer" of the loading bound."""
+    per_layer: dict[str, int] = {}
+    for name, info in source.tensors.items():
+        match = re.search(r"layers\.(\d+)\..*experts\.", name)
+        if match:
+            per_layer[match[1]] = per_layer.get(match[1], 0) + info.nbytes // info.dtype.itemsize * 2
+    return max(per_layer.values(), default=0)
+
+
+def _all_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
+    for module in model.modules():
+        yield from _quant_state_tensors(getattr(module, "quant_state", None))
+        for param in module.parameters(recurse=False):
+            yield from _quant_state_tensors(getattr(param, "quant_state", None))
+            if getattr(param, "SCB", None) is not None:  # LLM.int8 row scales
+                yield param.SCB
+
+
+def _quant_state_tensors(state) -> Iterator[torch.Tensor]:
+    while state is not None:
+        yield from (t for t in (state.absmax, state.code) if t is not None)
+        state = state.state2
+

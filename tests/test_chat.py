@@ -1,0 +1,281 @@
+"""Chat with an MoE in 4-bit: the experts are quantized too, loading stays within its memory bound, answers
+stream, and the routing of every prompt and answer token is recorded.
+
+Models: the bundled zoo merged into a Mixtral (trained weights), and tiny random Mixtral, Qwen2-MoE and
+Qwen3-MoE models (tests/test_routing.py builds them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+from torch.nn.utils import parametrize
+
+from studio.chat import ChatSettings, StopFilter, cut_at_stop, load_chat_model
+from studio.config import load_config
+from studio.errors import StudioError
+from studio.merge import merge
+from studio.synthetic import make_family
+from studio.trace import RouterTrace
+
+from test_routing import FAMILIES, random_moe, tiny_moes  # noqa: F401  (tiny_moes is a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = ChatSettings(temperature=0, max_new_tokens=16)
+STORY = [{"role": "user", "content": "Once upon a time"}]
+TEXT = ("Once upon a time, there was a little fox named Max. He lived in a quiet village.\n"
+        "def add(a, b):\n    return a + b\n12 + 7 = 19")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine torch's spinning threads
+    slow generation many times over whenever another process is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def zoo_moe(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zoo") / "zoo-4x"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)  # the example config's paths are relative to the project folder
+        merge(load_config(ROOT / "assets" / "examples" / "zoo-4x.yml"), out, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo_4bit(zoo_moe):
+    return load_chat_model(zoo_moe, "4bit", "cpu")
+
+
+@pytest.fixture(scope="module")
+def zoo_bf16(zoo_moe):
+    return load_chat_model(zoo_moe, "bf16", "cpu")
+
+
+def logits(chat, text: str = TEXT) -> torch.Tensor:
+    with torch.no_grad():
+        return chat.model(input_ids=torch.tensor([chat.encode(text)])).logits.float()[0]
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((approx - exact).norm() / exact.norm()).item()
+
+
+def expert_modules(model) -> list:
+    return [m for m in model.modules() if parametrize.is_parametrized(m)]
+
+
+def test_4bit_quantizes_the_experts_of_the_zoo_moe(zoo_4bit, zoo_bf16):
+    experts = expert_modules(zoo_4bit.model)
+    assert len(experts) == 4
+    for module in experts:
+        for name in ("gate_up_proj", "down_proj"):
+            assert module.parametrizations[name].original.dtype == torch.uint8
+    assert all(isinstance(layer.self_attn.q_proj, Linear4bit) for layer in zoo_4bit.model.model.layers)
+    assert zoo_4bit.footprint <= 0.35 * zoo_bf16.footprint
+    assert zoo_4bit.labels == [f"assets/zoo/{name}" for name in ("code", "math", "stories", "chat")]
+    assert "in memory at 4bit" in zoo_4bit.describe()
+
+
+def test_4bit_logits_stay_close_to_bf16_on_the_zoo_moe(zoo_4bit, zoo_bf16):
+    exact, approx = logits(zoo_bf16), logits(zoo_4bit)
+    assert relative_error(approx, exact) < 0.1
+    assert (approx.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.85
+    kl = (exact.softmax(-1) * (exact.log_softmax(-1) - approx.log_softmax(-1))).sum(-1).mean()
+    assert kl < 0.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_4bit_footprint_and_logits_on_tiny_moes(tiny_moes, family):
+    bf16, nf4 = (load_chat_model(tiny_moes[family], precision, "cpu") for precision in ("bf16", "4bit"))
+    layers = len(FAMILIES[family][2])
+    assert len(expert_modules(nf4.model)) == layers
+    assert nf4.footprint <= 0.35 * bf16.footprint
+    assert relative_error(logits(nf4, "def add(a, b): return a + b"), logits(bf16, "def add(a, b): return a + b")) < 0.25
+    if family == "qwen2_moe":  # the shared expert is quantized by bitsandbytes; its one-output gate stays as is
+        mlp = nf4.model.model.layers[0].mlp
+        assert isinstance(mlp.shared_expert.up_proj, Linear4bit)
+        assert type(mlp.shared_expert_gate) is torch.nn.Linear
+
+
+def test_8bit_quantizes_the_experts_to_int8(zoo_moe, zoo_bf16):
+    int8 = load_chat_model(zoo_moe, "8bit", "cpu")
+    for module in expert_modules(int8.model):
+        assert module.parametrizations["down_proj"].original.dtype == torch.int8
+    assert int8.footprint <= 0.6 * zoo_bf16.footprint
+    assert relative_error(logits(int8), logits(zoo_bf16)) < 0.03
+
+
+# Runs in a fresh process: loads a small model of the same family first (imports, first-use allocations),
+# then measures the peak resident memory of loading the large one in 4-bit.
+RSS_SCRIPT = r"""
+import json, sys
+from studio.chat import load_chat_model
+from studio.quantize import layer_expert_bytes
+from studio.sources import open_model
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+load_chat_model(sys.argv[1], "4bit", "cpu")
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) restarts from the current RSS
+model = load_chat_model(sys.argv[2], "4bit", "cpu")
+print(json.dumps({"before": before, "peak": status("VmHWM"), "footprint": model.footprint,
+                  "layer": layer_expert_bytes(open_model(sys.argv[2]))}))
+"""
+
+
+def test_loading_in_4bit_never_holds_the_full_precision_model(tmp_path, tiny_moes, tokenizer):
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    big = random_moe(tmp_path / "big", "mixtral", tokenizer=tokenizer, hidden_size=512, intermediate_size=1024,
+                     num_local_experts=8, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                     vocab_size=1024)
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tiny_moes["mixtral"]), str(big)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    bf16_bytes = sum(f.stat().st_size for f in big.glob("*.safetensors"))
+    assert m["footprint"] <= 0.35 * bf16_bytes
+    assert m["peak"] - m["before"] <= 1.5 * m["footprint"] + m["layer"], m
+
+
+def test_greedy_streaming_gives_the_same_text_as_a_whole_reply(zoo_4bit):
+    reply = zoo_4bit.reply(STORY, GREEDY)
+    pieces = list(zoo_4bit.stream(STORY, GREEDY))
+    assert isinstance(pieces[-1], RouterTrace) and all(isinstance(p, str) for p in pieces[:-1])
+    assert "".join(pieces[:-1]) == reply.text and len(pieces) > 2
+    assert pieces[-1].token_ids == reply.trace.token_ids
+    assert torch.equal(pieces[-1].probabilities, reply.trace.probabilities)
+
+
+def test_trace_covers_every_prompt_and_answer_token(tiny_moes):
+    from test_routing import plain_forward_probabilities
+
+    chat = load_chat_model(tiny_moes["qwen2_moe"], "fp32", "cpu")
+    settings = ChatSettings(temperature=0, max_new_tokens=12, system_prompt="Be brief.")
+    reply = chat.reply([{"role": "user", "content": "Hello"}], settings)
+    trace, prompt = reply.trace, chat.encode([{"role": "user", "content": "Hello"}], "Be brief.")
+    assert trace.prompt_length == len(prompt) and trace.token_ids[:len(prompt)] == prompt
+    assert len(trace.token_ids) == len(prompt) + reply.new_tokens == len(trace.tokens)
+    assert "".join(trace.tokens) == chat.tokenizer.decode(trace.token_ids)
+    assert trace.layers == [0, 2] and trace.probabilities.shape == (2, len(trace.tokens), 4)
+    # Generation reuses the cache token by token; the plain forward sees the whole sequence at once.
+    torch.testing.assert_close(trace.probabilities, plain_forward_probabilities(chat.model, trace.token_ids),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_capture_off_gives_the_same_answer_and_no_trace(zoo_4bit):
+    on, off = zoo_4bit.reply(STORY, GREEDY), zoo_4bit.reply(STORY, GREEDY, capture=False)
+    assert off.trace is None and off.text == on.text
+    assert not any(isinstance(p, RouterTrace) for p in zoo_4bit.stream(STORY, GREEDY, capture=False))
+
+
+def test_stop_strings_end_the_answer_streamed_or_not(zoo_bf16):
+    full = zoo_bf16.reply(STORY, ChatSettings(temperature=0, max_new_tokens=24)).text
+    stop = full.split()[2]
+    settings = ChatSettings(temperature=0, max_new_tokens=24, stop=(stop,))
+    cut = zoo_bf16.reply(STORY, settings)
+    assert cut.text == full[:full.index(stop)]
+    assert "".join(p for p in zoo_bf16.stream(STORY, settings) if isinstance(p, str)) == cut.text
+
+
+def test_stop_filter_holds_back_what_could_start_a_stop():
+    stop = StopFilter(("\nUser:",))
+    assert [stop.feed("Hi"), stop.feed(" there\nUs"), stop.feed("ual"), stop.feed("\nUser: more"), stop.feed("x")] \
+        == ["Hi", " there", "\nUsual", "", ""]
+    assert stop.finish() == ""
+    assert cut_at_stop("a STOP b END", ("END", "STOP")) == "a "
+
+
+def test_sampling_follows_the_seed(zoo_bf16):
+    settings = ChatSettings(temperature=1.0, top_p=0.9, top_k=20, repetition_penalty=1.1, max_new_tokens=12, seed=3)
+    assert zoo_bf16.reply(STORY, settings, capture=False).text == zoo_bf16.reply(STORY, settings, capture=False).text
+
+
+def test_closing_a_stream_stops_generation(zoo_bf16, monkeypatch):
+    monkeypatch.setattr(zoo_bf16.model.generation_config, "eos_token_id", None)  # only max_new_tokens ends it
+    steps = []
+    monkeypatch.setattr(zoo_bf16.model, "forward", _counting(zoo_bf16.model.forward, steps))
+    stream = zoo_bf16.stream("Once upon a time", ChatSettings(temperature=0, max_new_tokens=400))
+    next(stream)
+    stream.close()
+    deadline = time.time() + 30
+    while any(t.name == "studio-chat" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "studio-chat" for t in threading.enumerate())
+    assert 1 < len(steps) < 100
+
+
+def _counting(forward, steps: list):
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return forward(*args, **kwargs)
+
+    return counted
+
+
+def test_chat_template_system_prompt_and_fallback(zoo_bf16):
+    tokenizer = zoo_bf16.tokenizer
+    ids = zoo_bf16.encode(STORY, "Be kind.")
+    assert tokenizer.decode(ids) == "<|system|>\nBe kind.</s>\n<|user|>\nOnce upon a time</s>\n<|assistant|>\n"
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Once upon "}, {"type": "text", "text": "a time"}]}]
+    assert zoo_bf16.encode(parts) == zoo_bf16.encode(STORY)
+    assert tokenizer.decode(zoo_bf16.encode("12 + 7 =")) == "<s>12 + 7 ="
+    original = tokenizer.chat_template
+    try:  # a template without a system role (like Mistral's): the system prompt joins the first user message
+        tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                                   "{% endif %}{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+        assert tokenizer.decode(zoo_bf16.encode(STORY, "Be kind.")) == "[Be kind.\n\nOnce upon a time]"
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_a_tokenizer_without_chat_template_gets_the_fallback(tiny_moes, tmp_path):
+    folder = tmp_path / "no-template"
+    folder.mkdir()
+    for path in tiny_moes["mixtral"].iterdir():
+        if path.name != "chat_template.jinja":
+            (folder / path.name).write_bytes(path.read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = load_chat_model(folder, "bf16", "cpu")
+    assert chat.tokenizer.decode(chat.encode(STORY, "Be kind.")) == \
+        "<s>System: Be kind.\nUser: Once upon a time\nAssistant:"
+    assert chat.stop == ("\nUser:",)
+
+
+def test_user_errors_are_clear(zoo_moe, tmp_path, tokenizer):
+    with pytest.raises(StudioError, match="Unknown precision '3bit'; choose one of 4bit, 8bit, bf16, fp32"):
+        load_chat_model(zoo_moe, "3bit")
+    with pytest.raises(StudioError, match="Unknown device 'tpu'"):
+        load_chat_model(zoo_moe, "bf16", "tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(StudioError, match="no CUDA GPU"):
+            load_chat_model(zoo_moe, "bf16", "cuda")
+    with pytest.raises(StudioError, match="folder .* does not exist"):
+        load_chat_model(tmp_path / "missing")
+    base, _ = make_family(tmp_path / "dense", 1, tokenizer=tokenizer)
+    with pytest.raises(StudioError, match="not a Mixture-of-Experts model"):
+        load_chat_model(base, "bf16", "cpu")
+    with pytest.raises(StudioError, match="temperature is -1"):
+        ChatSettings(temperature=-1)
+    with pytest.raises(StudioError, match="top_p is 0"):
+        ChatSettings(top_p=0)
