@@ -81,7 +81,7 @@ def build_tab(runner: MergeRunner, workspace: Path, initial: str) -> None:
     stop.click(lambda job: job.cancel() if job else None, current, None)
 
 
-def build_app(workspace: Path, initial: str = "clown-car") -> gr.Blocks:
+def build_app(workspace: Path, initial: str = "zoo-4x") -> gr.Blocks:
     runner = MergeRunner()
     with gr.Blocks(title="MoE Merge Studio") as app:
         gr.Markdown("# MoE Merge Studio")
