@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import traceback
+from pathlib import Path
 
 from studio.errors import StudioError
 
@@ -65,7 +66,41 @@ def _parser() -> argparse.ArgumentParser:
     routing.add_argument("model", help="merged MoE folder")
     routing.add_argument("prompts", help="YAML mapping each expert (index or source model) to held-out prompts")
     _common(routing)
+
+    chat = commands.add_parser("chat", help="chat with an MoE in the terminal; after each reply, the dominant "
+                                            "expert of each layer")
+    chat.add_argument("model", help="MoE folder or Hub id")
+    _generation_flags(chat, temperature=0.7, max_new_tokens=256)
+    _common(chat)
+
+    route = commands.add_parser("route", help="which expert each layer chose for every token of a prompt and its "
+                                              "answer: a table, and figures in an HTML file")
+    route.add_argument("model", help="MoE folder or Hub id")
+    route.add_argument("prompt", help="the user message (or, with --raw, the text itself)")
+    route.add_argument("--raw", action="store_true", help="route the text as it is, without the chat template")
+    route.add_argument("--layer", type=int, help="decoder layer of the token heatmap (default: the last MoE layer)")
+    route.add_argument("--html", default="route.html", help="where the figures go (default route.html)")
+    route.add_argument("--json", help="also save the trace as JSON here")
+    route.add_argument("--csv", help="also save the trace as CSV here (one row per token and layer)")
+    _generation_flags(route, temperature=0.0, max_new_tokens=32)
+    _common(route)
     return parser
+
+
+def _generation_flags(parser: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+    parser.add_argument("--precision", default="4bit", help="4bit (NF4, experts included; default), 8bit, bf16, fp32")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default) spreads the model over every GPU, then the CPU; cpu; cuda")
+    parser.add_argument("--system", default="", help="system prompt")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"0 is greedy (default {temperature})")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"answer length limit (default {max_new_tokens})")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off (default)")
+    parser.add_argument("--stop", action="append", default=[], help="stop the answer at this text (repeatable)")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
     try:
-        return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing}[args.command](args)
+        return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "chat": _chat,
+                "route": _route}[args.command](args)
     except StudioError as exc:
         if args.verbose:
             traceback.print_exc()
@@ -159,4 +195,79 @@ def _eval_routing(args: argparse.Namespace) -> int:
     from studio.evaluate import evaluate_routing, load_prompts
 
     print(evaluate_routing(args.model, load_prompts(args.prompts)).table())
+    return 0
+
+
+def _load_chat(args: argparse.Namespace):
+    from studio.chat import ChatSettings, load_chat_model
+
+    settings = ChatSettings(system_prompt=args.system, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                            repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed)
+    print(f"Loading {args.model} at {args.precision} ...", file=sys.stderr)
+    model = load_chat_model(args.model, args.precision, args.device, args.trust_remote_code)
+    print(model.describe(), file=sys.stderr)
+    return model, settings
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from studio.trace import RouterTrace
+
+    model, settings = _load_chat(args)
+    print("Type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        answer = []
+        print("model> ", end="", flush=True)
+        for piece in model.stream(history, settings):
+            if isinstance(piece, RouterTrace):
+                print(f"\n[{_dominant_line(piece)}]")
+            else:
+                answer.append(piece)
+                print(piece, end="", flush=True)
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _dominant_line(trace) -> str:
+    """One line: per layer, the expert that most answer tokens chose first, and their share."""
+    from pathlib import PurePath
+
+    return "  ".join(f"L{layer} {PurePath(trace.labels[e]).name} {share:.0%}"
+                     for layer, (e, share) in zip(trace.layers, trace.dominant("answer")))
+
+
+def _route(args: argparse.Namespace) -> int:
+    from studio.plots import write_report
+    from studio.report import format_table
+
+    model, settings = _load_chat(args)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    reply = model.reply(prompt, settings)
+    trace = reply.trace
+    layer = trace.layers[trace.layer_position(args.layer)] if args.layer is not None else None
+    print(f"Answer: {reply.text}\n")
+    rows = [[str(t), trace.part_of(t), repr(token)] + [f"{e} {p:.2f}" for e, p in zip(
+            trace.top1()[:, t].tolist(), trace.probabilities[:, t].max(dim=-1).values.tolist())]
+            for t, token in enumerate(trace.tokens)]
+    print("First-choice expert (and its probability) per token and layer:")
+    print(format_table(["#", "part", "token", *(f"L{l}" for l in trace.layers)], rows))
+    print("\nExperts: " + ", ".join(f"{e} = {label}" for e, label in enumerate(trace.labels)))
+    print(f"Answer routing: {_dominant_line(trace)}")
+    print(f"Figures: {write_report(trace, args.html, layer)}")
+    if args.json:
+        trace.save(args.json)
+    if args.csv:
+        Path(args.csv).write_text(trace.to_csv(), encoding="utf-8")
     return 0

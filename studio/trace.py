@@ -127,7 +127,7 @@ class RouterTrace:
     def to_csv(self) -> str:
         """One row per (token, MoE layer): position, part, token, layer, chosen experts, weights, probabilities."""
         out = io.StringIO()
-        writer = csv.writer(out)
+        writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["position", "part", "token_id", "token", "layer",
                          *(f"choice{i + 1}" for i in range(self.top_k)), *(f"weight{i + 1}" for i in range(self.top_k)),
                          *(f"p[{label}]" for label in self.labels)])

@@ -7,6 +7,8 @@ Qwen3-MoE models (tests/test_routing.py builds them).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -21,6 +23,7 @@ from bitsandbytes.nn import Linear4bit
 from torch.nn.utils import parametrize
 
 from studio.chat import ChatSettings, StopFilter, cut_at_stop, load_chat_model
+from studio.cli import main
 from studio.config import load_config
 from studio.errors import StudioError
 from studio.merge import merge
@@ -279,3 +282,31 @@ def test_user_errors_are_clear(zoo_moe, tmp_path, tokenizer):
         ChatSettings(temperature=-1)
     with pytest.raises(StudioError, match="top_p is 0"):
         ChatSettings(top_p=0)
+
+
+def test_cli_chat_prints_a_routing_line_after_each_reply(zoo_moe, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\n/reset\n12 + 7 =\n"))
+    assert main(["chat", str(zoo_moe), "--precision", "bf16", "--device", "cpu", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[L0 ")]
+    assert len(lines) == 2
+    assert all(len(line.split("  ")) == 4 for line in lines)
+    assert all(any(name in line for name in ("code", "math", "stories", "chat")) for line in lines)
+
+
+def test_cli_route_prints_the_table_and_writes_figures(zoo_moe, tmp_path, capsys):
+    html, trace_json, trace_csv = tmp_path / "r.html", tmp_path / "t.json", tmp_path / "t.csv"
+    assert main(["route", str(zoo_moe), "12 + 7 =", "--raw", "--precision", "bf16", "--device", "cpu",
+                 "--max-new-tokens", "6", "--layer", "2", "--html", str(html), "--json", str(trace_json),
+                 "--csv", str(trace_csv)]) == 0
+    out = capsys.readouterr().out
+    trace = RouterTrace.load(trace_json)
+    assert "#   part    token" in out and "L0      L1      L2      L3" in out
+    for t, token in enumerate(trace.tokens):
+        cells = [f"{int(e)} {float(p):.2f}" for e, p in zip(trace.top1()[:, t], trace.probabilities[:, t].amax(-1))]
+        assert f"{t:<2}  {trace.part_of(t):<6}  {token!r}" in out and "  ".join(cells) in out
+    assert "plotly" in html.read_text()
+    assert len(list(csv.reader(io.StringIO(trace_csv.read_text())))) == 1 + 4 * len(trace.tokens)
+    assert main(["route", str(zoo_moe), "x", "--precision", "3bit"]) == 2
+    assert "Unknown precision '3bit'" in capsys.readouterr().err
