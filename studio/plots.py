@@ -1,0 +1,126 @@
+"""Figures of a RouterTrace: plotly figures with expert names in every hover, and the text coloured by expert.
+
+Each figure shows numbers taken straight from the trace's own summaries (RouterTrace.mean_probabilities,
+expert_load, same_expert_rate, ...), so a figure and the trace it was made from always agree. Experts sit on
+numeric axes labelled with their names: two experts may come from the same source model, and a categorical
+axis would merge them (as it would merge repeated tokens).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from studio.trace import RouterTrace
+
+HEATMAP_SCALE = "Blues"
+
+
+def expert_colours(count: int) -> list[str]:
+    """One light colour per expert, evenly spaced in hue, so black text stays readable on every one."""
+    return [f"hsl({round(360 * i / count)}, 65%, 75%)" for i in range(count)]
+
+
+def layer_expert_heatmap(trace: RouterTrace, part: str = "prompt") -> go.Figure:
+    """Mean router probability of each expert in each MoE layer, over the prompt's or the answer's tokens."""
+    span = trace.span(part)
+    z = trace.mean_probabilities(part).tolist()
+    hover = [[[trace.labels[e], layer] for e in range(len(trace.labels))] for layer in trace.layers]
+    figure = go.Figure(go.Heatmap(
+        z=z, x=list(range(len(trace.labels))), y=list(range(len(trace.layers))), customdata=hover, zmin=0, zmax=1,
+        colorscale=HEATMAP_SCALE, colorbar={"title": "mean p"},
+        hovertemplate="layer %{customdata[1]}<br>%{customdata[0]}<br>mean probability %{z:.3f}<extra></extra>"))
+    figure.update_layout(title=f"Mean router probability per layer, {part} ({len(trace.tokens[span])} tokens)")
+    _expert_axis(figure, trace, "x")
+    figure.update_yaxes(title="layer", tickvals=list(range(len(trace.layers))), ticktext=list(map(str, trace.layers)),
+                        autorange="reversed")
+    return figure
+
+
+def token_expert_heatmap(trace: RouterTrace, layer: int) -> go.Figure:
+    """Router probabilities of every token (x) over the experts (y) at decoder layer `layer`."""
+    position = trace.layer_position(layer)
+    z = trace.probabilities[position].T.tolist()
+    chosen = [", ".join(trace.labels[e] for e in row) for row in trace.experts[position].tolist()]
+    hover = [[[trace.labels[e], repr(token), t, trace.part_of(t), chosen[t]] for t, token in enumerate(trace.tokens)]
+             for e in range(len(trace.labels))]
+    figure = go.Figure(go.Heatmap(
+        z=z, x=list(range(len(trace.tokens))), y=list(range(len(trace.labels))), customdata=hover, zmin=0, zmax=1,
+        colorscale=HEATMAP_SCALE, colorbar={"title": "p"},
+        hovertemplate="token %{customdata[2]} %{customdata[1]} (%{customdata[3]})<br>%{customdata[0]}: "
+                      "p = %{z:.3f}<br>chosen: %{customdata[4]}<extra></extra>"))
+    figure.add_vline(x=trace.prompt_length - 0.5, line_dash="dash", annotation_text="answer starts")
+    figure.update_layout(title=f"Router probabilities per token, layer {layer}")
+    figure.update_xaxes(title="token", tickvals=list(range(len(trace.tokens))), ticktext=trace.tokens, tickangle=-60)
+    _expert_axis(figure, trace, "y")
+    return figure
+
+
+def expert_load_figure(trace: RouterTrace, part: str = "all") -> go.Figure:
+    """Each expert's share of the top-k selections per layer, against uniform routing (Mixtral paper, Fig. 7)."""
+    load = trace.expert_load(part)
+    figure = go.Figure([go.Bar(x=list(map(str, trace.layers)), y=load[:, e].tolist(), name=label,
+                               marker_color=colour, hovertemplate=f"{html.escape(label)}<br>layer %{{x}}<br>"
+                                                                  f"share %{{y:.1%}}<extra></extra>")
+                        for e, (label, colour) in enumerate(zip(trace.labels, expert_colours(len(trace.labels))))])
+    figure.add_hline(y=trace.uniform_share, line_dash="dash", annotation_text=f"uniform 1/{len(trace.labels)}")
+    figure.update_layout(barmode="group", title=f"Expert load per layer, {part} (share of top-{trace.top_k} "
+                                                f"selections)", xaxis_title="layer", yaxis_title="share",
+                         yaxis_tickformat=".0%")
+    return figure
+
+
+def same_expert_figure(trace: RouterTrace, part: str = "all") -> go.Figure:
+    """Per layer, how often a token keeps the previous token's first-choice expert, against random routing."""
+    figure = go.Figure(go.Bar(x=list(map(str, trace.layers)), y=trace.same_expert_rate(part).tolist(),
+                              name="same first choice as previous token",
+                              hovertemplate="layer %{x}<br>same expert %{y:.1%}<extra></extra>"))
+    figure.add_hline(y=trace.uniform_share, line_dash="dash", annotation_text=f"random 1/{len(trace.labels)}")
+    figure.update_layout(title=f"Consecutive tokens routed to the same expert, {part}", xaxis_title="layer",
+                         yaxis_title="rate", yaxis_tickformat=".0%", yaxis_range=[0, 1])
+    return figure
+
+
+def token_text_html(trace: RouterTrace, layer: int) -> str:
+    """The text with each token's background the colour of its first-choice expert at `layer`, with a legend
+    (Mixtral paper, Fig. 8). Hovering a token shows the expert and its probability."""
+    position = trace.layer_position(layer)
+    colours = expert_colours(len(trace.labels))
+    top1 = trace.top1()[position].tolist()
+    spans = []
+    for t, token in enumerate(trace.tokens):
+        expert = top1[t]
+        p = float(trace.probabilities[position, t, expert])
+        spans.append(f'<span data-expert="{expert}" style="background:{colours[expert]}" '
+                     f'title="{html.escape(trace.labels[expert])}, p = {p:.2f}">{html.escape(token)}</span>')
+    legend = "".join(f'<span style="background:{colour};padding:0 6px;margin-right:8px">{html.escape(label)}</span>'
+                     for label, colour in zip(trace.labels, colours))
+    text = "pre-wrap;font-family:monospace;line-height:1.6"
+    return (f'<div class="router-text"><div>Layer {layer}, first-choice expert per token: {legend}</div>'
+            f'<p><b>Prompt</b></p><div style="white-space:{text}">{"".join(spans[:trace.prompt_length])}</div>'
+            f'<p><b>Answer</b></p><div style="white-space:{text}">{"".join(spans[trace.prompt_length:])}</div></div>')
+
+
+def report_html(trace: RouterTrace, layer: int | None = None) -> str:
+    """One self-contained page (plotly.js inlined, works offline): every figure, and the coloured text at
+    every MoE layer. `layer` picks the token heatmap's layer (default: the last MoE layer)."""
+    layer = trace.layers[-1] if layer is None else layer
+    figures = [layer_expert_heatmap(trace, "prompt"), layer_expert_heatmap(trace, "answer"),
+               token_expert_heatmap(trace, layer), expert_load_figure(trace), same_expert_figure(trace)]
+    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
+    parts += [token_text_html(trace, l) for l in trace.layers]
+    return ('<!DOCTYPE html><html><head><meta charset="utf-8"><title>Router trace</title></head><body>'
+            + "\n".join(parts) + "</body></html>")
+
+
+def write_report(trace: RouterTrace, path: str | Path, layer: int | None = None) -> Path:
+    path = Path(path)
+    path.write_text(report_html(trace, layer), encoding="utf-8")
+    return path
+
+
+def _expert_axis(figure: go.Figure, trace: RouterTrace, axis: str) -> None:
+    ticks = {"tickvals": list(range(len(trace.labels))), "ticktext": trace.labels, "title": "expert"}
+    (figure.update_xaxes if axis == "x" else figure.update_yaxes)(**ticks)
