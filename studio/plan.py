@@ -159,7 +159,7 @@ def make_plan(config: MoEConfig, sources: dict[str, ModelSource]) -> MergePlan:
         raise StudioError("The models do not fit together:\n" + "\n".join(f"  - {e}" for e in errors))
     base = sources[config.base_model]
     family = family_of(base.config["model_type"])
-    inputs = MergeInputs(config, family, {r.ref: r.family for r in rows}, base.config)
+    inputs = MergeInputs(config, {r.ref: r.family for r in rows}, base.config)
     output = choose_output(inputs)
     dtype_name = output_dtype(config, base)
     jobs = _jobs(config, sources, base, family, output, dtype_name)

@@ -262,3 +262,12 @@ def test_gate_failure_stops_the_merge_and_leaves_nothing(mistral, tmp_path):
     with pytest.raises(StudioError, match="its tokenizer cannot be loaded"):
         merge(config, tmp_path / "out", MergeOptions(copy_tokenizer=False), **QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare-base"]
+
+
+def test_no_output_fits_a_llama_with_attention_biases(tmp_path, tokenizer):
+    from studio.synthetic import make_family
+
+    base, experts = make_family(tmp_path / "biased", 2, "llama", tokenizer=tokenizer, attention_bias=True)
+    with pytest.raises(StudioError, match=r"No output architecture fits these models:\n  - Mixtral: has no "
+                                          r"attention or MLP biases, and the base uses them"):
+        merge(config_of(moe_yaml(base, experts)), tmp_path / "out", **QUIET)

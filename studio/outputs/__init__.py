@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from studio.config import MoEConfig
 from studio.errors import StudioError
-from studio.families import Family
 
 
 @dataclass(frozen=True)
@@ -18,7 +17,6 @@ class MergeInputs:
     """What an output needs to know about the models being merged."""
 
     config: MoEConfig
-    family: Family
     model_types: dict[str, str | None]  # reference -> model_type, base first
     base_config: dict
 

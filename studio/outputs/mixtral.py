@@ -7,7 +7,7 @@ and llama.cpp's converter all understand; the fused v5 layout is read by transfo
 from __future__ import annotations
 
 from studio.config import MoEConfig
-from studio.outputs import OutputArch
+from studio.outputs import MergeInputs, OutputArch
 
 CLASSIC_NAMES = {"gate": "w1", "down": "w2", "up": "w3"}
 DROPPED_KEYS = ("architectures", "model_type", "auto_map", "transformers_version", "_name_or_path")
@@ -16,6 +16,11 @@ DROPPED_KEYS = ("architectures", "model_type", "auto_map", "transformers_version
 class Mixtral(OutputArch):
     name = "Mixtral"
     input_model_types = ("llama", "mistral")
+
+    def why_not(self, inputs: MergeInputs) -> str | None:
+        if inputs.base_config.get("attention_bias") or inputs.base_config.get("mlp_bias"):
+            return "has no attention or MLP biases, and the base uses them"
+        return super().why_not(inputs)
 
     def moe_config(self, base_config: dict, config: MoEConfig, dtype: str | None) -> dict:
         out = {k: v for k, v in base_config.items() if k not in DROPPED_KEYS}
