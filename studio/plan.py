@@ -14,6 +14,7 @@ import torch
 from studio.config import MoEConfig
 from studio.errors import StudioError
 from studio.families import Family, family_of, layer_of, shape_facts
+from studio.forward import why_not_streamable
 from studio.outputs import MergeInputs, OutputArch, choose_output
 from studio.sources import ModelSource, TensorInfo, tensor_nbytes
 
@@ -96,18 +97,23 @@ class MergePlan:
     def memory_estimates(self) -> dict[str, int]:
         """Bytes: the output on disk, the merged model in memory at bf16 and at 4-bit, and the merge's peak.
 
-        The merge streams tensor by tensor, so its peak is the largest tensor it builds, or the base model in
-        bf16 while the hidden-state pass runs.
+        The merge streams tensor by tensor; the hidden-gate pass holds one float32 layer of the base when the
+        base can be streamed, else the whole base in bf16.
         """
         layer_matrices = sum(j.nbytes // j.dtype.itemsize for j in self.jobs
                              if len(j.shape) == 2 and layer_of(j.name) is not None)
-        base_params = sum(i.nbytes // i.dtype.itemsize for i in self.base.tensors.values())
-        hidden_pass = base_params * 2 if self.config.gate_mode.startswith("hidden") else 0
+        base_layers = Counter()
+        for info in self.base.tensors.values():
+            base_layers[layer_of(info.name)] += info.nbytes // info.dtype.itemsize
+        hidden_pass = 0
+        if self.config.gate_mode.startswith("hidden"):
+            streamed = why_not_streamable(self.base.config, 0) is None
+            hidden_pass = max(base_layers.values()) * 4 if streamed else sum(base_layers.values()) * 2
         return {
             "output": self.total_bytes,
             "bf16": self.parameters * 2,
             "4bit": int(layer_matrices * NF4_BYTES_PER_PARAM + (self.parameters - layer_matrices) * 2),
-            "merge_peak": max(hidden_pass, max(j.nbytes for j in self.jobs) * 2),
+            "merge_peak": hidden_pass + max(j.nbytes for j in self.jobs) * 2,
         }
 
 

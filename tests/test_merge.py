@@ -271,3 +271,14 @@ def test_no_output_fits_a_llama_with_attention_biases(tmp_path, tokenizer):
     with pytest.raises(StudioError, match=r"No output architecture fits these models:\n  - Mixtral: has no "
                                           r"attention or MLP biases, and the base uses them"):
         merge(config_of(moe_yaml(base, experts)), tmp_path / "out", **QUIET)
+
+
+def test_plan_estimates_match_the_written_output(merged):
+    _, out, result = merged
+    estimates = result.plan.memory_estimates()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert estimates["output"] == index["metadata"]["total_size"]
+    assert estimates["bf16"] == 2 * result.plan.parameters
+    # hidden gates on a streamable base: one float32 layer of the base (the embedding, 384 x 64, is the largest)
+    largest_output_tensor = max(job.nbytes for job in result.plan.jobs)
+    assert estimates["merge_peak"] == 384 * 64 * 4 + 2 * largest_output_tensor
