@@ -102,13 +102,15 @@ class MergePlan:
         """
         layer_matrices = sum(j.nbytes // j.dtype.itemsize for j in self.jobs
                              if len(j.shape) == 2 and layer_of(j.name) is not None)
-        base_layers = Counter()
+        base_layers = Counter()  # parameters per decoder layer (the embedding is read row by row)
         for info in self.base.tensors.values():
-            base_layers[layer_of(info.name)] += info.nbytes // info.dtype.itemsize
+            if layer_of(info.name) is not None:
+                base_layers[layer_of(info.name)] += info.nbytes // info.dtype.itemsize
         hidden_pass = 0
         if self.config.gate_mode.startswith("hidden"):
             streamed = why_not_streamable(self.base.config, 0) is None
-            hidden_pass = max(base_layers.values()) * 4 if streamed else sum(base_layers.values()) * 2
+            whole_base = sum(i.nbytes // i.dtype.itemsize for i in self.base.tensors.values()) * 2
+            hidden_pass = max(base_layers.values(), default=0) * 4 if streamed else whole_base
         return {
             "output": self.total_bytes,
             "bf16": self.parameters * 2,
