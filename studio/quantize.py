@@ -6,7 +6,8 @@ streamed: every checkpoint tensor is read into memory of its own when transforme
 map, whose pages would count as resident until the end), and a fused expert tensor is quantized the moment
 transformers sets it on its module, one layer at a time. Attention and other linear layers go through
 bitsandbytes as usual. The model in full precision never exists, so the peak while loading stays near the
-final footprint plus one layer's experts.
+final footprint plus one layer's experts. While generating, each layer's experts are dequantized into one
+reused buffer (one layer's experts at full precision per generating thread).
 """
 
 from __future__ import annotations
@@ -41,35 +42,87 @@ class Precision:
     name: str
     dtype: torch.dtype
     bnb: dict | None = None
-    experts: Callable[[torch.Tensor], tuple[torch.Tensor, nn.Module]] | None = None
+    experts: Callable[[torch.Tensor, str], tuple[torch.Tensor, nn.Module]] | None = None
 
 
-class Int8Rows(nn.Module):
-    """Dequantizes int8 expert weights stored with one absmax scale per output row."""
+class Dequantize(nn.Module):
+    """Parametrization of a quantized expert tensor: full-precision weights in a scratch buffer.
 
-    def __init__(self, scale: torch.Tensor, dtype: torch.dtype):
+    Every layer dequantizes into the same buffer (one per thread, parameter name, shape and dtype), reused from
+    step to step: a fresh tensor this large is a fresh memory mapping, page-faulted at every step (on CPU,
+    dequantizing into the reused buffer takes less than half the time). A layer's tensor is only valid during its own forward, which is
+    where experts read it (the dequantized tensor is cached for one forward, see _dequantize_once_per_forward).
+    """
+
+    def __init__(self, role: str, shape: torch.Size, dtype: torch.dtype):
         super().__init__()
+        self.role, self.shape, self.dtype = role, shape, dtype
+
+    def forward(self, data: torch.Tensor) -> torch.Tensor:
+        buffers = _SCRATCH.__dict__
+        key = (self.role, self.shape, self.dtype, data.device)
+        if key not in buffers:
+            buffers[key] = torch.empty(self.shape, dtype=self.dtype, device=data.device)
+        self.fill(data, buffers[key])
+        return buffers[key]
+
+    def fill(self, data: torch.Tensor, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+_SCRATCH = threading.local()
+
+
+class Nf4(Dequantize):
+    """NF4 blocks, dequantized slice by slice (bitsandbytes cannot write into a given tensor on CPU)."""
+
+    def __init__(self, role: str, state):
+        super().__init__(role, state.shape, state.dtype)
+        self.quant_state = state
+
+    def fill(self, data: torch.Tensor, out: torch.Tensor) -> None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        flat, state = out.view(-1), self.quant_state
+        for i in range(0, flat.numel(), SLICE):
+            part = flat[i:i + SLICE]
+            piece = _slice_state(state, i, part.numel())
+            part.copy_(dequantize_4bit(data[i // 2:(i + part.numel()) // 2], piece).reshape(-1))
+
+
+def _slice_state(state, start: int, count: int):
+    from bitsandbytes.functional import QuantState
+
+    blocks = slice(start // state.blocksize, -(-(start + count) // state.blocksize))
+    return QuantState(absmax=state.absmax[blocks], shape=torch.Size([count]), code=state.code,
+                      blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+
+
+class Int8Rows(Dequantize):
+    """int8 weights with one absmax scale per output row, dequantized one expert at a time."""
+
+    def __init__(self, role: str, scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+        super().__init__(role, shape, dtype)
         self.register_buffer("scale", scale)
-        self.dtype = dtype
 
-    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
-        return (quantized.float() * self.scale).to(self.dtype)
+    def fill(self, data: torch.Tensor, out: torch.Tensor) -> None:
+        for e in range(data.shape[0]):
+            out[e].copy_(data[e].float() * self.scale[e])
 
 
-def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
-    """NF4 data and the bitsandbytes parametrization that dequantizes it, quantized slice by slice."""
+def quantize_nf4(weight: torch.Tensor, role: str) -> tuple[torch.Tensor, Dequantize]:
+    """NF4 data and its parametrization, quantized slice by slice."""
     from bitsandbytes.functional import QuantState, quantize_4bit
-    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
 
     flat = weight.reshape(-1)
     slices = [quantize_4bit(flat[i:i + SLICE], quant_type="nf4") for i in range(0, flat.numel(), SLICE)]
     first = slices[0][1]
     state = QuantState(absmax=torch.cat([s.absmax for _, s in slices]), shape=weight.shape, code=first.code,
                        blocksize=first.blocksize, quant_type=first.quant_type, dtype=weight.dtype)
-    return torch.cat([data for data, _ in slices]), Bnb4bitParametrization(state)
+    return torch.cat([data for data, _ in slices]), Nf4(role, state)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+def quantize_int8(weight: torch.Tensor, role: str) -> tuple[torch.Tensor, Dequantize]:
     """Row-wise absmax int8, one expert at a time (the scratch is one expert in float32)."""
     data = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(*weight.shape[:-1], 1, dtype=torch.float32, device=weight.device)
@@ -77,7 +130,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
         rows = weight[e].float()
         scale[e] = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
         data[e] = (rows / scale[e]).round_().clamp_(-127, 127).to(torch.int8)
-    return data, Int8Rows(scale, weight.dtype)
+    return data, Int8Rows(role, scale, weight.shape, weight.dtype)
 
 
 PRECISIONS = {
@@ -211,7 +264,7 @@ def quantized_experts(quantize: Callable | None, experts: int) -> Iterator[None]
         if (threading.get_ident() != thread or param is None or param.is_meta or param.dim() != 3
                 or param.shape[0] != experts or not param.is_floating_point()):
             return None
-        data, dequantize = quantize(param.data)
+        data, dequantize = quantize(param.data, name)
         pending.append((module, name, dequantize))
         quantized = nn.Parameter(data, requires_grad=False)
         quantized._is_hf_initialized = True  # transformers would otherwise re-initialize it

@@ -27,6 +27,7 @@ from studio.cli import main
 from studio.config import load_config
 from studio.errors import StudioError
 from studio.merge import merge
+from studio.quantize import SLICE, quantize_int8, quantize_nf4
 from studio.synthetic import make_family
 from studio.trace import RouterTrace
 
@@ -120,6 +121,19 @@ def test_8bit_quantizes_the_experts_to_int8(zoo_moe, zoo_bf16):
         assert module.parametrizations["down_proj"].original.dtype == torch.int8
     assert int8.footprint <= 0.6 * zoo_bf16.footprint
     assert relative_error(logits(int8), logits(zoo_bf16)) < 0.03
+
+
+def test_sliced_nf4_equals_bitsandbytes_in_one_go():
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    weight = torch.randn(4, 512, 600, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert weight.numel() > SLICE  # several slices, the last one partial
+    data, dequantize = quantize_nf4(weight, "gate_up_proj")
+    whole, state = quantize_4bit(weight, quant_type="nf4")
+    assert torch.equal(data, whole) and torch.equal(dequantize.quant_state.absmax, state.absmax)
+    assert torch.equal(dequantize(data), dequantize_4bit(whole, state))
+    int8, rows = quantize_int8(weight, "down_proj")
+    assert (rows(int8) - weight).abs().max() <= weight.abs().amax(dim=-1, keepdim=True).max() / 127
 
 
 # Runs in a fresh process: loads a small model of the same family first (imports, first-use allocations),
