@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from jinja2 import TemplateError
 
 from studio.errors import StudioError
 from studio.gates import prompt_ids
@@ -75,7 +76,7 @@ class ChatModel:
     precision: str
     labels: list[str]
     footprint: int
-    stop: tuple[str, ...] = field(default=())  # stops every answer (the fallback template's next turn)
+    stop: tuple[str, ...] = ()  # ends every answer (the fallback template's next turn)
 
     def describe(self) -> str:
         return (f"{self.name}: {human_bytes(self.footprint)} in memory at {self.precision}, "
@@ -90,7 +91,7 @@ class ChatModel:
             messages.insert(0, {"role": "system", "content": system_prompt})
         try:
             return self._apply_template(messages)
-        except Exception as exc:  # jinja2's TemplateError: this template has no system role
+        except TemplateError as exc:  # raised by templates without a system role, such as Mistral's
             if messages[0]["role"] != "system" or len(messages) < 2:
                 raise StudioError(f"The chat template of {self.name} rejected the conversation: {exc}") from exc
             system, first, *rest = messages
