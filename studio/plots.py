@@ -55,6 +55,7 @@ def token_expert_heatmap(trace: RouterTrace, layer: int) -> go.Figure:
     figure.update_layout(title=f"Router probabilities per token, layer {layer}")
     figure.update_xaxes(title="token", tickvals=list(range(len(trace.tokens))), ticktext=trace.tokens, tickangle=-60)
     _expert_axis(figure, trace, "y")
+    figure.update_yaxes(autorange="reversed")  # expert 0 on top, as in the legends
     return figure
 
 
@@ -98,7 +99,8 @@ def token_text_html(trace: RouterTrace, layer: int) -> str:
     legend = "".join(f'<span style="background:{colour};padding:0 6px;margin-right:8px">{html.escape(label)}</span>'
                      for label, colour in zip(trace.labels, colours))
     text = "pre-wrap;font-family:monospace;line-height:1.6"
-    return (f'<div class="router-text"><div>Layer {layer}, first-choice expert per token: {legend}</div>'
+    return (f'<div class="router-text" style="margin-bottom:2em"><div><b>Layer {layer}</b>, first-choice expert per '
+            f'token: {legend}</div>'
             f'<p><b>Prompt</b></p><div style="white-space:{text}">{"".join(spans[:trace.prompt_length])}</div>'
             f'<p><b>Answer</b></p><div style="white-space:{text}">{"".join(spans[trace.prompt_length:])}</div></div>')
 
