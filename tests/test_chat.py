@@ -173,6 +173,31 @@ def test_loading_in_4bit_never_holds_the_full_precision_model(tmp_path, tiny_moe
     assert m["peak"] - m["before"] <= 1.5 * m["footprint"] + m["layer"], m
 
 
+# Runs under transformers 4.x (.venv-tf4), where experts are nn.Linear modules that bitsandbytes quantizes itself.
+TF4_CHAT = r"""
+import json, sys
+from studio.chat import ChatSettings, load_chat_model
+
+chat = load_chat_model(sys.argv[1], "4bit", "cpu")
+reply = chat.reply("Once upon a time", ChatSettings(temperature=0, max_new_tokens=6))
+experts = [type(m).__name__ for name, m in chat.model.named_modules() if ".experts." in name and name.endswith(".w1")]
+print(json.dumps({"experts": sorted(set(experts)), "count": len(experts), "layers": reply.trace.layers,
+                  "shape": list(reply.trace.probabilities.shape), "prompt": reply.trace.prompt_length,
+                  "new": reply.new_tokens}))
+"""
+
+
+def test_chat_in_4bit_under_transformers_4(tiny_moes):
+    from test_transformers4 import tf4_python
+
+    proc = subprocess.run([str(tf4_python()), "-c", TF4_CHAT, str(tiny_moes["mixtral"])], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["experts"] == ["Linear4bit"] and result["count"] == 3 * 4
+    assert result["layers"] == [0, 1, 2] and result["shape"] == [3, result["prompt"] + result["new"], 4]
+
+
 def test_greedy_streaming_gives_the_same_text_as_a_whole_reply(zoo_4bit):
     reply = zoo_4bit.reply(STORY, GREEDY)
     pieces = list(zoo_4bit.stream(STORY, GREEDY))
