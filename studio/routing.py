@@ -92,8 +92,8 @@ class RouterCapture:
     adds almost nothing to a generation step.
 
     A router fires once for the prompt (tokens, experts), then once per generated token (1, experts). Its output
-    is a tuple `(logits, top-k weights, top-k experts)` in transformers 5 and the logits tensor in 4.x; a router
-    that returns something else (no logits) has its logits recomputed from its input and weight.
+    is a tuple `(logits, top-k weights, top-k experts)` in transformers 5 (the convention of nearly every MoE
+    there) and the logits tensor in 4.x.
     """
 
     def __init__(self, model):
@@ -101,7 +101,7 @@ class RouterCapture:
         self.experts = num_experts(model)
         self.top_k = _config_value(model.config, TOP_K_KEYS, 2)
         self.renormalize = bool(getattr(model.config, "norm_topk_prob", True))  # Mixtral renormalizes
-        self.calls: dict[int, list[tuple[torch.Tensor, tuple]]] = {layer: [] for layer in self.routers}
+        self.calls: dict[int, list] = {layer: [] for layer in self.routers}
         self._handles: list = []
 
     def __enter__(self) -> "RouterCapture":
@@ -117,17 +117,15 @@ class RouterCapture:
         calls = self.calls[layer]
 
         def record(module, args, output) -> None:
-            logits, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
-            if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape[-1] == self.experts):
-                logits, rest = _recomputed_logits(module, args[0]), ()
-            calls.append((logits, rest))
+            calls.append(output)
 
         return record
 
     def trace(self, token_ids: list[int], tokens: list[str], prompt_length: int, labels: list[str]) -> RouterTrace:
         """The trace of everything the routers saw since the capture began: exactly the tokens `token_ids`."""
         probabilities, experts, weights = [], [], []
-        for layer, calls in self.calls.items():
+        for layer, outputs in self.calls.items():
+            calls = [self._logits_first(layer, output) for output in outputs]
             logits = torch.cat([l.reshape(-1, self.experts) for l, _ in calls]).float().cpu()
             if logits.shape[0] != len(token_ids):
                 raise StudioError(f"Layer {layer}'s router saw {logits.shape[0]} tokens for a sequence of "
@@ -139,6 +137,14 @@ class RouterCapture:
             experts.append(chosen[1])
         return RouterTrace(tokens, token_ids, prompt_length, labels, list(self.routers), torch.stack(probabilities),
                            torch.stack(experts), torch.stack(weights))
+
+    def _logits_first(self, layer: int, output) -> tuple[torch.Tensor, tuple]:
+        """A router's output as (logits, what follows them)."""
+        logits, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape[-1] == self.experts):
+            raise StudioError(f"Layer {layer}'s router does not return its logits first (it returns "
+                              f"{type(output).__name__}); its routing cannot be recorded.")
+        return logits, rest
 
     def _model_choices(self, calls) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weights and experts the model itself used, when every call returned them."""
@@ -153,12 +159,6 @@ class RouterCapture:
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, experts
-
-
-def _recomputed_logits(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    weight = module.weight
-    return torch.nn.functional.linear(hidden.reshape(-1, weight.shape[-1]).to(weight.dtype), weight,
-                                      getattr(module, "bias", None))
 
 
 def _config_value(config, keys: tuple[str, ...], default: int) -> int:

@@ -98,6 +98,9 @@ def test_a_trace_must_cover_the_sequence_it_names(tiny_moes):
         model(input_ids=torch.tensor([IDS]))
     with pytest.raises(StudioError, match="saw 12 tokens for a sequence of 11"):
         capture.trace(IDS[:-1], ["x"] * 11, 5, ["a", "b", "c", "d"])
+    capture.calls[0] = [output[2] for output in capture.calls[0]]  # as if the router returned its choices only
+    with pytest.raises(StudioError, match="Layer 0's router does not return its logits first"):
+        capture.trace(IDS, ["x"] * 12, 5, ["a", "b", "c", "d"])
 
 
 def test_labels_come_from_the_merge_config(tmp_path):
