@@ -226,13 +226,13 @@ def _open(model: str, trust_remote_code: bool) -> ModelSource:
     if not ref.is_local:
         from huggingface_hub import snapshot_download
 
-        from studio.sources import _hub_error
+        from studio.sources import hub_error
 
         patterns = HUB_EXTRAS + (HUB_REMOTE_CODE if trust_remote_code else [])
         try:
             snapshot_download(ref.location, revision=ref.revision, allow_patterns=patterns)
         except Exception as exc:  # huggingface_hub raises many types; each becomes one readable message
-            raise _hub_error(ref, exc) from exc
+            raise hub_error(ref, exc) from exc
     return source
 
 

@@ -229,7 +229,8 @@ def open_local(ref: ModelRef, folder: Path) -> ModelSource:
 HUB_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt"]
 
 
-def _hub_error(ref: ModelRef, exc: Exception) -> StudioError:
+def hub_error(ref: ModelRef, exc: Exception) -> StudioError:
+    """One readable message for any huggingface_hub failure about `ref`."""
     from huggingface_hub import errors
 
     kind = type(exc).__name__
@@ -256,7 +257,7 @@ def download(ref: ModelRef, tqdm_class: type | None = None) -> Path:
         return Path(snapshot_download(ref.location, revision=ref.revision, allow_patterns=weights + HUB_PATTERNS,
                                       tqdm_class=tqdm_class))
     except Exception as exc:  # huggingface_hub raises many types; each becomes one readable message
-        raise _hub_error(ref, exc) from exc
+        raise hub_error(ref, exc) from exc
 
 
 def _hub_index(ref: ModelRef) -> tuple[dict, dict[str, TensorInfo]]:
@@ -267,7 +268,7 @@ def _hub_index(ref: ModelRef) -> tuple[dict, dict[str, TensorInfo]]:
         config = json.loads(Path(hf_hub_download(ref.location, "config.json", revision=ref.revision)).read_text())
         meta = HfApi().get_safetensors_metadata(ref.location, revision=ref.revision)
     except Exception as exc:
-        raise _hub_error(ref, exc) from exc
+        raise hub_error(ref, exc) from exc
     index = {}
     for filename, file_meta in meta.files_metadata.items():
         for name, t in file_meta.tensors.items():
