@@ -95,9 +95,10 @@ class StreamedDecoder:
         self.eps = c.get("rms_norm_eps", 1e-6)
         self.inv_freq = inverse_frequencies(c, self.head_dim).to(self.device)
 
-    def _weight(self, layer: int, rest: str) -> torch.Tensor | None:
+    def _weight(self, layer: int, rest: str, source: ModelSource | None = None) -> torch.Tensor | None:
+        source = source or self.source
         name = self.family.layer_tensor(layer, rest)
-        return self.source.read(name).to(self.device, torch.float32) if self.source.has(name) else None
+        return source.read(name).to(self.device, torch.float32) if source.has(name) else None
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor) -> Batch:
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -112,19 +113,19 @@ class StreamedDecoder:
         attention = (causal & mask[:, None, None, :].bool()) | torch.eye(seq, dtype=torch.bool, device=self.device)
         return Batch(mask, attention, angles.cos(), angles.sin(), hidden.view(*ids.shape, -1))
 
-    def layer(self, layer: int) -> Callable[[Batch], None]:
-        """Load layer `layer` and return a function that moves a batch through it in place."""
+    def attention(self, layer: int) -> Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]:
+        """Load layer `layer`'s attention half: a function giving, for a batch, the residual stream after
+        attention and the normalised MLP input (what an MoE layer's router sees)."""
         w = {rest: self._weight(layer, rest) for rest in (
             "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
             "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_proj.bias",
-            "self_attn.k_proj.bias", "self_attn.v_proj.bias", *self.family.mlp.values())}
-        gate, up, down = (w[self.family.mlp[role]] for role in ("gate", "up", "down"))
+            "self_attn.k_proj.bias", "self_attn.v_proj.bias")}
 
         def project(x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
             y = F.linear(x, w[f"self_attn.{name}.weight"], w[f"self_attn.{name}.bias"])
             return y.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)
 
-        def apply(batch: Batch) -> None:
+        def apply(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             x = _rms_norm(batch.hidden, w["input_layernorm.weight"], self.eps)
             q = _rotate(project(x, "q_proj", self.heads), batch.cos, batch.sin)
             k = _rotate(project(x, "k_proj", self.kv_heads), batch.cos, batch.sin)
@@ -133,7 +134,86 @@ class StreamedDecoder:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.attention)
             h = batch.hidden + F.linear(attended.transpose(1, 2).reshape(*x.shape[:2], -1), w["self_attn.o_proj.weight"])
-            x = _rms_norm(h, w["post_attention_layernorm.weight"], self.eps)
-            batch.hidden = h + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+            return h, _rms_norm(h, w["post_attention_layernorm.weight"], self.eps)
 
         return apply
+
+    def mlp(self, layer: int, source: ModelSource | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Load layer `layer`'s SwiGLU MLP from `source` (default: the decoder's own checkpoint)."""
+        gate, up, down = (self._weight(layer, self.family.mlp[role], source) for role in ("gate", "up", "down"))
+        return lambda x: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    def layer(self, layer: int) -> Callable[[Batch], None]:
+        """Load layer `layer` and return a function that moves a batch through it in place."""
+        attention, mlp = self.attention(layer), self.mlp(layer)
+
+        def apply(batch: Batch) -> None:
+            h, x = attention(batch)
+            batch.hidden = h + mlp(x)
+
+        return apply
+
+
+@dataclass
+class Routing:
+    """What one MoE layer's router decided for a batch: softmax over experts, the chosen ones and their weights."""
+
+    probabilities: torch.Tensor  # (batch, seq, experts)
+    experts: torch.Tensor  # (batch, seq, k), best first
+    weights: torch.Tensor  # (batch, seq, k), the share of each chosen expert in the layer's output
+
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
+    """Mixtral's routing: softmax of the router logits, the top k, their weights renormalised to sum to one
+    (`renormalize`; Qwen-MoE configs may turn that off with norm_topk_prob)."""
+    probabilities = F.softmax(F.linear(x, router), dim=-1)
+    weights, experts = probabilities.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(probabilities, experts, weights)
+
+
+class StreamedMoE:
+    """The merged model's forward pass before the merge exists, one layer's weights in memory at a time.
+
+    Attention and norms come from the base, each expert's MLP from its source model (scaled by its
+    residual_scale), and the tokens are routed as the merged model routes them. `routers(layer, inputs)`
+    supplies layer l's router (experts, hidden) from the router inputs of every batch, so a caller can fit it
+    there (calibrated gates) or look it up (preview).
+    """
+
+    def __init__(self, base: ModelSource, family: Family, experts: list[ModelSource], scales: list[float | None],
+                 top_k: int, renormalize: bool = True, device: str = "cpu"):
+        self.decoder = StreamedDecoder(base, family, device)
+        self.experts, self.scales = experts, scales
+        self.top_k, self.renormalize = top_k, renormalize
+        self.layers = base.config["num_hidden_layers"]
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor) -> Batch:
+        return self.decoder.start(ids, mask)
+
+    def run(self, batches: list[Batch], routers: Callable[[int, list[torch.Tensor]], torch.Tensor],
+            check: Callable[[], None] = lambda: None) -> list[list[Routing]]:
+        """Push `batches` through every layer; returns each layer's routing of each batch."""
+        decisions = []
+        for layer in range(self.layers):
+            check()
+            attention = self.decoder.attention(layer)
+            states = [attention(batch) for batch in batches]
+            router = routers(layer, [x for _, x in states]).to(self.decoder.device, torch.float32)
+            routings = [route(x, router, self.top_k, self.renormalize) for _, x in states]
+            decisions.append(routings)
+            if layer + 1 < self.layers:  # the last layer's output is never needed
+                self._mix_experts(layer, batches, states, routings)
+        return decisions
+
+    def _mix_experts(self, layer: int, batches: list[Batch], states: list, routings: list[Routing]) -> None:
+        for batch, (h, _) in zip(batches, states):
+            batch.hidden = h
+        for j, (source, scale) in enumerate(zip(self.experts, self.scales)):  # one expert's MLP loaded at a time
+            mlp = self.decoder.mlp(layer, source)
+            for batch, (_, x), routing in zip(batches, states, routings):
+                weight = (routing.weights * (routing.experts == j)).sum(dim=-1)
+                rows = weight > 0
+                if rows.any():
+                    batch.hidden[rows] += (weight[rows, None] * (scale or 1.0)) * mlp(x[rows])
