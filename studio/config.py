@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from studio.errors import StudioError
 
-GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
+GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "calibrated")
+# Gate modes that run the base model over the prompts.
+HIDDEN_GATE_MODES = ("hidden", "hidden_avg", "calibrated")
+PROMPT_FORMATS = ("raw", "chat")
 GATE_MODE_ALIASES = {"hidden_last": "hidden"}
 PROMPT_FREE_GATE_MODES = ("random", "uniform_random")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -59,6 +62,9 @@ class MoEConfig(_Strict):
     gate_mode: str = "hidden"
     dtype: str | None = None
     experts_per_token: int = Field(default=2, ge=1)
+    # The studio's own: "chat" wraps every prompt in the base tokenizer's chat template, as a user turn, so the
+    # routers are built from text shaped like real chats (mergekit uses the raw prompt after BOS).
+    prompt_format: str = "raw"
     experts: list[Expert] = Field(min_length=1)
     shared_experts: list[Expert] | None = None
 
@@ -69,6 +75,14 @@ class MoEConfig(_Strict):
         if value not in GATE_MODES:
             raise ValueError(f"unknown gate mode {value!r}{_suggest(value, GATE_MODES)}; "
                              f"choose one of {', '.join(GATE_MODES)}")
+        return value
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _known_prompt_format(cls, value: str) -> str:
+        if value not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt format {value!r}{_suggest(value, PROMPT_FORMATS)}; "
+                             f"choose one of {', '.join(PROMPT_FORMATS)}")
         return value
 
     @field_validator("dtype")
@@ -162,8 +176,9 @@ def to_yaml(data: Any) -> str:
 def dump_yaml(config: MoEConfig) -> str:
     """The config as mergekit-moe YAML; `load_yaml(dump_yaml(c)) == c`."""
     data = config.model_dump(exclude_none=True)
-    if data.get("experts_per_token") == 2:
-        data.pop("experts_per_token")
+    for key, default in (("experts_per_token", 2), ("prompt_format", "raw")):
+        if data.get(key) == default:
+            data.pop(key)
     return to_yaml(data)
 
 
@@ -198,6 +213,9 @@ def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tup
             errors.append(f"Every expert is {config.experts[0].source_model}: identical experts are useless without "
                           f"training. Pass --i-understand-this-is-not-useful-without-training if you will "
                           f"train the result, or use `gate_mode: random`.")
+    if shared and config.gate_mode == "calibrated":
+        errors.append("`gate_mode: calibrated` fits routed experts only; a shared expert's gate is not modelled yet. "
+                      "Use `gate_mode: hidden` with `shared_experts`, or remove them.")
     if shared and len({bool(e.positive_prompts) for e in shared}) > 1:
         errors.append("Shared experts must all have prompts or all have none.")
     return errors, warnings

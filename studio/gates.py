@@ -8,8 +8,10 @@ hidden_avg  the same, averaged over the prompt's real tokens instead of taken at
 cheap_embed the normalised sum of the prompts' token embeddings, the same row for every layer.
 random      standard normal entries (for sparse upcycling that will be trained).
 uniform_random  U(-1/sqrt(H), 1/sqrt(H)), PyTorch's nn.Linear initialisation.
+calibrated  the studio's own: routers fitted where the merged model's routers look (studio/calibrate.py).
 
-Prompts are the BOS string followed by the raw prompt text, as in mergekit. Unlike mergekit, batches are
+Prompts are the BOS string followed by the raw prompt text, as in mergekit (or, with `prompt_format: chat`,
+a user turn of the base's chat template). Unlike mergekit, batches are
 bounded, and positions follow the attention mask, so a prompt's vector does not depend on its batch mates.
 """
 
@@ -21,10 +23,12 @@ from typing import Callable
 
 import torch
 
+from studio.calibrate import calibrated_gates, prompt_targets
 from studio.config import PROMPT_FREE_GATE_MODES, Expert, MoEConfig
 from studio.errors import StudioError
 from studio.families import Family
-from studio.forward import StreamedDecoder, why_not_streamable
+from studio.forward import StreamedDecoder, StreamedMoE, why_not_streamable
+from studio.plan import MergePlan
 from studio.sources import ModelSource
 
 DEGENERATE_CONDITION = 5.0
@@ -47,25 +51,78 @@ def experts_with_gates(config: MoEConfig) -> list[Expert]:
     return config.experts + shared
 
 
-def compute_gates(config: MoEConfig, base: ModelSource, family: Family, options: GateOptions,
-                  log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None) -> torch.Tensor:
+def compute_gates(plan: MergePlan, options: GateOptions, log: Callable[[str], None] = print,
+                  check: Callable[[], None] = lambda: None) -> torch.Tensor:
     """G (layers, experts, hidden) in float32, for `experts_with_gates(config)` in that order.
 
     `check` is called between layers or batches of the hidden pass; it raises to stop the work.
     """
+    config, base, family = plan.config, plan.base, plan.family
     layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
     experts = experts_with_gates(config)
     mode = config.gate_mode
     if mode in PROMPT_FREE_GATE_MODES:
         return random_gates(mode, (layers, len(experts), hidden), options.seed)
     tokenizer = load_tokenizer(base, options.trust_remote_code)
+    encode = prompt_encoder(tokenizer, config.prompt_format, base.label)
     if mode == "cheap_embed":
-        row = torch.stack([embedding_direction(e, tokenizer, base, family) for e in experts])
+        row = torch.stack([embedding_direction(e, encode, base, family) for e in experts])
         return row.unsqueeze(0).expand(layers, -1, -1).contiguous()
+    if mode == "calibrated":
+        return _calibrated(plan, tokenizer, encode, options, log, check)
     states = hidden_states_of_prompts(base, family, tokenizer, _all_prompts(experts), options,
-                                      average=(mode == "hidden_avg"), log=log, check=check)
+                                      average=(mode == "hidden_avg"), log=log, check=check, encode=encode)
     rows = [_mean(states, e.positive_prompts) - _mean(states, e.negative_prompts) for e in experts]
     return unit_rows(torch.stack(rows, dim=1))
+
+
+def _calibrated(plan: MergePlan, tokenizer, encode: Callable[[str], list[int]], options: GateOptions,
+                log: Callable[[str], None], check: Callable[[], None]) -> torch.Tensor:
+    if options.load_in_4bit or options.load_in_8bit:
+        raise StudioError("`gate_mode: calibrated` runs the merged model from its checkpoints in full precision; "
+                          "drop --load-in-4bit / --load-in-8bit (the pass holds one layer at a time anyway).")
+    experts = plan.config.experts
+    prompts = _all_prompts(experts)
+    encoded = {p: encode(p) for p in prompts}
+    moe = streamed_moe(plan, options.device, max(map(len, encoded.values())))
+    log(f"Fitting calibrated routers on every token of {len(prompts)} prompts, layer by layer through the merged "
+        f"model")
+    batches = list(_batches(encoded, options.batch_size, _pad_id(tokenizer)))
+    ignored = [t for t in (tokenizer.bos_token_id,) if t is not None]
+    return calibrated_gates(moe, batches, prompt_targets(experts), ignored, log, check)
+
+
+def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) -> StreamedMoE:
+    """The merged model of `plan`, run from its source checkpoints one layer at a time."""
+    reason = why_not_streamable(plan.base.config, longest_prompt)
+    if plan.config.shared_experts:
+        reason = "shared experts are not modelled"
+    if reason:
+        raise StudioError(f"Calibrated gates and the routing preview run the merged model from its checkpoints, "
+                          f"which works for llama, mistral and qwen2 bases without shared experts; here {reason}. "
+                          f"Use `gate_mode: hidden`, and look at the routing after the merge.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = plan.config
+    return StreamedMoE(plan.base, plan.family, [plan.sources[e.source_model] for e in config.experts],
+                       [e.residual_scale for e in config.experts], config.experts_per_token,
+                       bool(plan.moe_config.get("norm_topk_prob", True)), device)
+
+
+def prompt_encoder(tokenizer, prompt_format: str, label: str) -> Callable[[str], list[int]]:
+    """How prompts become token ids: mergekit's BOS + raw text, or a user turn of the chat template."""
+    if prompt_format == "raw":
+        return lambda prompt: prompt_ids(tokenizer, prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise StudioError(f"`prompt_format: chat` needs a chat template, and the tokenizer of base_model ({label}) "
+                          f"has none. Use `prompt_format: raw` and write the chat markup into the prompts.")
+
+    def chat(prompt: str) -> list[int]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return chat
 
 
 def random_gates(mode: str, shape: tuple[int, int, int], seed: int | None) -> torch.Tensor:
@@ -96,14 +153,15 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"]
 
 
-def embedding_direction(expert: Expert, tokenizer, base: ModelSource, family: Family) -> torch.Tensor:
+def embedding_direction(expert: Expert, encode: Callable[[str], list[int]], base: ModelSource,
+                        family: Family) -> torch.Tensor:
     """cheap_embed: unit(sum of positive prompt embeddings) - unit(sum of negative ones), unit norm.
 
     Only the prompt tokens' rows of the embedding are read from disk.
     """
 
     def direction(prompts: list[str] | None) -> torch.Tensor:
-        ids = [i for prompt in prompts or [] for i in prompt_ids(tokenizer, prompt)]
+        ids = [i for prompt in prompts or [] for i in encode(prompt)]
         if not ids:
             return torch.zeros(base.config["hidden_size"])
         return unit_rows(base.read_rows(family.embed, ids).float().sum(dim=0))
@@ -145,13 +203,15 @@ def load_base_model(base: ModelSource, options: GateOptions):
 @torch.inference_mode()
 def hidden_states_of_prompts(base: ModelSource, family: Family, tokenizer, prompts: list[str], options: GateOptions,
                              average: bool = False, log: Callable[[str], None] = print,
-                             check: Callable[[], None] = lambda: None) -> dict[str, torch.Tensor]:
+                             check: Callable[[], None] = lambda: None,
+                             encode: Callable[[str], list[int]] | None = None) -> dict[str, torch.Tensor]:
     """For each prompt, the residual stream entering every layer (layers, hidden), float32 on CPU.
 
     Taken at the last token, or averaged over the prompt's tokens when `average`. Llama-shaped bases are run
     one layer at a time straight from the checkpoint; others, and 4/8-bit requests, go through transformers.
     """
-    encoded = {p: prompt_ids(tokenizer, p) for p in prompts}
+    encode = encode or (lambda prompt: prompt_ids(tokenizer, prompt))
+    encoded = {p: encode(p) for p in prompts}
     batches = list(_batches(encoded, options.batch_size, _pad_id(tokenizer)))
     longest = max((len(ids) for ids in encoded.values()), default=0)
     quantized = options.load_in_4bit or options.load_in_8bit

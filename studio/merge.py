@@ -140,7 +140,7 @@ def _start_gates(config: MoEConfig, plan: MergePlan, options: MergeOptions, canc
         cancel.check()
 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gates")
-    future = executor.submit(compute_gates, config, plan.base, plan.family, options.gate_options(), log, check)
+    future = executor.submit(compute_gates, plan, options.gate_options(), log, check)
     executor.shutdown(wait=False)
     return future
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from studio.config import MoEConfig
+from studio.config import HIDDEN_GATE_MODES, MoEConfig
 from studio.errors import StudioError
 from studio.families import Family, family_of, layer_of, shape_facts
 from studio.forward import why_not_streamable
@@ -73,6 +73,7 @@ class MergePlan:
     jobs: list[TensorJob]
     moe_config: dict
     dtype_name: str | None
+    sources: dict[str, ModelSource]  # every model read, by its reference in the config
 
     @property
     def total_bytes(self) -> int:
@@ -107,7 +108,7 @@ class MergePlan:
             if layer_of(info.name) is not None:
                 base_layers[layer_of(info.name)] += info.nbytes // info.dtype.itemsize
         hidden_pass = 0
-        if self.config.gate_mode.startswith("hidden"):
+        if self.config.gate_mode in HIDDEN_GATE_MODES:
             streamed = why_not_streamable(self.base.config, 0) is None
             whole_base = sum(i.nbytes // i.dtype.itemsize for i in self.base.tensors.values()) * 2
             hidden_pass = max(base_layers.values(), default=0) * 4 if streamed else whole_base
@@ -172,7 +173,7 @@ def make_plan(config: MoEConfig, sources: dict[str, ModelSource]) -> MergePlan:
     dtype_name = output_dtype(config, base)
     jobs = _jobs(config, sources, base, family, output, dtype_name)
     moe_config = output.moe_config(base.config, config, dtype_name)
-    return MergePlan(config, output, family, base, rows, jobs, moe_config, dtype_name)
+    return MergePlan(config, output, family, base, rows, jobs, moe_config, dtype_name, sources)
 
 
 def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource, family: Family,

@@ -48,3 +48,11 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+def plan_of(config):
+    """The merge plan of a config, its models opened."""
+    from studio.plan import make_plan
+    from studio.sources import open_models
+
+    return make_plan(config, open_models(config.model_refs()))

@@ -3,11 +3,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from studio.config import load_yaml
-from studio.families import MISTRAL
 from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.sources import open_model
 
-from conftest import moe_yaml
+from conftest import moe_yaml, plan_of
 
 
 def config_for(family, **top):
@@ -33,7 +32,7 @@ def unit(v):
 
 def test_hidden_gates_follow_the_formula(mistral):
     config = config_for(mistral)
-    gates = compute_gates(config, open_model(str(mistral[0])), MISTRAL, GateOptions(batch_size=3), log=lambda m: None)
+    gates = compute_gates(plan_of(config), GateOptions(batch_size=3), log=lambda m: None)
     assert gates.shape == (2, 4, 64)
     for e, expert in enumerate(config.experts):
         positive = torch.stack([last_token_states(mistral[0], p) for p in expert.positive_prompts]).mean(0)
@@ -46,16 +45,15 @@ def test_hidden_gates_follow_the_formula(mistral):
 
 def test_hidden_gates_do_not_depend_on_batch_size(mistral):
     config = config_for(mistral)
-    base = open_model(str(mistral[0]))
-    one = compute_gates(config, base, MISTRAL, GateOptions(batch_size=1), log=lambda m: None)
-    many = compute_gates(config, base, MISTRAL, GateOptions(batch_size=64), log=lambda m: None)
+    one = compute_gates(plan_of(config), GateOptions(batch_size=1), log=lambda m: None)
+    many = compute_gates(plan_of(config), GateOptions(batch_size=64), log=lambda m: None)
     torch.testing.assert_close(one, many, atol=2e-2, rtol=0)
 
 
 def test_cheap_embed_is_the_normalised_embedding_sum_in_every_layer(mistral):
     config = config_for(mistral, gate_mode="cheap_embed")
     base = open_model(str(mistral[0]))
-    gates = compute_gates(config, base, MISTRAL, GateOptions(), log=lambda m: None)
+    gates = compute_gates(plan_of(config), GateOptions(), log=lambda m: None)
     tokenizer = AutoTokenizer.from_pretrained(mistral[0])
     embedding = base.read("model.embed_tokens.weight").float()
 
@@ -73,9 +71,8 @@ def test_cheap_embed_is_the_normalised_embedding_sum_in_every_layer(mistral):
 
 @pytest.mark.parametrize("mode", ["random", "uniform_random"])
 def test_random_gates_are_reproducible_with_a_seed(mistral, mode):
-    config = config_for(mistral, gate_mode=mode)
-    base = open_model(str(mistral[0]))
-    first, second, other = (compute_gates(config, base, MISTRAL, GateOptions(seed=s)) for s in (7, 7, 8))
+    plan = plan_of(config_for(mistral, gate_mode=mode))
+    first, second, other = (compute_gates(plan, GateOptions(seed=s)) for s in (7, 7, 8))
     assert torch.equal(first, second) and not torch.equal(first, other)
     if mode == "uniform_random":
         assert first.abs().max() <= 64 ** -0.5

@@ -9,12 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from studio.config import load_config, load_yaml
 from studio.errors import Cancelled, StudioError
-from studio.families import MISTRAL
 from studio.gates import GateOptions, compute_gates
 from studio.merge import CancelToken, MergeOptions, merge
 from studio.sources import open_model
 
-from conftest import moe_yaml
+from conftest import moe_yaml, plan_of
 
 QUIET = {"log": lambda message: None}
 
@@ -66,7 +65,7 @@ def test_every_expert_tensor_is_its_source_mlp_bit_for_bit(mistral, merged):
 
 def test_routers_are_the_hidden_gates(mistral, merged):
     config, out, _ = merged
-    gates = compute_gates(config, open_model(str(mistral[0])), MISTRAL, GateOptions(), log=lambda m: None)
+    gates = compute_gates(plan_of(config), GateOptions(), log=lambda m: None)
     written = output_tensors(out)
     for layer in range(2):
         router = written[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
