@@ -84,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--csv", help="also save the trace as CSV here (one row per token and layer)")
     _generation_flags(route, temperature=0.0, max_new_tokens=32)
     _common(route)
+
+    preview = commands.add_parser("preview", help="which expert each layer would choose for each token of a test "
+                                                  "prompt, computed from a config without merging")
+    preview.add_argument("config", help="mergekit-moe YAML config")
+    preview.add_argument("prompt", nargs="+", help="test prompts, encoded as the config encodes its own prompts")
+    preview.add_argument("--gate-mode", help="try another gate mode than the config's")
+    preview.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    preview.add_argument("--html", help="also write the figures of each prompt to this HTML file")
+    _common(preview)
     return parser
 
 
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
     try:
         return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "chat": _chat,
-                "route": _route}[args.command](args)
+                "route": _route, "preview": _preview}[args.command](args)
     except StudioError as exc:
         if args.verbose:
             traceback.print_exc()
@@ -240,17 +249,16 @@ def _chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
-def _dominant_line(trace) -> str:
-    """One line: per layer, the expert that most answer tokens chose first, and their share."""
+def _dominant_line(trace, part: str = "answer") -> str:
+    """One line: per layer, the expert that most tokens of the part chose first, and their share."""
     from pathlib import PurePath
 
     return "  ".join(f"L{layer} {PurePath(trace.labels[e]).name} {share:.0%}"
-                     for layer, (e, share) in zip(trace.layers, trace.dominant("answer")))
+                     for layer, (e, share) in zip(trace.layers, trace.dominant(part)))
 
 
 def _route(args: argparse.Namespace) -> int:
     from studio.plots import write_report
-    from studio.report import format_table
 
     model, settings = _load_chat(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
@@ -258,16 +266,45 @@ def _route(args: argparse.Namespace) -> int:
     trace = reply.trace
     layer = trace.layers[trace.layer_position(args.layer)] if args.layer is not None else None
     print(f"Answer: {reply.text}\n")
-    rows = [[str(t), trace.part_of(t), repr(token)] + [f"{e} {p:.2f}" for e, p in zip(
-            trace.top1()[:, t].tolist(), trace.probabilities[:, t].max(dim=-1).values.tolist())]
-            for t, token in enumerate(trace.tokens)]
-    print("First-choice expert (and its probability) per token and layer:")
-    print(format_table(["#", "part", "token", *(f"L{l}" for l in trace.layers)], rows))
-    print("\nExperts: " + ", ".join(f"{e} = {label}" for e, label in enumerate(trace.labels)))
+    _print_trace(trace)
     print(f"Answer routing: {_dominant_line(trace)}")
     print(f"Figures: {write_report(trace, args.html, layer)}")
     if args.json:
         trace.save(args.json)
     if args.csv:
         Path(args.csv).write_text(trace.to_csv(), encoding="utf-8")
+    return 0
+
+
+def _print_trace(trace) -> None:
+    from studio.report import format_table
+
+    rows = [[str(t), trace.part_of(t), repr(token)] + [f"{e} {p:.2f}" for e, p in zip(
+            trace.top1()[:, t].tolist(), trace.probabilities[:, t].max(dim=-1).values.tolist())]
+            for t, token in enumerate(trace.tokens)]
+    print("First-choice expert (and its probability) per token and layer:")
+    print(format_table(["#", "part", "token", *(f"L{l}" for l in trace.layers)], rows))
+    print("\nExperts: " + ", ".join(f"{e} = {label}" for e, label in enumerate(trace.labels)))
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from studio.config import load_config
+    from studio.merge import MergeOptions
+    from studio.plots import write_report
+    from studio.preview import preview_routing
+
+    config = load_config(args.config)
+    if args.gate_mode:
+        config = config.model_validate({**config.model_dump(), "gate_mode": args.gate_mode})
+    options = MergeOptions(device=args.device, trust_remote_code=args.trust_remote_code)
+    log = (lambda m: print(m, file=sys.stderr)) if args.verbose else (lambda m: None)
+    traces = preview_routing(config, args.prompt, options, log)
+    for i, (prompt, trace) in enumerate(zip(args.prompt, traces)):
+        print(f"\nPrompt: {prompt!r}")
+        _print_trace(trace)
+        print(f"Prompt routing: {_dominant_line(trace, 'prompt')}")
+        if args.html:
+            path = Path(args.html)
+            path = path.with_stem(f"{path.stem}-{i + 1}") if len(traces) > 1 else path
+            print(f"Figures: {write_report(trace, path)}")
     return 0

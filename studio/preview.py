@@ -1,0 +1,47 @@
+"""Which expert each layer would choose for a test prompt, before anything is merged.
+
+The gates are computed as the merge computes them, rounded to the dtype the merge writes them in, and the
+merged model is run from the source checkpoints one layer at a time (StreamedMoE): attention from the base,
+each expert's MLP from its source, routed as the merged Mixtral routes. The result is the RouterTrace that
+the merged model would record for the same tokens, so a user can fix the prompts before waiting for a merge.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from studio.chat import token_texts
+from studio.config import MoEConfig
+from studio.gates import compute_gates, load_tokenizer, prompt_encoder, streamed_moe
+from studio.merge import MergeOptions, prepare
+from studio.plan import MergePlan
+from studio.trace import RouterTrace
+
+
+def preview_routing(config: MoEConfig, prompts: list[str], options: MergeOptions | None = None,
+                    log: Callable[[str], None] = print, plan: MergePlan | None = None,
+                    gates: torch.Tensor | None = None) -> list[RouterTrace]:
+    """One trace per prompt, each prompt encoded as the gate prompts are (`prompt_format`).
+
+    Pass `plan` and `gates` from an earlier call to preview more prompts without recomputing them.
+    """
+    options = options or MergeOptions()
+    plan = plan or prepare(config, options, log)[0]
+    if gates is None:
+        gates = compute_gates(plan, options.gate_options(), log)
+    router_dtype = next(job.dtype for job in plan.jobs if job.router_layer is not None)
+    routers = gates.to(router_dtype).float()
+    tokenizer = load_tokenizer(plan.base, options.trust_remote_code)
+    encode = prompt_encoder(tokenizer, config.prompt_format, plan.base.label)
+    moe = streamed_moe(plan, options.device)
+    encoded = [encode(prompt) for prompt in prompts]
+    batches = [moe.start(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)) for ids in encoded]
+    decisions = moe.run(batches, lambda layer, inputs: routers[layer])
+    labels = [expert.source_model for expert in config.experts]
+    return [RouterTrace(token_texts(tokenizer, ids), ids, len(ids), labels, list(range(len(decisions))),
+                        torch.stack([layer[i].probabilities[0] for layer in decisions]).float().cpu(),
+                        torch.stack([layer[i].experts[0] for layer in decisions]).cpu(),
+                        torch.stack([layer[i].weights[0] for layer in decisions]).float().cpu())
+            for i, ids in enumerate(encoded)]

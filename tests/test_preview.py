@@ -1,0 +1,68 @@
+"""The routing preview, computed without a merge, agrees with the routing of the merged model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from studio.cli import main
+from studio.config import load_config, load_yaml
+from studio.errors import StudioError
+from studio.merge import merge
+from studio.preview import preview_routing
+from studio.routing import load_moe, router_probabilities
+from studio.synthetic import make_family
+
+from conftest import moe_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["def parse(line):\n    return line.split()", "35 - 25 = 10", "Once, there was a kind duck named Vera",
+           "<|user|>\nHow do I sleep better?</s>"]
+
+
+@pytest.fixture(scope="module")
+def zoo_config(monkeypatch_module):
+    monkeypatch_module.chdir(ROOT)  # the example config's paths are relative to the project folder
+    return load_config(ROOT / "assets" / "examples" / "zoo-4x.yml")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.mark.parametrize("mode", ["calibrated", "hidden"])
+def test_preview_agrees_with_the_merged_model(zoo_config, tmp_path, mode):
+    config = zoo_config.model_copy(update={"gate_mode": mode})
+    traces = preview_routing(config, PROMPTS, log=lambda m: None)
+    merge(config, tmp_path / "moe", log=lambda m: None)
+    model, _ = load_moe(tmp_path / "moe")
+    for trace in traces:
+        merged = router_probabilities(model, trace.token_ids)  # (layers, tokens, experts)
+        torch.testing.assert_close(trace.probabilities, merged, atol=1e-4, rtol=1e-4)
+        assert torch.equal(trace.experts, merged.topk(2, dim=-1).indices)
+        assert trace.labels == [e.source_model for e in config.experts]
+        assert "".join(trace.tokens[1:]) == PROMPTS[traces.index(trace)]
+
+
+def test_preview_of_the_calibrated_zoo_routes_each_domain_to_its_expert(zoo_config):
+    traces = preview_routing(zoo_config.model_copy(update={"gate_mode": "calibrated"}), PROMPTS, log=lambda m: None)
+    for k, trace in enumerate(traces):
+        majority = trace.top1()[:, 1:].mode(dim=1).values  # per layer, over the prompt's tokens after BOS
+        assert majority.tolist() == [k] * 4
+
+
+def test_preview_cli_prints_the_table(zoo_config, capsys):
+    assert main(["preview", "assets/examples/zoo-4x.yml", "12 + 7 = 19", "--gate-mode", "calibrated"]) == 0
+    out = capsys.readouterr().out
+    assert "First-choice expert" in out and "assets/zoo/math" in out
+
+
+def test_preview_explains_what_it_cannot_run(tmp_path, tokenizer):
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 128}
+    base, experts = make_family(tmp_path, 2, "llama", tokenizer=tokenizer, rope_parameters=yarn)
+    data = moe_yaml(base, experts)
+    with pytest.raises(StudioError, match="rope type 'yarn'.*gate_mode: hidden"):
+        preview_routing(load_yaml(yaml.safe_dump(data)), ["hi"], log=lambda m: None)
