@@ -27,6 +27,7 @@ class RoutingReport:
     token_share: list[list[float]]  # [group][layer]
     prompt_share: list[list[float]]  # [group][layer]
     majority_of_layers: list[float]  # [group]
+    every_layer: list[float]  # [group] share of prompts that reach their expert in every layer
     confusion: list[list[int]]  # [group][expert], over (prompt, layer) pairs
     same_expert_rate: list[float]  # [layer]
     prompts: list[int]  # [group] how many prompts
@@ -37,9 +38,11 @@ class RoutingReport:
 
     def table(self) -> str:
         layers = len(self.same_expert_rate)
-        rows = [[self.labels[k], str(n)] + [f"{s:.0%}" for s in shares] + [f"{m:.0%}"]
-                for k, n, shares, m in zip(self.intended, self.prompts, self.prompt_share, self.majority_of_layers)]
-        routed = format_table(["intended expert", "prompts", *(f"L{l}" for l in range(layers)), "majority"], rows)
+        rows = [[self.labels[k], str(n)] + [f"{s:.0%}" for s in shares] + [f"{m:.0%}", f"{e:.0%}"]
+                for k, n, shares, m, e in zip(self.intended, self.prompts, self.prompt_share,
+                                              self.majority_of_layers, self.every_layer)]
+        routed = format_table(["intended expert", "prompts", *(f"L{l}" for l in range(layers)), "majority",
+                               "every layer"], rows)
         confusion = format_table(["intended \\ chosen", *(str(i) for i in range(len(self.labels)))],
                                  [[self.labels[k], *map(str, row)] for k, row in zip(self.intended, self.confusion)])
         same = format_table(["layer", "same top-1 as previous token", "random"],
@@ -79,7 +82,7 @@ def evaluate_routing(model_or_path, prompts: dict[int | str, list[str]], tokeniz
         model = model_or_path
     labels = labels or [f"expert {i}" for i in range(num_experts(model))]
     experts = len(labels)
-    intended, token_share, prompt_share, majority, confusion, counts = [], [], [], [], [], []
+    intended, token_share, prompt_share, majority, every, confusion, counts = [], [], [], [], [], [], []
     same, pairs = None, 0
     for key, texts in prompts.items():
         k = resolve_expert(key, labels)
@@ -92,11 +95,12 @@ def evaluate_routing(model_or_path, prompts: dict[int | str, list[str]], tokeniz
         token_share.append((tokens == k).float().mean(dim=1).tolist())
         prompt_share.append((majorities == k).float().mean(dim=0).tolist())
         majority.append(((majorities == k).sum(dim=1) > layers / 2).float().mean().item())
+        every.append((majorities == k).all(dim=1).float().mean().item())
         confusion.append(torch.bincount(majorities.flatten(), minlength=experts).tolist())
         kept = sum((t[:, 1:] == t[:, :-1]).sum(dim=1) for t in top1s)
         same = kept if same is None else same + kept
         pairs += sum(t.shape[1] - 1 for t in top1s)
-    return RoutingReport(labels, intended, token_share, prompt_share, majority, confusion,
+    return RoutingReport(labels, intended, token_share, prompt_share, majority, every, confusion,
                          (same.float() / max(pairs, 1)).tolist(), counts)
 
 

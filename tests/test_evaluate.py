@@ -58,6 +58,7 @@ def test_report_matches_the_construction(constructed):
         majorities = [int(x.mode().values) for x in groups]
         assert report.prompt_share[g] == pytest.approx([sum(m == k for m in majorities) / len(texts)] * 2)
         assert report.majority_of_layers[g] == pytest.approx(sum(m == k for m in majorities) / len(texts))
+        assert report.every_layer[g] == report.majority_of_layers[g]  # the construction routes alike in each layer
         expected = torch.bincount(torch.tensor(majorities).repeat(2), minlength=4).tolist()
         assert report.confusion[g] == expected
     all_groups = [token_groups(tokenizer, t) for texts in PROMPTS.values() for t in texts]
