@@ -28,9 +28,11 @@ from studio.errors import StudioError
 from studio.routing import expert_count
 from studio.sources import ModelSource
 
-# Quantizing in slices bounds the quantizer's scratch memory (bitsandbytes' CPU path needs ~7x its input).
-# A power of two, so every slice holds whole quantization blocks and the result equals one-shot quantization.
-SLICE = 1 << 20
+# Quantizing in slices bounds the quantizer's scratch memory (bitsandbytes' CPU path needs ~7x its input, about
+# 20 bytes per element): at most 1M elements (~20 MB) at once, and at most a sixteenth of the tensor, so that
+# small models stay within their own loading bound too. Powers of two, so every slice holds whole quantization
+# blocks and the result equals one-shot quantization.
+SLICE_MAX, SLICE_MIN = 1 << 20, 1 << 12
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 CPU_ROW_BLOCK = 32  # bitsandbytes' CPU 4-bit kernel packs weight rows in blocks of this many
 
@@ -84,8 +86,9 @@ class Nf4(Dequantize):
         from bitsandbytes.functional import dequantize_4bit
 
         flat, state = out.view(-1), self.quant_state
-        for i in range(0, flat.numel(), SLICE):
-            part = flat[i:i + SLICE]
+        size = slice_size(flat.numel())
+        for i in range(0, flat.numel(), size):
+            part = flat[i:i + size]
             piece = _slice_state(state, i, part.numel())
             part.copy_(dequantize_4bit(data[i // 2:(i + part.numel()) // 2], piece).reshape(-1))
 
@@ -110,12 +113,18 @@ class Int8Rows(Dequantize):
             out[e].copy_(data[e].float() * self.scale[e])
 
 
+def slice_size(numel: int) -> int:
+    """Elements quantized at once: the power of two nearest below numel / 16, within [SLICE_MIN, SLICE_MAX]."""
+    return max(SLICE_MIN, min(SLICE_MAX, 1 << max(0, (numel // 16).bit_length() - 1)))
+
+
 def quantize_nf4(weight: torch.Tensor, role: str) -> tuple[torch.Tensor, Dequantize]:
     """NF4 data and its parametrization, quantized slice by slice."""
     from bitsandbytes.functional import QuantState, quantize_4bit
 
     flat = weight.reshape(-1)
-    slices = [quantize_4bit(flat[i:i + SLICE], quant_type="nf4") for i in range(0, flat.numel(), SLICE)]
+    size = slice_size(flat.numel())
+    slices = [quantize_4bit(flat[i:i + size], quant_type="nf4") for i in range(0, flat.numel(), size)]
     first = slices[0][1]
     state = QuantState(absmax=torch.cat([s.absmax for _, s in slices]), shape=weight.shape, code=first.code,
                        blocksize=first.blocksize, quant_type=first.quant_type, dtype=weight.dtype)

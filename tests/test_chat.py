@@ -27,7 +27,7 @@ from studio.cli import main
 from studio.config import load_config
 from studio.errors import StudioError
 from studio.merge import merge
-from studio.quantize import SLICE, quantize_int8, quantize_nf4
+from studio.quantize import quantize_int8, quantize_nf4, slice_size
 from studio.synthetic import make_family
 from studio.trace import RouterTrace
 
@@ -127,7 +127,8 @@ def test_sliced_nf4_equals_bitsandbytes_in_one_go():
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     weight = torch.randn(4, 512, 600, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    assert weight.numel() > SLICE  # several slices, the last one partial
+    assert weight.numel() // slice_size(weight.numel()) >= 16 and weight.numel() % slice_size(weight.numel())
+    # (several slices, the last one partial)
     data, dequantize = quantize_nf4(weight, "gate_up_proj")
     whole, state = quantize_4bit(weight, quant_type="nf4")
     assert torch.equal(data, whole) and torch.equal(dequantize.quant_state.absmax, state.absmax)
@@ -157,19 +158,29 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "footprint": model.
 """
 
 
-def test_loading_in_4bit_never_holds_the_full_precision_model(tmp_path, tiny_moes, tokenizer):
+def loading_peak(primer: Path, model: Path) -> dict:
+    """Loads `primer`, then `model`, in 4-bit in a fresh process: RSS before, peak, footprint, one layer's experts."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(primer), str(model)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_loading_in_4bit_never_holds_the_full_precision_model(tmp_path, tiny_moes, tokenizer):
     big = random_moe(tmp_path / "big", "mixtral", tokenizer=tokenizer, hidden_size=512, intermediate_size=1024,
                      num_local_experts=8, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                      vocab_size=1024)
-    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tiny_moes["mixtral"]), str(big)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = loading_peak(tiny_moes["mixtral"], big)
     bf16_bytes = sum(f.stat().st_size for f in big.glob("*.safetensors"))
     assert m["footprint"] <= 0.35 * bf16_bytes
+    assert m["peak"] - m["before"] <= 1.5 * m["footprint"] + m["layer"], m
+
+
+def test_loading_the_zoo_moe_in_4bit_stays_within_its_bound(tiny_moes, zoo_moe):
+    """A 5.5M-parameter model: the quantizer's scratch must shrink with the tensors, or it alone breaks the bound."""
+    m = loading_peak(tiny_moes["mixtral"], zoo_moe)
     assert m["peak"] - m["before"] <= 1.5 * m["footprint"] + m["layer"], m
 
 
