@@ -66,3 +66,10 @@ def test_preview_explains_what_it_cannot_run(tmp_path, tokenizer):
     data = moe_yaml(base, experts)
     with pytest.raises(StudioError, match="rope type 'yarn'.*gate_mode: hidden"):
         preview_routing(load_yaml(yaml.safe_dump(data)), ["hi"], log=lambda m: None)
+
+
+def test_chat_prompt_format_routes_the_prompt_as_a_user_turn(zoo_config):
+    config = zoo_config.model_copy(update={"gate_mode": "calibrated", "prompt_format": "chat"})
+    trace, = preview_routing(config, ["What is the capital of Peru?"], log=lambda m: None)
+    assert "".join(trace.tokens) == "<|user|>\nWhat is the capital of Peru?</s>\n<|assistant|>\n"
+    assert trace.dominant("prompt")[-1][0] == 3  # the chat expert
