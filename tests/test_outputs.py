@@ -212,3 +212,39 @@ def test_architecture_prefix_chooses_and_misfits_are_explained(families, tmp_pat
     data = moe_yaml(base, [experts[0], qwen3_experts[0]])
     with pytest.raises(StudioError, match=r"experts\[1\] .*: model family is qwen3, but the base .* is qwen2"):
         merge(config_of(data), tmp_path / "out", **QUIET)
+
+
+def phi_names(layer: int, j: int) -> dict[str, str]:
+    prefix = f"model.layers.{layer}.mlp.experts.{j}"
+    return {"fc1": f"{prefix}.fc1.weight", "fc1_bias": f"{prefix}.fc1.bias", "fc2": f"{prefix}.fc2.weight",
+            "fc2_bias": f"{prefix}.fc2.bias"}
+
+
+def test_phi_becomes_a_phixtral_that_loads_offline_with_its_own_code(families, tmp_path):
+    out, result = merged(families["phi"], tmp_path, each_expert={"residual_scale": 1.0})
+    assert result.plan.output.name == "Phi MoE"
+    assert {"configuration_phixtral.py", "modeling_phixtral.py"} <= set(result.files)
+    check_experts(out, families["phi"], phi_names)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(out)
+    model = load(out, trust_remote_code=True)
+    assert type(model).__name__ == "PhixtralForCausalLM"
+    assert len(model.model.layers[1].mlp.experts) == 2
+    check_runs(model, 2)
+    check_chat(out, 2, trust_remote_code=True)
+    check_chat(out, 2, "4bit", trust_remote_code=True)
+    with pytest.raises(StudioError, match="pass trust_remote_code"):
+        load_chat_model(out, "fp32", "cpu")
+
+
+def test_phixtral_of_the_base_mlp_equals_phi_and_residual_scale_covers_the_bias(families, tmp_path):
+    base, _ = families["phi"]
+    out, _ = same_as_base(families["phi"], tmp_path / "same")
+    model = load(out, trust_remote_code=True)
+    torch.testing.assert_close(model(input_ids=torch.tensor([TEXT_IDS])).logits, dense_logits(base),
+                               atol=1e-5, rtol=1e-5)
+    halves, _ = same_as_base(families["phi"], tmp_path / "halves", each_expert={"residual_scale": 0.5})
+    written, dense = output_tensors(halves), source_tensors(base)
+    for name in ("fc2.weight", "fc2.bias"):
+        assert torch.equal(written[f"model.layers.0.mlp.experts.1.{name}"], dense[f"model.layers.0.mlp.{name}"] * 0.5)
+    assert torch.equal(written["model.layers.0.mlp.experts.1.fc1.bias"], dense["model.layers.0.mlp.fc1.bias"])

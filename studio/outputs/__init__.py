@@ -110,11 +110,12 @@ def head_dim(base_config: dict) -> int:
 
 def _outputs() -> list[OutputArch]:
     from studio.outputs.mixtral import Mixtral
+    from studio.outputs.phi_moe import PhiMoE
     from studio.outputs.qwen2_moe import Qwen2MoE
     from studio.outputs.qwen3_moe import Qwen3MoE
 
     # mergekit's order (Mixtral wins whenever it fits), then the outputs mergekit lacks.
-    return [Mixtral(), Qwen2MoE(), Qwen3MoE()]
+    return [Mixtral(), Qwen2MoE(), Qwen3MoE(), PhiMoE()]
 
 
 def choose_output(inputs: MergeInputs) -> OutputArch:
