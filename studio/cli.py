@@ -104,7 +104,9 @@ def _generation_flags(parser: argparse.ArgumentParser, temperature: float, max_n
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-remote-code", action="store_true", help="run code that ships with a model (Hub or folder; Phi MoE and DeepSeek MoE merges need it); only for models you trust")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run code that ships with a model, from the Hub or its folder (Phi MoE and DeepSeek "
+                             "MoE merges need it); only for models you trust")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging; tracebacks on error")
 
 

@@ -209,6 +209,17 @@ def test_architecture_prefix_chooses_and_misfits_are_explained(families, tmp_pat
     with pytest.raises(StudioError, match="matches no output; choose one of Mixtral, "):
         merge(config_of(data), tmp_path / "out", **QUIET)
     qwen3_base, qwen3_experts = families["qwen3"]
+    data = moe_yaml(qwen3_base, qwen3_experts)
+    data["shared_experts"] = [{"source_model": str(qwen3_experts[0])}]
+    with pytest.raises(StudioError) as info:
+        merge(config_of(data), tmp_path / "out", **QUIET)
+    assert str(info.value) == (
+        "No output architecture fits these models:\n"
+        "  - Mixtral: needs llama or mistral models, got qwen3\n"
+        "  - DeepSeek MoE: needs llama or mistral models, got qwen3\n"
+        "  - Qwen MoE: needs qwen2, llama or mistral models, got qwen3\n"
+        "  - Qwen3 MoE: has no shared expert, and the config has 1\n"
+        "  - Phi MoE: needs phi models, got qwen3")
     data = moe_yaml(base, [experts[0], qwen3_experts[0]])
     with pytest.raises(StudioError, match=r"experts\[1\] .*: model family is qwen3, but the base .* is qwen2"):
         merge(config_of(data), tmp_path / "out", **QUIET)
@@ -231,6 +242,7 @@ def test_phi_becomes_a_phixtral_that_loads_offline_with_its_own_code(families, t
     assert type(model).__name__ == "PhixtralForCausalLM"
     assert len(model.model.layers[1].mlp.experts) == 2
     check_runs(model, 2)
+    check_training_loss(model)
     check_chat(out, 2, trust_remote_code=True)
     check_chat(out, 2, "4bit", trust_remote_code=True)
     with pytest.raises(StudioError, match="pass trust_remote_code"):
@@ -248,3 +260,44 @@ def test_phixtral_of_the_base_mlp_equals_phi_and_residual_scale_covers_the_bias(
     for name in ("fc2.weight", "fc2.bias"):
         assert torch.equal(written[f"model.layers.0.mlp.experts.1.{name}"], dense[f"model.layers.0.mlp.{name}"] * 0.5)
     assert torch.equal(written["model.layers.0.mlp.experts.1.fc1.bias"], dense["model.layers.0.mlp.fc1.bias"])
+
+
+def check_training_loss(model) -> None:
+    """The remote-code classes compute the loss with the routers' balancing term, as Mixtral does."""
+    ids = torch.tensor([TEXT_IDS])
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    plain = model(input_ids=ids, labels=ids)
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, plain.loss + model.config.router_aux_loss_coef * out.aux_loss)
+
+
+def test_mistral_with_an_unprompted_shared_expert_becomes_deepseek_moe(families, tmp_path):
+    _, experts = families["mistral"]
+    out, result = merged(families["mistral"], tmp_path, {"source_model": str(experts[1]), "residual_scale": 0.25})
+    assert result.plan.output.name == "DeepSeek MoE"
+    check_experts(out, families["mistral"], swiglu)
+    written, dense = output_tensors(out), source_tensors(experts[1])
+    assert torch.equal(written["model.layers.1.mlp.shared_experts.up_proj.weight"],
+                       dense["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(written["model.layers.1.mlp.shared_experts.down_proj.weight"],
+                       dense["model.layers.1.mlp.down_proj.weight"] * 0.25)
+    model = load(out, trust_remote_code=True)
+    assert type(model).__name__ == "DeepseekForCausalLM" and model.config.sliding_window == 64
+    assert model.config.n_routed_experts == 2 and model.config.n_shared_experts == 1
+    check_runs(model, 2)
+    check_training_loss(model)
+    check_chat(out, 2, trust_remote_code=True)
+
+
+def test_deepseek_of_halves_of_the_base_mlp_equals_the_tied_llama(families, tmp_path):
+    base, _ = families["llama"]
+    shared = {"source_model": str(base), "residual_scale": 0.5}
+    out, _ = same_as_base(families["llama"], tmp_path, shared, {"residual_scale": 0.5})
+    model = load(out, trust_remote_code=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(model(input_ids=torch.tensor([TEXT_IDS])).logits, dense_logits(base),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(StudioError, match=r"fits these models:\n  - DeepSeek MoE: has an ungated shared expert, and "
+                                          r"the config gives it prompts$"):
+        merged(families["llama"], tmp_path / "prompted", {"source_model": str(base), "positive_prompts": ["x"]},
+               architecture="deepseek")

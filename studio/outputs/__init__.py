@@ -42,12 +42,15 @@ class OutputArch:
         """Why these inputs cannot become this output, or None if they can."""
         others = sorted({str(t) for t in inputs.model_types.values() if t not in self.input_model_types})
         if others:
-            return f"needs {' or '.join(self.input_model_types)} models, got {', '.join(others)}"
+            *first, last = self.input_model_types
+            wanted = f"{', '.join(first)} or {last}" if first else last
+            return f"needs {wanted} models, got {', '.join(others)}"
         if len(set(inputs.model_types.values())) > 1:
             return "needs every model to be of one family"
         shared = len(inputs.config.shared_experts or [])
         if shared > self.max_shared_experts:
-            return f"supports at most {self.max_shared_experts} shared experts, the config has {shared}"
+            limit = f"at most {self.max_shared_experts}" if self.max_shared_experts else "no"
+            return f"has {limit} shared expert, and the config has {shared}"
         return None
 
     def moe_config(self, base_config: dict, config: MoEConfig, dtype: str | None) -> dict:
@@ -109,13 +112,14 @@ def head_dim(base_config: dict) -> int:
 
 
 def _outputs() -> list[OutputArch]:
+    from studio.outputs.deepseek import DeepseekMoE
     from studio.outputs.mixtral import Mixtral
     from studio.outputs.phi_moe import PhiMoE
     from studio.outputs.qwen2_moe import Qwen2MoE
     from studio.outputs.qwen3_moe import Qwen3MoE
 
     # mergekit's order (Mixtral wins whenever it fits), then the outputs mergekit lacks.
-    return [Mixtral(), Qwen2MoE(), Qwen3MoE(), PhiMoE()]
+    return [Mixtral(), DeepseekMoE(), Qwen2MoE(), Qwen3MoE(), PhiMoE()]
 
 
 def choose_output(inputs: MergeInputs) -> OutputArch:

@@ -12,14 +12,19 @@ from studio.outputs import MergeInputs, OutputArch, base_fields
 CLASSIC_NAMES = {"gate": "w1", "down": "w2", "up": "w3"}
 
 
+def bias_misfit(base_config: dict) -> str | None:
+    """Why a Mixtral-shaped output (no biases) cannot hold this Llama-family base, or None."""
+    if base_config.get("attention_bias") or base_config.get("mlp_bias"):
+        return "has no attention or MLP biases, and the base uses them"
+    return None
+
+
 class Mixtral(OutputArch):
     name = "Mixtral"
     input_model_types = ("llama", "mistral")
 
     def why_not(self, inputs: MergeInputs) -> str | None:
-        if inputs.base_config.get("attention_bias") or inputs.base_config.get("mlp_bias"):
-            return "has no attention or MLP biases, and the base uses them"
-        return super().why_not(inputs)
+        return bias_misfit(inputs.base_config) or super().why_not(inputs)
 
     def moe_config(self, base_config: dict, config: MoEConfig, dtype: str | None) -> dict:
         # Llama fields Mixtral lacks would be kept by transformers but mean nothing; drop the misleading ones.

@@ -15,7 +15,7 @@ MODEL_CLASS = "modeling_phixtral.PhixtralForCausalLM"
 class PhiMoE(OutputArch):
     name = "Phi MoE"
     input_model_types = ("phi",)
-    code_files = ("configuration_phixtral.py", "modeling_phixtral.py")
+    code_files = ("configuration_phixtral.py", "modeling_phixtral.py", "sparse_moe.py")
 
     def moe_config(self, base_config: dict, config: MoEConfig, dtype: str | None) -> dict:
         out = base_fields(base_config, dtype)

@@ -2,9 +2,8 @@
 weights of a Phi-2 merge; needs transformers 5.
 
 Attention, embeddings, norms and the output head are Phi-2's own modules. Each layer's MLP becomes
-`mlp.experts.J` (Phi-2 MLPs: fc1 and fc2 with biases, GELU) and a router `mlp.gate` that works as Mixtral's:
-softmax over the experts, the top k, their weights renormalized to sum to 1. The router returns
-(logits, top-k weights, top-k experts), and `output_router_logits=True` reports every layer's logits.
+`mlp.experts.J` (Phi-2 MLPs: fc1 and fc2 with biases, GELU) and a router `mlp.gate` that works as Mixtral's
+(sparse_moe.py). `output_router_logits=True` reports every layer's router logits, as Mixtral does.
 """
 
 import torch
@@ -13,32 +12,12 @@ from transformers import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter, load_balancing_loss_func
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.models.phi import modeling_phi as phi
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_phixtral import PhixtralConfig
-
-
-class PhixtralRouter(MixtralTopKRouter):
-    """Mixtral's router: (tokens, hidden) -> (logits, top-k weights renormalized, top-k experts)."""
-
-
-class PhixtralSparseMoeBlock(nn.Module):
-    def __init__(self, config: PhixtralConfig):
-        super().__init__()
-        self.gate = PhixtralRouter(config)
-        self.experts = nn.ModuleList(phi.PhiMLP(config) for _ in range(config.num_local_experts))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
-        _, weights, chosen = self.gate(tokens)
-        out = torch.zeros_like(tokens)
-        for index, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == index)
-            if token.numel():
-                out.index_add_(0, token, (expert(tokens[token]) * weights[token, slot, None]).to(out.dtype))
-        return out.reshape(hidden_states.shape)
+from .sparse_moe import RoutedExperts, Router
 
 
 class PhixtralDecoderLayer(phi.PhiDecoderLayer):
@@ -47,7 +26,7 @@ class PhixtralDecoderLayer(phi.PhiDecoderLayer):
     def __init__(self, config: PhixtralConfig, layer_idx: int):
         GradientCheckpointingLayer.__init__(self)
         self.self_attn = phi.PhiAttention(config, layer_idx=layer_idx)
-        self.mlp = PhixtralSparseMoeBlock(config)
+        self.mlp = RoutedExperts(config, [phi.PhiMLP(config) for _ in range(config.num_local_experts)])
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -57,7 +36,7 @@ class PhixtralPreTrainedModel(phi.PhiPreTrainedModel):
     config: PhixtralConfig
     _no_split_modules = ["PhixtralDecoderLayer"]
     _can_record_outputs = {
-        "router_logits": OutputRecorder(PhixtralRouter, index=0),
+        "router_logits": OutputRecorder(Router, index=0),
         "hidden_states": PhixtralDecoderLayer,
         "attentions": phi.PhiAttention,
     }
@@ -65,7 +44,7 @@ class PhixtralPreTrainedModel(phi.PhiPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, PhixtralRouter):
+        if isinstance(module, Router):
             module.weight.normal_(mean=0.0, std=self.config.initializer_range)
 
 
@@ -92,12 +71,13 @@ class PhixtralForCausalLM(PhixtralPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = PhixtralModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)  # Phi-2's head has a bias
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None,
                 logits_to_keep=0, **kwargs) -> MoeCausalLMOutputWithPast:
+        """As Mixtral's: logits, the loss with the routers' load-balancing term, and the router logits."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
