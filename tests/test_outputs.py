@@ -117,6 +117,8 @@ def test_qwen2_with_a_prompted_shared_expert(families, tmp_path):
     shared = {"source_model": str(experts[0]), "positive_prompts": ["Hello, how are you?"], "residual_scale": 0.5}
     out, result = merged(families["qwen2"], tmp_path, shared)
     assert result.plan.output.name == "Qwen MoE"
+    card = (out / "README.md").read_text()
+    assert f"| shared | {experts[0]} | Hello, how are you? | - |" in card and "trust_remote_code" not in card
     check_experts(out, families["qwen2"], swiglu)
     written, dense = output_tensors(out), source_tensors(experts[0])
     for role in ("gate", "up"):
@@ -234,7 +236,8 @@ def phi_names(layer: int, j: int) -> dict[str, str]:
 def test_phi_becomes_a_phixtral_that_loads_offline_with_its_own_code(families, tmp_path):
     out, result = merged(families["phi"], tmp_path, each_expert={"residual_scale": 1.0})
     assert result.plan.output.name == "Phi MoE"
-    assert {"configuration_phixtral.py", "modeling_phixtral.py"} <= set(result.files)
+    assert {"configuration_phixtral.py", "modeling_phixtral.py", "sparse_moe.py"} <= set(result.files)
+    assert 'device_map="auto", trust_remote_code=True)' in (out / "README.md").read_text()
     check_experts(out, families["phi"], phi_names)
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(out)
