@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from studio.config import MoEConfig
+from studio.config import Expert, MoEConfig
 from studio.errors import StudioError
 from studio.families import Family, family_of, layer_of, shape_facts
 from studio.forward import why_not_streamable
@@ -202,24 +202,17 @@ def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource,
     # Routers go last: the merge writes every other tensor while the gates are still being computed.
     routers = [TensorJob(output.router(layer), (len(config.experts), hidden), out_dtype or torch.float32,
                          router_layer=layer) for layer in range(n_layers)]
-    shared = (config.shared_experts or [None])[0]
     shared_gated = len(experts_with_gates(config)) > len(config.experts)
     for layer in range(n_layers):
         block = layers.setdefault(layer, [])
-        members = [(f"experts[{j}]", e, output.expert(layer, j), e.residual_scale)
-                   for j, e in enumerate(config.experts)]
-        if shared is not None:
-            compensation = 1.0 if shared_gated else output.ungated_shared_scale
-            members.append(("shared_experts[0]", shared, output.shared_expert(layer),
-                            (shared.residual_scale or 1.0) * compensation))
-        for label, expert, names, scale in members:
+        dense = family.mlp_tensors(layer)
+        for label, expert, names, scale in _experts_of_layer(config, output, layer, shared_gated):
             source = sources[expert.source_model]
-            dense = family.mlp_tensors(layer)
             for role, out_name in names.items():
                 info = _expert_tensor(source, dense[role], base.info(dense[role]), config, label)
                 block.append(copy(out_name, info, source, noise_scale=expert.noise_scale,
                                   scale=scale if role in family.output_roles and scale != 1.0 else None))
-        gate = output.shared_gate(layer) if shared is not None else None
+        gate = output.shared_gate(layer) if config.shared_experts else None
         if gate and shared_gated:
             routers.append(TensorJob(gate, (1, hidden), out_dtype or torch.float32, router_layer=layer,
                                      router_row=len(config.experts)))
@@ -231,6 +224,18 @@ def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource,
     jobs = head + [job for layer in sorted(layers) for job in layers[layer]] + tail + routers
     # Empty tensors last: safetensors rejects a file where one shares its offset with a tensor after it.
     return [j for j in jobs if j.nbytes] + [j for j in jobs if not j.nbytes]
+
+
+def _experts_of_layer(config: MoEConfig, output: OutputArch, layer: int,
+                      shared_gated: bool) -> list[tuple[str, Expert, dict[str, str], float | None]]:
+    """Each expert whose MLP goes into `layer`: its label, the expert, MLP role -> output name, and the factor for
+    its output projection (residual_scale; for an ungated shared expert, times the output's make-up for that)."""
+    members = [(f"experts[{j}]", e, output.expert(layer, j), e.residual_scale) for j, e in enumerate(config.experts)]
+    for shared in config.shared_experts or []:
+        compensation = 1.0 if shared_gated else output.ungated_shared_scale
+        members.append(("shared_experts[0]", shared, output.shared_expert(layer),
+                        (shared.residual_scale or 1.0) * compensation))
+    return members
 
 
 def _expert_tensor(source: ModelSource, name: str, base_info: TensorInfo, config: MoEConfig,
