@@ -1,10 +1,15 @@
 """Every output architecture, merged from small random models of each input family: expert tensors are their
 source MLPs, the output loads with no missing or unexpected tensors, generates, reports router logits that the
 studio's router capture sees exactly, and chats with routing recorded. Where the construction makes the MoE
-equal to its dense base (every expert is the base's MLP), its logits are checked against the base's.
+equal to its dense base (every expert is the base's MLP), its logits are checked against the base's. The Qwen
+outputs also load in transformers 4.x (.venv-tf4, see test_transformers4.py) with the same logits.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -21,6 +26,7 @@ from studio.synthetic import make_family
 from conftest import moe_yaml
 from test_merge import QUIET, config_of, output_tensors, source_tensors
 from test_routing import captured, plain_forward_probabilities
+from test_transformers4 import ROOT, tf4_python
 
 TEXT_IDS = [1, 17, 42, 99, 200, 7, 300, 5, 64, 11]
 
@@ -304,3 +310,41 @@ def test_deepseek_of_halves_of_the_base_mlp_equals_the_tied_llama(families, tmp_
                                           r"the config gives it prompts$"):
         merged(families["llama"], tmp_path / "prompted", {"source_model": str(base), "positive_prompts": ["x"]},
                architecture="deepseek")
+
+
+# Runs under transformers 4.x (.venv-tf4): the Qwen outputs are transformers' own classes there too.
+TF4_LOAD = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+
+job = json.loads(sys.argv[1])
+results = {}
+for name, folder in job["outputs"].items():
+    model, info = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, output_loading_info=True)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor([job["ids"]])).logits
+    results[name] = {"class": type(model).__name__, "problems": {k: sorted(v) for k, v in info.items() if v},
+                     "logits": logits.tolist()}
+print(json.dumps(results))
+"""
+
+
+def test_qwen_outputs_load_alike_in_transformers_4(families, tmp_path):
+    python = tf4_python()
+    _, experts = families["mistral"]
+    shared = {"source_model": str(experts[0]), "positive_prompts": ["12 + 7 ="]}
+    # (4.x's Qwen2-MoE attention requires head_dim = hidden_size / heads, so no Llama with its own head_dim here)
+    outputs = {"qwen2-without-shared": merged(families["qwen2"], tmp_path / "a")[0],
+               "mistral-with-shared": merged(families["mistral"], tmp_path / "b", shared)[0],
+               "qwen3": merged(families["qwen3"], tmp_path / "c")[0]}
+    job = json.dumps({"outputs": {k: str(v) for k, v in outputs.items()}, "ids": TEXT_IDS})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([str(python), "-c", TF4_LOAD, job], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, out in outputs.items():
+        model = load(out)
+        assert found[name]["class"] == type(model).__name__ and not found[name]["problems"], found[name]
+        expected = model(input_ids=torch.tensor([TEXT_IDS])).logits
+        torch.testing.assert_close(torch.tensor(found[name]["logits"]), expected, atol=1e-4, rtol=1e-4)
