@@ -196,7 +196,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _eval_routing(args: argparse.Namespace) -> int:
     from studio.evaluate import evaluate_routing, load_prompts
 
-    print(evaluate_routing(args.model, load_prompts(args.prompts)).table())
+    print(evaluate_routing(args.model, load_prompts(args.prompts), trust_remote_code=args.trust_remote_code).table())
     return 0
 
 

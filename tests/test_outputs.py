@@ -13,9 +13,11 @@ import subprocess
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from studio.chat import ChatSettings, load_chat_model
+from studio.cli import main
 from studio.errors import StudioError
 from studio.families import family_of
 from studio.gates import GateOptions, compute_gates
@@ -239,14 +241,14 @@ def phi_names(layer: int, j: int) -> dict[str, str]:
             "fc2_bias": f"{prefix}.fc2.bias"}
 
 
-def test_phi_becomes_a_phixtral_that_loads_offline_with_its_own_code(families, tmp_path):
+def test_phi_becomes_a_phixtral_that_loads_offline_with_its_own_code(families, tmp_path, capsys):
     out, result = merged(families["phi"], tmp_path, each_expert={"residual_scale": 1.0})
     assert result.plan.output.name == "Phi MoE"
     assert {"configuration_phixtral.py", "modeling_phixtral.py", "sparse_moe.py"} <= set(result.files)
     assert 'device_map="auto", trust_remote_code=True)' in (out / "README.md").read_text()
     check_experts(out, families["phi"], phi_names)
     with pytest.raises(ValueError, match="trust_remote_code"):
-        AutoModelForCausalLM.from_pretrained(out)
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
     model = load(out, trust_remote_code=True)
     assert type(model).__name__ == "PhixtralForCausalLM"
     assert len(model.model.layers[1].mlp.experts) == 2
@@ -256,6 +258,12 @@ def test_phi_becomes_a_phixtral_that_loads_offline_with_its_own_code(families, t
     check_chat(out, 2, "4bit", trust_remote_code=True)
     with pytest.raises(StudioError, match="pass trust_remote_code"):
         load_chat_model(out, "fp32", "cpu")
+    prompts = tmp_path / "prompts.yml"
+    prompts.write_text(yaml.safe_dump({0: ["def add(a, b):"], 1: ["12 + 7 =", "3 * 4 ="]}))
+    assert main(["eval-routing", str(out), str(prompts), "--trust-remote-code"]) == 0
+    table = capsys.readouterr().out
+    rows = [line.split() for line in table.splitlines() if line.startswith(str(families["phi"][1][1]))]
+    assert table.startswith("Prompts whose tokens mostly reach") and rows[0][1] == "2"  # expert 1's two prompts
 
 
 def test_phixtral_of_the_base_mlp_equals_phi_and_residual_scale_covers_the_bias(families, tmp_path):
