@@ -304,6 +304,7 @@ def test_mistral_with_an_unprompted_shared_expert_becomes_deepseek_moe(families,
     check_runs(model, 2)
     check_training_loss(model)
     check_chat(out, 2, trust_remote_code=True)
+    check_chat(out, 2, "4bit", trust_remote_code=True)
 
 
 def test_deepseek_of_halves_of_the_base_mlp_equals_the_tied_llama(families, tmp_path):
