@@ -22,11 +22,15 @@ def model_card(plan: "MergePlan") -> str:
     front = {"library_name": "transformers", "tags": ["moe", "frankenmoe", "merge", "moe-merge-studio"]}
     if hub_models:
         front["base_model"] = list(dict.fromkeys(hub_models))
+    experts = [(str(i), e) for i, e in enumerate(config.experts)] + [("shared", e) for e in config.shared_experts or []]
     rows = "\n".join(
         f"| {i} | {_cell(e.source_model)} | {'<br>'.join(_cell(p) for p in e.positive_prompts or []) or '-'} "
         f"| {'<br>'.join(_cell(p) for p in e.negative_prompts or []) or '-'} |"
-        for i, e in enumerate(config.experts))
+        for i, e in experts)
     n = len(config.experts)
+    shared = " A shared expert serves every token." if config.shared_experts else ""
+    # Outputs with their own model classes ship them beside the weights.
+    remote = ", trust_remote_code=True" if plan.output.code_files else ""
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -35,7 +39,7 @@ def model_card(plan: "MergePlan") -> str:
 
 A Mixture of Experts built from {n} fine-tunes of `{config.base_model}` with MoE Merge Studio. Attention,
 embeddings and norms come from the base model; each expert's MLP comes from one fine-tune; the routers
-were built with the `{config.gate_mode}` gate mode and pick {config.experts_per_token} of {n} experts per token.
+were built with the `{config.gate_mode}` gate mode and pick {config.experts_per_token} of {n} experts per token.{shared}
 Total parameters: {plan.parameters / 1e9:.2f} B.
 
 ## Experts
@@ -57,7 +61,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model_id = "path/or/hub-id/of/this/model"
 tokenizer = AutoTokenizer.from_pretrained(model_id)
-model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")
+model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto"{remote})
 messages = [{{"role": "user", "content": "Write a Python function that reverses a string."}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
                                        return_tensors="pt").to(model.device)

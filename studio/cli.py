@@ -113,7 +113,9 @@ def _generation_flags(parser: argparse.ArgumentParser, temperature: float, max_n
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the Hub (unsafe)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run code that ships with a model, from the Hub or its folder (Phi MoE and DeepSeek "
+                             "MoE merges need it); only for models you trust")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging; tracebacks on error")
 
 
@@ -203,7 +205,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _eval_routing(args: argparse.Namespace) -> int:
     from studio.evaluate import evaluate_routing, load_prompts
 
-    print(evaluate_routing(args.model, load_prompts(args.prompts)).table())
+    print(evaluate_routing(args.model, load_prompts(args.prompts), trust_remote_code=args.trust_remote_code).table())
     return 0
 
 

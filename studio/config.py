@@ -182,6 +182,13 @@ def dump_yaml(config: MoEConfig) -> str:
     return to_yaml(data)
 
 
+def experts_with_gates(config: MoEConfig) -> list[Expert]:
+    """Routed experts, then shared experts that get a gate (prompted ones, or any under random modes)."""
+    shared = [e for e in config.shared_experts or []
+              if e.positive_prompts or config.gate_mode in PROMPT_FREE_GATE_MODES]
+    return config.experts + shared
+
+
 def _prompt_key(expert: Expert) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(expert.positive_prompts or ()), tuple(expert.negative_prompts or ())
 

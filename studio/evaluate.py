@@ -73,10 +73,11 @@ def load_prompts(path: str | Path) -> dict[int | str, list[str]]:
 
 
 def evaluate_routing(model_or_path, prompts: dict[int | str, list[str]], tokenizer=None,
-                     labels: list[str] | None = None) -> RoutingReport:
-    """Route held-out prompts through an MoE; `model_or_path` is a folder or an already loaded model."""
+                     labels: list[str] | None = None, trust_remote_code: bool = False) -> RoutingReport:
+    """Route held-out prompts through an MoE; `model_or_path` is a folder (whose own model code runs only with
+    `trust_remote_code`) or an already loaded model."""
     if isinstance(model_or_path, (str, Path)):
-        model, tokenizer = load_moe(model_or_path)
+        model, tokenizer = load_moe(model_or_path, trust_remote_code=trust_remote_code)
         labels = labels or expert_labels(model_or_path, num_experts(model))
     else:
         model = model_or_path

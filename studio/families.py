@@ -25,6 +25,8 @@ class Family:
     # MLP role -> tensor name relative to a layer ("gate" is the SwiGLU gate projection, not the router).
     mlp: dict[str, str] = field(default_factory=lambda: {
         "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"})
+    # Roles of the MLP's output projection: residual_scale multiplies these.
+    output_roles: tuple[str, ...] = ("down",)
     embed: str = "model.embed_tokens.weight"
     lm_head: str = "lm_head.weight"
     layers: str = "model.layers"
@@ -46,7 +48,8 @@ MISTRAL = Family("mistral", ("mistral",))
 QWEN2 = Family("qwen2", ("qwen2",))
 QWEN3 = Family("qwen3", ("qwen3",))
 PHI = Family("phi", ("phi",), mlp={"fc1": "mlp.fc1.weight", "fc1_bias": "mlp.fc1.bias",
-                                    "fc2": "mlp.fc2.weight", "fc2_bias": "mlp.fc2.bias"})
+                                    "fc2": "mlp.fc2.weight", "fc2_bias": "mlp.fc2.bias"},
+             output_roles=("fc2", "fc2_bias"))
 
 FAMILIES = {t: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI) for t in f.model_types}
 

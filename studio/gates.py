@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from studio.calibrate import calibrated_gates, prompt_targets
-from studio.config import PROMPT_FREE_GATE_MODES, Expert, MoEConfig
+from studio.config import PROMPT_FREE_GATE_MODES, Expert, experts_with_gates
 from studio.errors import StudioError
 from studio.families import Family
 from studio.forward import StreamedDecoder, StreamedMoE, why_not_streamable
@@ -42,13 +42,6 @@ class GateOptions:
     batch_size: int = 16
     seed: int | None = None
     trust_remote_code: bool = False
-
-
-def experts_with_gates(config: MoEConfig) -> list[Expert]:
-    """Routed experts, then shared experts that get a gate (prompted ones, or any under random modes)."""
-    shared = [e for e in config.shared_experts or []
-              if e.positive_prompts or config.gate_mode in PROMPT_FREE_GATE_MODES]
-    return config.experts + shared
 
 
 def compute_gates(plan: MergePlan, options: GateOptions, log: Callable[[str], None] = print,

@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from studio import card
-from studio.config import MoEConfig, check_rules, dump_yaml
+from studio.config import MoEConfig, check_rules, dump_yaml, experts_with_gates
 from studio.errors import Cancelled, StudioError
-from studio.gates import GateOptions, compute_gates, degenerate_gate_warning, experts_with_gates
+from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
 from studio.sources import TOKENIZER_FILES, ModelSource, open_models
 from studio.writer import shard_names, write_shard
@@ -178,6 +178,8 @@ def _write_all(plan: MergePlan, gates: Future, folder: Path, options: MergeOptio
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     _write_json(folder / "config.json", plan.moe_config)
+    for path in plan.output.files():
+        shutil.copyfile(path, folder / path.name)
     _write_json(folder / "generation_config.json", _generation_config(plan.base))
     if options.copy_tokenizer:
         _copy_tokenizer(plan.base, folder)
@@ -189,7 +191,9 @@ def _write_all(plan: MergePlan, gates: Future, folder: Path, options: MergeOptio
 def _tensor_for(job: TensorJob, gates: torch.Tensor | None, seed: int | None):
     """The bytes of one output tensor: a verbatim copy when possible, else the transformed tensor."""
     if job.router_layer is not None:
-        return gates[job.router_layer, : job.shape[0]].to(job.dtype)
+        return gates[job.router_layer, job.router_row: job.router_row + job.shape[0]].to(job.dtype)
+    if job.source is None:
+        return torch.zeros(job.shape, dtype=job.dtype)
     if job.is_plain_copy:
         return job.source.info(job.source_name)
     tensor = job.source.read(job.source_name)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from studio.config import HIDDEN_GATE_MODES, MoEConfig
+from studio.config import HIDDEN_GATE_MODES, Expert, MoEConfig, experts_with_gates
 from studio.errors import StudioError
 from studio.families import Family, family_of, layer_of, shape_facts
 from studio.forward import why_not_streamable
@@ -39,7 +39,11 @@ class ModelRow:
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: copied from a source tensor (maybe rescaled or noised), or a router block."""
+    """One output tensor: copied from a source tensor (maybe rescaled or noised), gate rows, or zeros.
+
+    Gate rows are rows `router_row` onwards of layer `router_layer` of the computed gates; a job with neither a
+    source nor a router layer is all zeros.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -47,6 +51,7 @@ class TensorJob:
     source: ModelSource | None = None
     source_name: str | None = None
     router_layer: int | None = None
+    router_row: int = 0
     noise_scale: float | None = None
     scale: float | None = None
 
@@ -189,30 +194,55 @@ def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource,
         if family.is_mlp(name) or (tied and name == family.lm_head):
             continue
         layers.setdefault(layer_of(name), []).append(copy(name, info, base))
+    zeros_dtype = out_dtype or base.info(family.embed).dtype
+    for name, shape in output.zero_tensors(base.config, config, set(base.tensors)).items():
+        layers.setdefault(layer_of(name), []).append(TensorJob(name, shape, zeros_dtype))
     n_layers = base.config["num_hidden_layers"]
     hidden = base.config["hidden_size"]
     # Routers go last: the merge writes every other tensor while the gates are still being computed.
     routers = [TensorJob(output.router(layer), (len(config.experts), hidden), out_dtype or torch.float32,
                          router_layer=layer) for layer in range(n_layers)]
+    shared_gated = len(experts_with_gates(config)) > len(config.experts)
     for layer in range(n_layers):
         block = layers.setdefault(layer, [])
-        for j, expert in enumerate(config.experts):
+        dense = family.mlp_tensors(layer)
+        for label, expert, names, scale in _experts_of_layer(config, output, layer, shared_gated):
             source = sources[expert.source_model]
-            dense = family.mlp_tensors(layer)
-            for role, out_name in output.expert(layer, j).items():
-                info = _expert_tensor(source, dense[role], base.info(dense[role]), config, j)
+            for role, out_name in names.items():
+                info = _expert_tensor(source, dense[role], base.info(dense[role]), config, label)
                 block.append(copy(out_name, info, source, noise_scale=expert.noise_scale,
-                                  scale=expert.residual_scale if role == "down" else None))
+                                  scale=scale if role in family.output_roles and scale != 1.0 else None))
+        gate = output.shared_gate(layer) if config.shared_experts else None
+        if gate and shared_gated:
+            routers.append(TensorJob(gate, (1, hidden), out_dtype or torch.float32, router_layer=layer,
+                                     router_row=len(config.experts)))
+        elif gate:
+            block.append(TensorJob(gate, (1, hidden), zeros_dtype))
     non_layer = layers.pop(None, [])
     head = [j for j in non_layer if "embed" in j.name]
     tail = [j for j in non_layer if "embed" not in j.name]
-    return head + [job for layer in sorted(layers) for job in layers[layer]] + tail + routers
+    jobs = head + [job for layer in sorted(layers) for job in layers[layer]] + tail + routers
+    # Empty tensors last: safetensors rejects a file where one shares its offset with a tensor after it.
+    return [j for j in jobs if j.nbytes] + [j for j in jobs if not j.nbytes]
 
 
-def _expert_tensor(source: ModelSource, name: str, base_info: TensorInfo, config: MoEConfig, index: int) -> TensorInfo:
+def _experts_of_layer(config: MoEConfig, output: OutputArch, layer: int,
+                      shared_gated: bool) -> list[tuple[str, Expert, dict[str, str], float | None]]:
+    """Each expert whose MLP goes into `layer`: its label, the expert, MLP role -> output name, and the factor for
+    its output projection (residual_scale; for an ungated shared expert, times the output's make-up for that)."""
+    members = [(f"experts[{j}]", e, output.expert(layer, j), e.residual_scale) for j, e in enumerate(config.experts)]
+    for shared in config.shared_experts or []:
+        compensation = 1.0 if shared_gated else output.ungated_shared_scale
+        members.append(("shared_experts[0]", shared, output.shared_expert(layer),
+                        (shared.residual_scale or 1.0) * compensation))
+    return members
+
+
+def _expert_tensor(source: ModelSource, name: str, base_info: TensorInfo, config: MoEConfig,
+                   label: str) -> TensorInfo:
     info = source.info(name)
     if info.shape != base_info.shape:
-        raise StudioError(f"experts[{index}] ({source.label}): tensor {name} has shape {list(info.shape)}, but the "
+        raise StudioError(f"{label} ({source.label}): tensor {name} has shape {list(info.shape)}, but the "
                           f"base ({config.base_model}) has {list(base_info.shape)}. Experts must share the base's "
                           f"shape.")
     return info

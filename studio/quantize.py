@@ -64,7 +64,8 @@ class Dequantize(nn.Module):
         buffers = _SCRATCH.__dict__
         key = (self.role, self.shape, self.dtype, data.device)
         if key not in buffers:
-            buffers[key] = torch.empty(self.shape, dtype=self.dtype, device=data.device)
+            with torch.inference_mode(False):  # a normal tensor: filled in inference mode (chat) and outside it
+                buffers[key] = torch.empty(self.shape, dtype=self.dtype, device=data.device)
         self.fill(data, buffers[key])
         return buffers[key]
 
@@ -200,10 +201,12 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
 def unquantized_modules(skeleton: nn.Module) -> list[str]:
     """Linear layers bitsandbytes must leave alone: the output embedding (as transformers does by default), and
     layers whose outputs do not fill whole CPU-kernel blocks of 32 rows, such as Qwen2-MoE's one-output
-    shared-expert gate (bitsandbytes' CPU path fails on them; they are tiny anyway)."""
+    shared-expert gate, or that are empty, such as the zero-width shared expert of a Qwen2-MoE merged without
+    one (bitsandbytes' CPU path fails on them; they are tiny anyway)."""
     output = skeleton.get_output_embeddings()
     return [name for name, module in skeleton.named_modules()
-            if module is output or (isinstance(module, nn.Linear) and module.out_features % CPU_ROW_BLOCK)]
+            if module is output or (isinstance(module, nn.Linear)
+                                    and (module.out_features % CPU_ROW_BLOCK or not module.weight.numel()))]
 
 
 @contextmanager

@@ -55,9 +55,11 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 def dense_config(family: str = "mistral", hidden: int = 64, intermediate: int = 128, layers: int = 2,
                  heads: int = 4, kv_heads: int = 2, vocab: int = 384, tie: bool = False, **extra):
-    from transformers import LlamaConfig, MistralConfig
+    import transformers
 
-    cls = {"mistral": MistralConfig, "llama": LlamaConfig}[family]
+    names = {"mistral": "MistralConfig", "llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+             "phi": "PhiConfig"}
+    cls = getattr(transformers, names[family])
     return cls(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,

@@ -7,10 +7,16 @@ and llama.cpp's converter all understand; the fused v5 layout is read by transfo
 from __future__ import annotations
 
 from studio.config import MoEConfig
-from studio.outputs import MergeInputs, OutputArch
+from studio.outputs import MergeInputs, OutputArch, base_fields
 
 CLASSIC_NAMES = {"gate": "w1", "down": "w2", "up": "w3"}
-DROPPED_KEYS = ("architectures", "model_type", "auto_map", "transformers_version", "_name_or_path")
+
+
+def bias_misfit(base_config: dict) -> str | None:
+    """Why a Mixtral-shaped output (no biases) cannot hold this Llama-family base, or None."""
+    if base_config.get("attention_bias") or base_config.get("mlp_bias"):
+        return "has no attention or MLP biases, and the base uses them"
+    return None
 
 
 class Mixtral(OutputArch):
@@ -18,18 +24,11 @@ class Mixtral(OutputArch):
     input_model_types = ("llama", "mistral")
 
     def why_not(self, inputs: MergeInputs) -> str | None:
-        if inputs.base_config.get("attention_bias") or inputs.base_config.get("mlp_bias"):
-            return "has no attention or MLP biases, and the base uses them"
-        return super().why_not(inputs)
+        return bias_misfit(inputs.base_config) or super().why_not(inputs)
 
     def moe_config(self, base_config: dict, config: MoEConfig, dtype: str | None) -> dict:
-        out = {k: v for k, v in base_config.items() if k not in DROPPED_KEYS}
         # Llama fields Mixtral lacks would be kept by transformers but mean nothing; drop the misleading ones.
-        for key in ("mlp_bias", "pretraining_tp"):
-            out.pop(key, None)
-        rope = out.get("rope_parameters") or {}
-        if "rope_theta" not in out and "rope_theta" in rope:
-            out["rope_theta"] = rope["rope_theta"]  # transformers 4.x reads only the top-level key
+        out = base_fields(base_config, dtype, ("mlp_bias", "pretraining_tp"))
         out.update({
             "architectures": ["MixtralForCausalLM"],
             "model_type": "mixtral",
@@ -40,9 +39,6 @@ class Mixtral(OutputArch):
             "router_aux_loss_coef": 0.001,
             "router_jitter_noise": 0.0,
         })
-        out.setdefault("num_key_value_heads", out.get("num_attention_heads"))
-        if dtype:
-            out["torch_dtype"] = out["dtype"] = dtype
         return out
 
     def router(self, layer: int) -> str:

@@ -1,0 +1,79 @@
+"""Qwen2-MoE output (transformers' own Qwen2MoeForCausalLM) for qwen2, llama and mistral inputs.
+
+Its MoE block always has a shared expert behind a sigmoid gate, and its attention always has q/k/v biases:
+- a prompted shared expert (or any, under the random gate modes) gets its gate row as `shared_expert_gate`;
+- an unprompted one gets a zero gate, so sigmoid gives exactly 1/2, and its down_proj is doubled (an exact
+  scaling in any float format): the shared expert then adds its whole output to every token, ungated;
+- without a shared expert, the shared expert has width 0 (`shared_expert_intermediate_size: 0`): empty
+  tensors whose output is exactly zero, so the model equals one without a shared expert;
+- a base without q/k/v biases (llama, mistral) gets zero biases, which change nothing.
+"""
+
+from __future__ import annotations
+
+from studio.config import MoEConfig
+from studio.outputs import ExpertList, MergeInputs, base_fields, head_dim, swiglu_names
+
+
+def qwen_moe_fields(base_config: dict, config: MoEConfig) -> dict:
+    """What Qwen2-MoE and Qwen3-MoE configs add to the base's: every layer sparse, top-k renormalized as in
+    Mixtral, each expert as wide as the base's MLP."""
+    return {
+        "head_dim": head_dim(base_config),
+        "num_experts": len(config.experts),
+        "num_experts_per_tok": config.experts_per_token,
+        "moe_intermediate_size": base_config["intermediate_size"],
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+    }
+
+
+class Qwen2MoE(ExpertList):
+    name = "Qwen MoE"
+    input_model_types = ("qwen2", "llama", "mistral")
+    max_shared_experts = 1
+    ungated_shared_scale = 2.0  # makes up for sigmoid(0) = 1/2
+
+    def why_not(self, inputs: MergeInputs) -> str | None:
+        if inputs.base_config.get("mlp_bias"):
+            return "has no MLP biases, and the base uses them"
+        if inputs.base_config.get("model_type") != "qwen2" and inputs.base_config.get("attention_bias"):
+            return "has no output-projection bias, and the base's attention uses one"
+        return super().why_not(inputs)
+
+    def moe_config(self, base_config: dict, config: MoEConfig, dtype: str | None) -> dict:
+        out = base_fields(base_config, dtype, ("mlp_bias", "pretraining_tp", "attention_bias"))
+        layers = base_config["num_hidden_layers"]
+        window = base_config.get("sliding_window")
+        if base_config.get("model_type") == "mistral" and window:  # Mistral slides its window in every layer
+            out.update(use_sliding_window=True, max_window_layers=layers, layer_types=["sliding_attention"] * layers)
+        elif base_config.get("model_type") != "qwen2":
+            out.update(use_sliding_window=False, sliding_window=None)
+        out.update(qwen_moe_fields(base_config, config))
+        out.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", qkv_bias=True,
+                   shared_expert_intermediate_size=base_config["intermediate_size"] if config.shared_experts else 0)
+        return out
+
+    def shared_expert(self, layer: int) -> dict[str, str]:
+        return swiglu_names(f"model.layers.{layer}.mlp.shared_expert")
+
+    def shared_gate(self, layer: int) -> str | None:
+        return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
+
+    def zero_tensors(self, base_config: dict, config: MoEConfig, base_names: set[str]) -> dict[str, tuple[int, ...]]:
+        hidden, dim = base_config["hidden_size"], head_dim(base_config)
+        kv_heads = base_config.get("num_key_value_heads") or base_config["num_attention_heads"]
+        widths = {"q": base_config["num_attention_heads"] * dim, "k": kv_heads * dim, "v": kv_heads * dim}
+        zeros = {}
+        for layer in range(base_config["num_hidden_layers"]):
+            attention = f"model.layers.{layer}.self_attn"
+            zeros.update({f"{attention}.{p}_proj.bias": (width,) for p, width in widths.items()
+                          if f"{attention}.{p}_proj.bias" not in base_names})
+            if not config.shared_experts:
+                shapes = {"gate": (0, hidden), "up": (0, hidden), "down": (hidden, 0)}
+                zeros.update({name: shapes[role] for role, name in self.shared_expert(layer).items()})
+                zeros[self.shared_gate(layer)] = (1, hidden)
+        return zeros
