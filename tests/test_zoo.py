@@ -93,3 +93,29 @@ def test_hidden_gates_route_held_out_prompts_far_better_than_random(zoo_moe, tmp
     mean = lambda report: sum(report.majority_of_layers) / len(report.majority_of_layers)  # noqa: E731
     assert mean(hidden) > mean(random) + 0.3, f"{hidden.table()}\n{random.table()}"
     assert max(hidden.majority_of_layers) == 1.0  # stories: every held-out story reaches its expert
+
+
+@pytest.fixture(scope="module")
+def calibrated_moe(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.chdir(ROOT)
+    config = load_config(ROOT / "assets" / "examples" / "zoo-4x.yml").model_copy(update={"gate_mode": "calibrated"})
+    out = tmp_path_factory.mktemp("zoo") / "calibrated"
+    merge(config, out, log=lambda m: None)
+    return out
+
+
+def test_calibrated_gates_route_held_out_prompts_to_their_expert_in_every_layer(calibrated_moe):
+    report = evaluate_routing(calibrated_moe, load_prompts(ZOO_DIR / "eval-prompts.yml"))
+    assert min(report.every_layer) >= 0.95, report.table()
+
+
+def test_calibrated_moe_has_a_lower_held_out_loss_than_hidden_on_every_domain(calibrated_moe, zoo_moe):
+    tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "base")
+    recipe = Recipe()
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in (("calibrated", calibrated_moe), ("hidden", zoo_moe))}
+    for domain in DOMAINS:
+        text = corpus(domain, recipe.eval_chars, recipe.seed + 1, held_out=True)
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+        loss = {name: held_out_loss(model, ids, recipe.seq) for name, model in models.items()}
+        assert loss["calibrated"] < loss["hidden"], f"{domain}: {loss}"
