@@ -84,7 +84,7 @@ def test_merged_zoo_answers_arithmetic_and_stories(zoo_moe):
     assert re.search(r"\b(there|was|a|the|named|lived)\b", story), story
 
 
-def test_hidden_gates_route_held_out_prompts_far_better_than_random(zoo_moe, tmp_path, monkeypatch_module):
+def test_hidden_gates_route_most_held_out_prompts_of_each_domain_to_their_expert(zoo_moe, tmp_path, monkeypatch_module):
     prompts = load_prompts(ZOO_DIR / "eval-prompts.yml")
     hidden = evaluate_routing(zoo_moe, prompts)
     config = load_config(ROOT / "assets" / "examples" / "zoo-4x.yml").model_copy(update={"gate_mode": "random"})
@@ -92,7 +92,8 @@ def test_hidden_gates_route_held_out_prompts_far_better_than_random(zoo_moe, tmp
     random = evaluate_routing(tmp_path / "random", prompts)
     mean = lambda report: sum(report.majority_of_layers) / len(report.majority_of_layers)  # noqa: E731
     assert mean(hidden) > mean(random) + 0.3, f"{hidden.table()}\n{random.table()}"
-    assert max(hidden.majority_of_layers) == 1.0  # stories: every held-out story reaches its expert
+    # The zoo config's target: >= 80% of each domain's held-out prompts reach their expert in most layers.
+    assert min(hidden.majority_of_layers) >= 0.8, hidden.table()
 
 
 @pytest.fixture(scope="module")
