@@ -29,6 +29,9 @@ SLOW = 120_000  # ms: a merge or a model load on a busy 2-core machine
 
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args):
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"The browser tests need Debian's Chromium at {CHROMIUM}: apt-get install -y chromium "
+                    f"(.ci/run does this).")
     return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
 
 
@@ -132,10 +135,13 @@ def test_form_edits_change_the_yaml_and_yaml_edits_change_the_form(page_at: Page
     expect(field(page_at, "expert-picker")).to_have_value("4: assets/zoo/base")
     wait_for_yaml(page_at, lambda d: d["experts"][4:] == [{"source_model": "assets/zoo/base"}])
     expect(page_at.locator("#msg-expert")).to_contain_text("has no positive_prompts")
-    screenshot(page_at, "build")
+
+    with page_at.expect_download() as download:
+        page_at.locator("#download-yaml").click()
+    assert yaml.safe_load(Path(download.value.path()).read_text()) == editor_yaml(page_at)
 
 
-def test_invalid_config_shows_its_message_next_to_the_field(page_at: Page):
+def test_invalid_config_shows_its_message_next_to_the_field(page_at: Page, tmp_path):
     type_into(page_at, "experts-per-token", "9")
     expect(page_at.locator("#msg-settings")).to_contain_text("experts_per_token is 9 but there are only 4 experts")
     wait_for_yaml(page_at, lambda d: d["experts_per_token"] == 9)
@@ -150,6 +156,14 @@ def test_invalid_config_shows_its_message_next_to_the_field(page_at: Page):
     page_at.locator("#merge-button").click()
     expect(page_at.locator("#merge-status")).to_contain_text("not valid YAML")
     expect(page_at.locator("body")).not_to_contain_text("Traceback")
+
+    uploaded = tmp_path / "mine.yml"
+    uploaded.write_text("base_model: assets/zoo/base\nexperts:\n  - source_model: assets/zoo/code\n    noise: 0.1\n")
+    with page_at.expect_file_chooser() as chooser:
+        page_at.locator("#upload-yaml").click()
+    chooser.value.set_files(uploaded)
+    expect(page_at.locator("#msg-expert")).to_contain_text("experts[0].noise: unknown key (did you mean noise_scale?)")
+    expect(page_at.locator("#config-yaml")).to_contain_text("noise: 0.1")
 
 
 def test_check_models_and_merge_by_clicking(page_at: Page, studio):
@@ -168,7 +182,7 @@ def test_check_models_and_merge_by_clicking(page_at: Page, studio):
     assert (workspace / "clicked-moe" / "model.safetensors").is_file()
     assert load_config(workspace / "clicked-moe" / "mergekit_moe_config.yml") == \
         load_config(ROOT / "assets" / "examples" / "zoo-4x.yml")
-    screenshot(page_at, "build-merged")
+    screenshot(page_at, "build")
 
 
 def read_plot(page: Page, elem_id: str) -> list:
@@ -181,6 +195,13 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
     model = str(studio[1] / "zoo-4x")
     page_at.locator("#tab-chat-button, button[role=tab]:has-text('Chat')").first.click()
     picker = field(page_at, "chat-model")
+    picker.fill(str(studio[1] / "missing"))
+    picker.press("Enter")
+    field(page_at, "chat-input").fill("Hello")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Error:")
+    expect(page_at.locator("body")).not_to_contain_text("Traceback")
+    page_at.locator("#chat-clear").click()
     picker.fill(model)
     picker.press("Enter")
     page_at.get_by_text("Generation settings").click()

@@ -21,8 +21,10 @@ CSS = """
 .studio-progress {position: relative; height: 26px; border-radius: 6px; background: var(--block-background-fill);
   border: 1px solid var(--border-color-primary); overflow: hidden}
 .studio-progress-bar {position: absolute; inset: 0 auto 0 0; background: linear-gradient(90deg, #6366f1, #22c55e);
-  opacity: 0.55; transition: width 0.4s}
+  opacity: 0.55}
 .studio-progress span {position: relative; padding-left: 10px; line-height: 26px; font-size: 0.9em}
+.router-text > div:first-child span {display: inline-block; margin-bottom: 2px}
+.expert-buttons button {flex: 1}
 .token-columns {display: grid; grid-template-columns: repeat(auto-fit, minmax(260px, 1fr)); gap: 12px}
 """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald")

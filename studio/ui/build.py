@@ -113,12 +113,13 @@ class BuildTab:
                                             allow_custom_value=True, elem_id="architecture")
         self.messages["settings"] = gr.Markdown(elem_id="msg-settings", elem_classes="field-msg")
         with gr.Group(elem_classes="experts"):
-            with gr.Row(equal_height=True):
-                self.picker = gr.Dropdown(label="Experts", type="index", scale=4, elem_id="expert-picker")
-                self.up = gr.Button("↑ Up", scale=1, size="sm")
-                self.down = gr.Button("↓ Down", scale=1, size="sm")
-                self.add = gr.Button("+ Add", scale=1, size="sm", elem_id="add-expert")
-                self.remove = gr.Button("− Remove", scale=1, size="sm", variant="stop", elem_id="remove-expert")
+            self.picker = gr.Dropdown(label="Experts (pick one to edit it below)", type="index",
+                                      elem_id="expert-picker")
+            with gr.Row(elem_classes="expert-buttons"):
+                self.up = gr.Button("↑ Move up", size="sm", min_width=80)
+                self.down = gr.Button("↓ Move down", size="sm", min_width=80)
+                self.add = gr.Button("+ Add expert", size="sm", min_width=80, elem_id="add-expert")
+                self.remove = gr.Button("− Remove", size="sm", min_width=80, variant="stop", elem_id="remove-expert")
             self.source = gr.Textbox(label="Source model of this expert", elem_id="expert-source")
             with gr.Row():
                 self.positive = gr.Textbox(label="Positive prompts (a line with only --- between prompts)", lines=5,

@@ -31,6 +31,12 @@ class ChatTab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, elem_classes="panel"):
                 self.picker = ModelPicker(workspace, "chat", loaded)
+                self.chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot")
+                with gr.Row():
+                    self.message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
+                                              scale=5, elem_id="chat-input")
+                    self.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+                    self.clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
                 with gr.Accordion("Generation settings", open=False):
                     self.system = gr.Textbox(label="System prompt", lines=2)
                     with gr.Row():
@@ -42,14 +48,8 @@ class ChatTab:
                         self.max_new = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens",
                                                  elem_id="chat-max-new")
                         self.repetition = gr.Slider(0.5, 2, value=1.0, step=0.05, label="Repetition penalty")
-                        self.seed = gr.Number(label="Seed (empty: random)", precision=0)
+                        self.seed = gr.Number(value=-1, label="Seed (-1: random)", precision=0)
                     self.stop = gr.Textbox(label="Stop strings (one per line)", lines=1)
-                self.chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot")
-                with gr.Row():
-                    self.message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
-                                              scale=5, elem_id="chat-input")
-                    self.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-                    self.clear = gr.Button("Clear", scale=1)
             with gr.Column(scale=4, elem_classes="panel"):
                 gr.Markdown("### Routing of the last exchange")
                 self.part = gr.Radio(["answer", "prompt"], value="answer", label="Tokens", elem_id="chat-part")
@@ -72,7 +72,7 @@ class ChatTab:
     def settings(system, temperature, top_p, top_k, max_new, repetition, seed, stop) -> ChatSettings:
         stops = tuple(line for line in (stop or "").splitlines() if line)
         return ChatSettings(system or "", float(temperature), float(top_p), int(top_k), int(max_new),
-                            float(repetition), stops, None if seed is None else int(seed))
+                            float(repetition), stops, None if seed is None or seed < 0 else int(seed))
 
     def respond(self, message: str, history: list, model: str, precision: str, trust: bool, *rest):
         """Streams (history, status, heatmap, tokens, slider, trace, json, csv) while answering `message`."""
