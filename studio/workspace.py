@@ -28,6 +28,15 @@ class FinishedMerge:
 MERGE_HEADERS = ["name", "experts", "size", "finished", "path"]
 
 
+def output_folder(workspace: Path, name: str) -> Path:
+    """A new merge's folder: a plain name inside the workspace (no path, not hidden)."""
+    name = name.strip()
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise StudioError(f"Output name {name!r}: use a plain folder name such as `my-moe`; merges go into "
+                          f"{workspace}.")
+    return Path(workspace) / name
+
+
 def finished_merges(workspace: Path) -> list[FinishedMerge]:
     """Every merge in the workspace, newest first. Half-written merges live in hidden folders and are skipped."""
     merges = []

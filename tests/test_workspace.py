@@ -10,7 +10,7 @@ from studio.errors import StudioError
 from studio.hub import files_to_push, push_to_hub
 from studio.loaded import LoadedModel
 from studio.sources import progress_tqdm
-from studio.workspace import MERGE_HEADERS, expert_prompts, finished_merges
+from studio.workspace import MERGE_HEADERS, expert_prompts, finished_merges, output_folder
 
 from test_chat import single_thread, zoo_moe  # noqa: F401  (fixtures)
 
@@ -83,3 +83,10 @@ def test_download_progress_reaches_its_callback():
         for _ in range(3):
             bar.update(1)
     assert seen == [("Fetching 3 files", n, 3) for n in range(4)]
+
+
+def test_merges_go_into_the_workspace_under_a_plain_name(tmp_path):
+    assert output_folder(tmp_path, " my-moe ") == tmp_path / "my-moe"
+    for bad in ["", "../elsewhere", "a/b", ".hidden"]:
+        with pytest.raises(StudioError, match="plain folder name"):
+            output_folder(tmp_path, bad)

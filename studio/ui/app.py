@@ -10,7 +10,6 @@ from studio.jobs import MergeRunner
 from studio.loaded import LoadedModel
 from studio.ui.build import BuildTab
 from studio.ui.chat import ChatTab
-from studio.ui.common import model_choices
 from studio.ui.inspect import InspectTab
 
 CSS = """

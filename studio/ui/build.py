@@ -18,7 +18,7 @@ from studio.plan import compatibility, make_plan
 from studio.report import COMPAT_HEADERS, compatibility_rows, estimate_rows
 from studio.sources import open_models
 from studio.ui.common import error_text, progress_html
-from studio.workspace import MERGE_HEADERS, finished_merges
+from studio.workspace import MERGE_HEADERS, finished_merges, output_folder
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 POLL_SECONDS = 0.5
@@ -50,15 +50,6 @@ def job_status(job: MergeJob) -> str:
     if job.state in ("failed", "cancelled"):
         return f"**{job.state.capitalize()}.** {job.error}"
     return f"**{p.stage}** {p.fraction:.0%} {p.message}"
-
-
-def output_folder(workspace: Path, name: str) -> Path:
-    """The merge's folder: a plain name inside the workspace."""
-    name = name.strip()
-    if not name or name.startswith(".") or "/" in name or "\\" in name:
-        raise StudioError(f"Output name {name!r}: use a plain folder name such as `my-moe`; merges go into "
-                          f"{workspace}.")
-    return workspace / name
 
 
 def _number(value) -> float | int | None:
