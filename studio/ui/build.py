@@ -201,7 +201,8 @@ class BuildTab:
         return edit
 
     def _expert_field(self, key: str, group: str = "experts"):
-        def edit(data: dict, value, selected: int, identical: bool):
+        def edit(data: dict, value, selected: int | None, identical: bool):
+            selected = selected or 0
             try:
                 data = form.set_expert_field(data, selected if group == "experts" else 0, key, value, group)
             except StudioError as exc:  # nothing selected: there are no experts yet
