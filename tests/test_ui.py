@@ -253,3 +253,17 @@ def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
     assert [sum(row) for row in confusion] == [len(v) * 4 for v in prompts.values()]  # every (prompt, layer) pair
     expect(page_at.locator("#inspect-table")).to_contain_text("Confusion over (prompt, layer) pairs")
     screenshot(page_at, "inspect")
+
+
+def test_push_to_hub_fails_readably_and_never_shows_the_token(page_at: Page, capfd):
+    secret = "hf_NotARealTokenForTheBrowserTest0123"
+    page_at.get_by_text("Push a merge to the Hugging Face Hub").click()
+    expect(field(page_at, "push-merge")).to_have_value(__import__("re").compile(r"zoo-4x$"))
+    field(page_at, "push-repo").fill("someone/zoo-moe")
+    field(page_at, "push-token").fill(secret)
+    page_at.locator("#push-button").click()
+    expect(page_at.locator("#push-message")).to_contain_text("Push to someone/zoo-moe failed", timeout=SLOW)
+    expect(page_at.locator("#push-message")).to_contain_text("Creating private repository someone/zoo-moe")
+    assert secret not in page_at.locator("body").inner_text()
+    out = capfd.readouterr()
+    assert secret not in out.out and secret not in out.err

@@ -157,11 +157,11 @@ class BuildTab:
         with gr.Accordion("Push a merge to the Hugging Face Hub", open=False):
             with gr.Row():
                 self.push_merge = gr.Dropdown(label="Merge", scale=2, elem_id="push-merge")
-                self.repo = gr.Textbox(label="Repository (your-name/model-name)", scale=2)
+                self.repo = gr.Textbox(label="Repository (your-name/model-name)", scale=2, elem_id="push-repo")
                 self.token = gr.Textbox(label="Token with write access (used for this push only, never stored)",
-                                        type="password", scale=2)
+                                        type="password", scale=2, elem_id="push-token")
                 self.private = gr.Checkbox(value=True, label="Private", scale=0)
-            self.push = gr.Button("Push to Hub")
+            self.push = gr.Button("Push to Hub", elem_id="push-button")
             self.push_message = gr.Markdown(elem_id="push-message")
 
     # Views ----------------------------------------------------------------------------------------------------
