@@ -5,6 +5,7 @@ Each tab is saved as a screenshot into assets/screenshots (README shows them).
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from PIL import Image
 from playwright.sync_api import Page, expect
 
 from studio.chat import ChatSettings, load_chat_model
-from studio.config import load_config
+from studio.config import load_config, parse_config
+from studio.jobs import MergeRunner
 from studio.merge import merge
 from studio.ui.app import build_app, launch
 
@@ -53,10 +55,11 @@ def studio(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)  # the presets' zoo paths are relative to the project folder, as with `python app.py`
         merge(load_config(ROOT / "assets" / "examples" / "zoo-4x.yml"), workspace / "zoo-4x", log=lambda m: None)
-        app = build_app(workspace, device="cpu")
+        runner = MergeRunner()
+        app = build_app(workspace, device="cpu", runner=runner)
         port = free_port()
         launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        yield f"http://127.0.0.1:{port}/", workspace
+        yield f"http://127.0.0.1:{port}/", workspace, runner
         app.close()
 
 
@@ -177,12 +180,33 @@ def test_check_models_and_merge_by_clicking(page_at: Page, studio):
     expect(page_at.locator("#merge-progress .studio-progress")).to_have_attribute("data-fraction", "1.000",
                                                                                 timeout=SLOW)
     expect(page_at.locator("#merge-status")).to_contain_text(f"Done: {workspace / 'clicked-moe'}")
-    expect(field(page_at, "merge-log")).to_have_value(__import__("re").compile(r"Wrote 8 files"))
+    expect(field(page_at, "merge-log")).to_have_value(re.compile(r"Wrote 8 files"))
     expect(page_at.locator("#finished-merges")).to_contain_text("clicked-moe")
     assert (workspace / "clicked-moe" / "model.safetensors").is_file()
     assert load_config(workspace / "clicked-moe" / "mergekit_moe_config.yml") == \
         load_config(ROOT / "assets" / "examples" / "zoo-4x.yml")
     screenshot(page_at, "build")
+
+
+def test_merges_queue_and_the_page_stays_responsive(page_at: Page, studio):
+    workspace, runner = studio[1], studio[2]
+    data = yaml.safe_load((ROOT / "assets" / "examples" / "zoo-4x.yml").read_text())
+    for expert in data["experts"]:  # thousands of distinct prompts: a hidden-gate pass of minutes
+        expert["positive_prompts"] = [f"{p} #{i}" for i in range(800) for p in expert["positive_prompts"]]
+    busy = runner.start(parse_config(data), workspace / "long-merge")
+    field(page_at, "out-name").fill("queued-moe")
+    page_at.locator("#merge-button").click()
+    expect(page_at.locator("#merge-status")).to_contain_text("queued")
+    expect(field(page_at, "merge-log")).to_have_value(re.compile("Another merge is running; this one starts when"))
+    type_into(page_at, "base-model", "assets/zoo/code")  # the form and the YAML still answer
+    wait_for_yaml(page_at, lambda d: d["base_model"] == "assets/zoo/code")
+    assert not busy.finished.is_set()
+
+    page_at.locator("#cancel-button").click()
+    busy.cancel()
+    expect(page_at.locator("#merge-status")).to_contain_text("Cancelled.", timeout=SLOW)
+    assert busy.finished.wait(60) and busy.state == "cancelled"
+    assert not (workspace / "long-merge").exists() and not (workspace / "queued-moe").exists()
 
 
 def read_plot(page: Page, elem_id: str) -> list:
@@ -241,7 +265,7 @@ def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
     picker.fill(model)
     picker.press("Enter")
     page_at.locator("#inspect-expert-prompts").click()
-    expect(field(page_at, "inspect-prompts")).to_have_value(__import__("re").compile("^def __init__"))
+    expect(field(page_at, "inspect-prompts")).to_have_value(re.compile("^def __init__"))
     field(page_at, "inspect-prompts").fill("import os\n---\n12 + 7 =\n---\nOnce upon a time")
     page_at.locator("#inspect-compare-button").click()
     expect(page_at.locator("#inspect-status")).to_contain_text("Compared 3 prompts", timeout=SLOW)
@@ -258,7 +282,7 @@ def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
 def test_push_to_hub_fails_readably_and_never_shows_the_token(page_at: Page, capfd):
     secret = "hf_NotARealTokenForTheBrowserTest0123"
     page_at.get_by_text("Push a merge to the Hugging Face Hub").click()
-    expect(field(page_at, "push-merge")).to_have_value(__import__("re").compile(r"zoo-4x$"))
+    expect(field(page_at, "push-merge")).to_have_value(re.compile(r"zoo-4x$"))
     field(page_at, "push-repo").fill("someone/zoo-moe")
     field(page_at, "push-token").fill(secret)
     page_at.locator("#push-button").click()

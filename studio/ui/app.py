@@ -29,9 +29,11 @@ CSS = """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald")
 
 
-def build_app(workspace: Path, initial: str = "zoo-4x", device: str = "auto") -> gr.Blocks:
-    """The studio's page. Merges go into `workspace`; `initial` is the preset the Build tab opens with."""
-    runner = MergeRunner()
+def build_app(workspace: Path, initial: str = "zoo-4x", device: str = "auto",
+              runner: MergeRunner | None = None) -> gr.Blocks:
+    """The studio's page. Merges go into `workspace` and run one at a time on `runner`; `initial` is the preset
+    the Build tab opens with; chat models run on `device`."""
+    runner = runner or MergeRunner()
     loaded = LoadedModel(device)
     with gr.Blocks(title="MoE Merge Studio") as app:
         gr.Markdown("# MoE Merge Studio\nBuild a Mixture of Experts from fine-tunes of one base model, merge it, "
