@@ -26,17 +26,20 @@ def expert_colours(count: int) -> list[str]:
 def layer_expert_heatmap(trace: RouterTrace, part: str = "prompt") -> go.Figure:
     """Mean router probability of each expert in each MoE layer, over the prompt's or the answer's tokens."""
     span = trace.span(part)
-    z = trace.mean_probabilities(part).tolist()
-    hover = [[[trace.labels[e], layer] for e in range(len(trace.labels))] for layer in trace.layers]
-    figure = go.Figure(go.Heatmap(
-        z=z, x=list(range(len(trace.labels))), y=list(range(len(trace.layers))), customdata=hover, zmin=0, zmax=1,
-        colorscale=HEATMAP_SCALE, colorbar={"title": "mean p"},
-        hovertemplate="layer %{customdata[1]}<br>%{customdata[0]}<br>mean probability %{z:.3f}<extra></extra>"))
+    figure = go.Figure(_mean_probability_heatmap(trace, part, colorbar={"title": "mean p"}))
     figure.update_layout(title=f"Mean router probability per layer, {part} ({len(trace.tokens[span])} tokens)")
     _expert_axis(figure, trace.labels, "x")
     figure.update_yaxes(title="layer", tickvals=list(range(len(trace.layers))), ticktext=list(map(str, trace.layers)),
                         autorange="reversed")
     return figure
+
+
+def _mean_probability_heatmap(trace: RouterTrace, part: str, **style) -> go.Heatmap:
+    hover = [[[trace.labels[e], layer] for e in range(len(trace.labels))] for layer in trace.layers]
+    return go.Heatmap(
+        z=trace.mean_probabilities(part).tolist(), x=list(range(len(trace.labels))), y=list(range(len(trace.layers))),
+        customdata=hover, zmin=0, zmax=1, colorscale=HEATMAP_SCALE,
+        hovertemplate="layer %{customdata[1]}<br>%{customdata[0]}<br>mean probability %{z:.3f}<extra></extra>", **style)
 
 
 def token_expert_heatmap(trace: RouterTrace, layer: int) -> go.Figure:
@@ -135,12 +138,7 @@ def compare_heatmaps(traces: list[RouterTrace], titles: list[str], part: str = "
     figure = make_subplots(rows=1, cols=len(traces), shared_yaxes=True, horizontal_spacing=0.02,
                            subplot_titles=[_short(t) for t in titles])
     for i, trace in enumerate(traces, start=1):
-        hover = [[[trace.labels[e], layer] for e in range(len(trace.labels))] for layer in trace.layers]
-        figure.add_trace(go.Heatmap(
-            z=trace.mean_probabilities(part).tolist(), x=list(range(len(trace.labels))),
-            y=list(range(len(trace.layers))), customdata=hover, zmin=0, zmax=1, colorscale=HEATMAP_SCALE,
-            coloraxis="coloraxis", hovertemplate="layer %{customdata[1]}<br>%{customdata[0]}<br>"
-                                                 "mean probability %{z:.3f}<extra></extra>"), row=1, col=i)
+        figure.add_trace(_mean_probability_heatmap(trace, part, coloraxis="coloraxis"), row=1, col=i)
         figure.update_xaxes(tickvals=list(range(len(trace.labels))), ticktext=trace.labels, row=1, col=i)
     first = traces[0]
     figure.update_yaxes(tickvals=list(range(len(first.layers))), ticktext=list(map(str, first.layers)),
