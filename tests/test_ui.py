@@ -233,6 +233,7 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
         number = page_at.locator(f"#{elem_id} input[type=number]")
         number.fill(value)
         number.press("Enter")
+        expect(page_at.locator(f"#{elem_id} input[type=range]")).to_have_value(value)  # the slider took it
     field(page_at, "chat-input").fill("Once upon a time")
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
@@ -250,6 +251,7 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
 
     page_at.locator("#chat-layer input[type=number]").fill("0")
     page_at.locator("#chat-layer input[type=number]").press("Enter")
+    expect(page_at.locator("#chat-layer input[type=range]")).to_have_value("0")
     expect(page_at.locator("#chat-tokens")).to_contain_text("Layer 0")
     field(page_at, "chat-input").fill("And then?")
     field(page_at, "chat-input").press("Enter")
