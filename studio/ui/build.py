@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -237,7 +238,10 @@ class BuildTab:
         return [data, text, *rest]
 
     def save_download(self, text: str) -> str:
-        path = self.downloads / "moe-config.yml"
+        """The editor's text as a file for the download button, named by its content so that sessions never
+        hand each other their configs."""
+        path = self.downloads / hashlib.sha256(text.encode()).hexdigest()[:16] / "moe-config.yml"
+        path.parent.mkdir(exist_ok=True)
         path.write_text(text, encoding="utf-8")
         return str(path)
 

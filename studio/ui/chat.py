@@ -105,7 +105,8 @@ class ChatTab:
                *routing_views(trace, part, None), trace, json_path, csv_path)
 
     def export(self, trace: RouterTrace) -> tuple[str, str]:
-        json_path, csv_path = self.exports / "router-trace.json", self.exports / "router-trace.csv"
+        folder = Path(tempfile.mkdtemp(dir=self.exports))  # one per reply: sessions never share a download
+        json_path, csv_path = folder / "router-trace.json", folder / "router-trace.csv"
         trace.save(json_path)
         csv_path.write_text(trace.to_csv(), encoding="utf-8")
         return str(json_path), str(csv_path)

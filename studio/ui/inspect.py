@@ -80,7 +80,8 @@ class InspectTab:
         except Exception as exc:  # shown as a message
             yield error_text(exc), *keep
             return
-        json_path, csv_path = self.exports / "router-traces.json", self.exports / "router-traces.csv"
+        folder = Path(tempfile.mkdtemp(dir=self.exports))  # one per comparison: sessions never share a download
+        json_path, csv_path = folder / "router-traces.json", folder / "router-traces.csv"
         save_traces(traces, json_path, csv_path)
         figure = compare_heatmaps(traces, prompts)
         layer = len(traces[0].layers) - 1
