@@ -12,13 +12,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also publish a temporary public Gradio link")
     parser.add_argument("--workspace", type=Path, default=Path("workspace"), help="folder where merges are written")
+    parser.add_argument("--device", default="auto", help="where chat models run: auto (GPUs, then CPU), cpu or cuda")
     args = parser.parse_args()
 
-    from studio.ui.build import build_app
+    from studio.ui.app import build_app, launch
 
     args.workspace.mkdir(parents=True, exist_ok=True)
-    build_app(args.workspace.resolve()).queue().launch(server_name=args.host, server_port=args.port,
-                                                        share=args.share)
+    launch(build_app(args.workspace.resolve(), device=args.device), server_name=args.host, server_port=args.port,
+           share=args.share)
 
 
 if __name__ == "__main__":

@@ -197,13 +197,14 @@ class _Cancelled:
 
 
 def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "auto",
-                    trust_remote_code: bool = False) -> ChatModel:
+                    trust_remote_code: bool = False, tqdm_class: type | None = None) -> ChatModel:
     """Open a local MoE folder or Hub id for chat. precision: 4bit (NF4, experts too), 8bit, bf16 or fp32;
-    device: auto (every GPU, then the CPU), cpu or cuda. Remote model code runs only with `trust_remote_code`."""
+    device: auto (every GPU, then the CPU), cpu or cuda. Remote model code runs only with `trust_remote_code`.
+    `tqdm_class` shows the progress of a Hub download."""
     from transformers import AutoConfig
 
     chosen = precision_named(precision)
-    source = _open(str(model), trust_remote_code)
+    source = _open(str(model), trust_remote_code, tqdm_class)
     try:
         config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
     except ValueError as exc:  # unknown model type: remote code that was not allowed, or a newer transformers
@@ -219,9 +220,9 @@ def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "a
                      footprint(loaded), stop)
 
 
-def _open(model: str, trust_remote_code: bool) -> ModelSource:
+def _open(model: str, trust_remote_code: bool, tqdm_class: type | None) -> ModelSource:
     """The model's folder: local, or downloaded from the Hub with its merge config (and code, when trusted)."""
-    source = open_model(model)
+    source = open_model(model, tqdm_class=tqdm_class)
     ref = ModelRef.parse(model)
     if not ref.is_local:
         from huggingface_hub import snapshot_download

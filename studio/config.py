@@ -135,11 +135,20 @@ def parse_config(data: Any, source: str = "config") -> MoEConfig:
     """Build a config from already-parsed YAML, turning schema errors into one readable message."""
     if not isinstance(data, dict):
         raise StudioError(f"{source}: expected a mapping with `base_model` and `experts`, got {type(data).__name__}.")
+    problems = validation_errors(data)
+    if problems:
+        lines = "\n".join(f"  - {message}" for _, message in problems)
+        raise StudioError(f"{source} is not a valid MoE config:\n{lines}")
+    return MoEConfig.model_validate(data)
+
+
+def validation_errors(data: dict) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every schema error of a config mapping, as (location, readable message); empty when it is valid."""
     try:
-        return MoEConfig.model_validate(data)
+        MoEConfig.model_validate(data)
     except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-        raise StudioError(f"{source} is not a valid MoE config:\n{lines}") from None
+        return [(tuple(e["loc"]), _describe(e)) for e in exc.errors()]
+    return []
 
 
 def load_yaml(text: str, source: str = "config") -> MoEConfig:

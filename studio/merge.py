@@ -23,7 +23,7 @@ from studio.config import MoEConfig, check_rules, dump_yaml, experts_with_gates
 from studio.errors import Cancelled, StudioError
 from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
-from studio.sources import TOKENIZER_FILES, ModelSource, open_models
+from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm
 from studio.writer import shard_names, write_shard
 
 DISK_MARGIN = 64 * 2**20
@@ -85,12 +85,16 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def prepare(config: MoEConfig, options: MergeOptions, log: Callable[[str], None] = print) -> tuple[MergePlan, list[str]]:
-    """Validate the config, open every model and plan the merge. Returns the plan and the warnings."""
+def prepare(config: MoEConfig, options: MergeOptions, log: Callable[[str], None] = print,
+            progress: Callable[[Progress], None] | None = None) -> tuple[MergePlan, list[str]]:
+    """Validate the config, open every model (reporting Hub downloads to `progress`) and plan the merge.
+    Returns the plan and the warnings."""
     errors, warnings = check_rules(config, options.allow_identical_experts)
     if errors:
         raise StudioError("The config breaks these rules:\n" + "\n".join(f"  - {e}" for e in errors))
-    sources = open_models(config.model_refs(), on_open=lambda ref: log(f"Opening {ref}"))
+    downloads = progress_tqdm(lambda what, done, total: progress(Progress("download", done, total, what))) \
+        if progress else None
+    sources = open_models(config.model_refs(), on_open=lambda ref: log(f"Opening {ref}"), tqdm_class=downloads)
     return make_plan(config, sources), warnings
 
 
@@ -104,7 +108,7 @@ def merge(config: MoEConfig, out: str | Path, options: MergeOptions | None = Non
     out = Path(out).expanduser().absolute()
     _check_destination(out, options.overwrite)
     report(Progress("open", 0, 1, "Opening models"))
-    plan, warnings = prepare(config, options, log=log)
+    plan, warnings = prepare(config, options, log=log, progress=report)
     for warning in warnings:
         log(f"Warning: {warning}")
     _check_not_a_source(out, plan)

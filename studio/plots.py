@@ -26,17 +26,20 @@ def expert_colours(count: int) -> list[str]:
 def layer_expert_heatmap(trace: RouterTrace, part: str = "prompt") -> go.Figure:
     """Mean router probability of each expert in each MoE layer, over the prompt's or the answer's tokens."""
     span = trace.span(part)
-    z = trace.mean_probabilities(part).tolist()
-    hover = [[[trace.labels[e], layer] for e in range(len(trace.labels))] for layer in trace.layers]
-    figure = go.Figure(go.Heatmap(
-        z=z, x=list(range(len(trace.labels))), y=list(range(len(trace.layers))), customdata=hover, zmin=0, zmax=1,
-        colorscale=HEATMAP_SCALE, colorbar={"title": "mean p"},
-        hovertemplate="layer %{customdata[1]}<br>%{customdata[0]}<br>mean probability %{z:.3f}<extra></extra>"))
+    figure = go.Figure(_mean_probability_heatmap(trace, part, colorbar={"title": "mean p"}))
     figure.update_layout(title=f"Mean router probability per layer, {part} ({len(trace.tokens[span])} tokens)")
-    _expert_axis(figure, trace, "x")
+    _expert_axis(figure, trace.labels, "x")
     figure.update_yaxes(title="layer", tickvals=list(range(len(trace.layers))), ticktext=list(map(str, trace.layers)),
                         autorange="reversed")
     return figure
+
+
+def _mean_probability_heatmap(trace: RouterTrace, part: str, **style) -> go.Heatmap:
+    hover = [[[trace.labels[e], layer] for e in range(len(trace.labels))] for layer in trace.layers]
+    return go.Heatmap(
+        z=trace.mean_probabilities(part).tolist(), x=list(range(len(trace.labels))), y=list(range(len(trace.layers))),
+        customdata=hover, zmin=0, zmax=1, colorscale=HEATMAP_SCALE,
+        hovertemplate="layer %{customdata[1]}<br>%{customdata[0]}<br>mean probability %{z:.3f}<extra></extra>", **style)
 
 
 def token_expert_heatmap(trace: RouterTrace, layer: int) -> go.Figure:
@@ -54,7 +57,7 @@ def token_expert_heatmap(trace: RouterTrace, layer: int) -> go.Figure:
     figure.add_vline(x=trace.prompt_length - 0.5, line_dash="dash", annotation_text="answer starts")
     figure.update_layout(title=f"Router probabilities per token, layer {layer}")
     figure.update_xaxes(title="token", tickvals=list(range(len(trace.tokens))), ticktext=trace.tokens, tickangle=-60)
-    _expert_axis(figure, trace, "y")
+    _expert_axis(figure, trace.labels, "y")
     figure.update_yaxes(autorange="reversed")  # expert 0 on top, as in the legends
     return figure
 
@@ -123,6 +126,45 @@ def write_report(trace: RouterTrace, path: str | Path, layer: int | None = None)
     return path
 
 
-def _expert_axis(figure: go.Figure, trace: RouterTrace, axis: str) -> None:
-    ticks = {"tickvals": list(range(len(trace.labels))), "ticktext": trace.labels, "title": "expert"}
+def _expert_axis(figure: go.Figure, labels: list[str], axis: str) -> None:
+    ticks = {"tickvals": list(range(len(labels))), "ticktext": labels, "title": "expert"}
     (figure.update_xaxes if axis == "x" else figure.update_yaxes)(**ticks)
+
+
+def compare_heatmaps(traces: list[RouterTrace], titles: list[str], part: str = "prompt") -> go.Figure:
+    """Layer x expert heatmaps of several traces side by side, one column each, on one colour scale."""
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=1, cols=len(traces), shared_yaxes=True, horizontal_spacing=0.02,
+                           subplot_titles=[_short(t) for t in titles])
+    for i, trace in enumerate(traces, start=1):
+        figure.add_trace(_mean_probability_heatmap(trace, part, coloraxis="coloraxis"), row=1, col=i)
+        figure.update_xaxes(tickvals=list(range(len(trace.labels))), ticktext=trace.labels, row=1, col=i)
+    first = traces[0]
+    figure.update_yaxes(tickvals=list(range(len(first.layers))), ticktext=list(map(str, first.layers)),
+                        autorange="reversed", row=1, col=1, title="layer")
+    figure.update_layout(coloraxis={"colorscale": HEATMAP_SCALE, "cmin": 0, "cmax": 1,
+                                    "colorbar": {"title": "mean p"}},
+                         title=f"Mean router probability per layer, {part} of each prompt")
+    return figure
+
+
+def confusion_figure(labels: list[str], intended: list[int], confusion: list[list[int]]) -> go.Figure:
+    """Routing evaluation: for each intended expert (rows), how many (prompt, layer) pairs went to each expert."""
+    figure = go.Figure(go.Heatmap(
+        z=confusion, x=list(range(len(labels))), y=list(range(len(intended))), colorscale=HEATMAP_SCALE,
+        text=[[str(v) for v in row] for row in confusion], texttemplate="%{text}", colorbar={"title": "pairs"},
+        customdata=[[[labels[k], labels[e]] for e in range(len(labels))] for k in intended],
+        hovertemplate="intended %{customdata[0]}<br>chosen %{customdata[1]}<br>%{z} (prompt, layer) pairs"
+                      "<extra></extra>"))
+    figure.update_layout(title="Routing of held-out prompts: intended expert against chosen expert")
+    _expert_axis(figure, labels, "x")
+    figure.update_xaxes(title="chosen expert")
+    figure.update_yaxes(tickvals=list(range(len(intended))), ticktext=[labels[k] for k in intended],
+                        title="intended expert", autorange="reversed")
+    return figure
+
+
+def _short(text: str, length: int = 40) -> str:
+    text = " ".join(text.split())
+    return html.escape(text if len(text) <= length else text[:length - 1] + "…")

@@ -287,15 +287,35 @@ def open_model(text: str, fetch_weights: bool = True, tqdm_class: type | None = 
     return ModelSource(ref, Path(ref.location), config, index)
 
 
-def open_models(refs: list[str], fetch_weights: bool = True,
-                on_open: Callable[[str], None] | None = None) -> dict[str, ModelSource]:
-    """Open each distinct reference once."""
+def open_models(refs: list[str], fetch_weights: bool = True, on_open: Callable[[str], None] | None = None,
+                tqdm_class: type | None = None) -> dict[str, ModelSource]:
+    """Open each distinct reference once; `tqdm_class` shows the progress of Hub downloads."""
     sources = {}
     for text in refs:
         if on_open:
             on_open(text)
-        sources[text] = open_model(text, fetch_weights)
+        sources[text] = open_model(text, fetch_weights, tqdm_class)
     return sources
+
+
+def progress_tqdm(report: Callable[[str, int, int], None]) -> type:
+    """A tqdm class (for huggingface_hub's `tqdm_class`) that also calls report(description, done, total)."""
+    from tqdm.std import tqdm
+
+    class Reporting(tqdm):
+        # Counted here too: a disabled bar (HF_HUB_DISABLE_PROGRESS_BARS) keeps no counts of its own.
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.what, self.done, self.size = kwargs.get("desc") or "", 0, int(kwargs.get("total") or 0)
+            report(self.what, self.done, self.size)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            self.done += int(n or 0)
+            report(self.what, self.done, self.size)
+            return shown
+
+    return Reporting
 
 
 def copy_bytes(info: TensorInfo, out, chunk: int = 64 * 2**20) -> None:

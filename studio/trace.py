@@ -142,3 +142,14 @@ class RouterTrace:
 
 def _tensor(values: list, dtype: torch.dtype, layers: int, tokens: int) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).reshape(layers, tokens, -1)
+
+
+def save_traces(traces: list[RouterTrace], json_path: str | Path, csv_path: str | Path) -> None:
+    """Several traces (one per prompt): a JSON list of traces, and one CSV whose first column is the prompt's
+    index (the rest as in RouterTrace.to_csv)."""
+    Path(json_path).write_text(json.dumps([t.to_dict() for t in traces]), encoding="utf-8")
+    lines = []
+    for i, trace in enumerate(traces):
+        header, *rows = trace.to_csv().splitlines(keepends=True)
+        lines += ([f"prompt,{header}"] if i == 0 else []) + [f"{i},{row}" for row in rows]
+    Path(csv_path).write_text("".join(lines), encoding="utf-8")

@@ -121,3 +121,38 @@ def test_report_holds_every_figure_and_each_layers_text(trace, tmp_path):
     assert len(set(plots.expert_colours(100))) == 100
     with pytest.raises(StudioError, match="Layer 5 has no router"):
         plots.token_expert_heatmap(trace, 5)
+
+
+def test_side_by_side_heatmaps_hold_each_traces_probabilities(trace):
+    other = dataclasses.replace(trace, probabilities=trace.probabilities.flip(-1))
+    figure = plots.compare_heatmaps([trace, other], ["first prompt", "x" * 80], part="prompt")
+    assert [[list(row) for row in h.z] for h in figure.data] == [trace.mean_probabilities("prompt").tolist(),
+                                                                other.mean_probabilities("prompt").tolist()]
+    assert all(h.coloraxis == "coloraxis" for h in figure.data)  # one colour scale for every prompt
+    titles = [a.text for a in figure.layout.annotations]
+    assert titles[0] == "first prompt" and len(titles[1]) == 40
+
+
+def test_confusion_figure_holds_the_counts():
+    figure = plots.confusion_figure(["a/code", "a/math", "a/chat"], [2, 0], [[1, 0, 5], [4, 2, 0]])
+    assert [list(row) for row in figure.data[0].z] == [[1, 0, 5], [4, 2, 0]]
+    assert list(figure.layout.yaxis.ticktext) == ["a/chat", "a/code"]
+    assert list(figure.layout.xaxis.ticktext) == ["a/code", "a/math", "a/chat"]
+
+
+def test_several_traces_export_to_one_json_and_one_csv(trace, tmp_path):
+    import csv
+    import json
+
+    from studio.trace import save_traces
+
+    other = dataclasses.replace(trace, probabilities=trace.probabilities.flip(-1))
+    save_traces([trace, other], tmp_path / "t.json", tmp_path / "t.csv")
+    loaded = [RouterTrace.from_dict(d) for d in json.loads((tmp_path / "t.json").read_text())]
+    assert [t.probabilities.tolist() for t in loaded] == [trace.probabilities.tolist(), other.probabilities.tolist()]
+    rows = list(csv.reader((tmp_path / "t.csv").open()))
+    assert rows[0][:3] == ["prompt", "position", "part"]
+    per_trace = len(trace.tokens) * len(trace.layers)
+    assert len(rows) == 1 + 2 * per_trace
+    assert {r[0] for r in rows[1:per_trace + 1]} == {"0"} and {r[0] for r in rows[per_trace + 1:]} == {"1"}
+    assert rows[-1][1:] == next(csv.reader(other.to_csv().splitlines()[-1:]))

@@ -135,3 +135,8 @@ def choose_output(inputs: MergeInputs) -> OutputArch:
         return fitting[0]
     lines = "\n".join(f"  - {name}: {why}" for name, why in reasons.items())
     raise StudioError(f"No output architecture fits these models:\n{lines}")
+
+
+def output_names() -> list[str]:
+    """The names of the output architectures, as the config's `architecture` field takes them."""
+    return [o.name for o in _outputs()]

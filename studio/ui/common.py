@@ -1,0 +1,103 @@
+"""Pieces every tab uses: readable errors, the progress bar, the model picker and loading with progress."""
+
+from __future__ import annotations
+
+import html
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from studio.chat import ChatModel
+from studio.errors import StudioError
+from studio.loaded import LoadedModel
+from studio.sources import progress_tqdm
+from studio.workspace import finished_merges
+
+MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # chat, compare, evaluate share one loaded model
+PRECISIONS = [("4-bit (NF4)", "4bit"), ("8-bit", "8bit"), ("bf16", "bf16"), ("fp32", "fp32")]
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as one readable line for the page (never a traceback)."""
+    if isinstance(exc, StudioError):
+        return f"**Error:** {exc}"
+    return f"**Unexpected error:** {type(exc).__name__}: {exc}"
+
+
+def progress_html(fraction: float, label: str) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    return (f'<div class="studio-progress" data-fraction="{fraction:.3f}"><div class="studio-progress-bar" '
+            f'style="width:{fraction:.1%}"></div><span>{html.escape(label)}</span></div>')
+
+
+def model_choices(workspace: Path) -> list[str]:
+    return [str(m.path) for m in finished_merges(workspace)]
+
+
+class ModelPicker:
+    """Model (a workspace merge, any folder or a Hub id), precision and the remote-code tick, with a load button."""
+
+    def __init__(self, workspace: Path, prefix: str, loaded: LoadedModel) -> None:
+        self.workspace = workspace
+        self.loaded = loaded
+        with gr.Row(equal_height=True):
+            self.model = gr.Dropdown(label="Model (a merge in the workspace, a folder or a Hub id)",
+                                     allow_custom_value=True, scale=4, elem_id=f"{prefix}-model")
+            self.refresh = gr.Button("↻", scale=0, min_width=40, size="sm")
+            self.precision = gr.Radio(PRECISIONS, value="4bit", label="Precision", scale=3,
+                                      elem_id=f"{prefix}-precision")
+        with gr.Row(equal_height=True):
+            self.trust = gr.Checkbox(label="Trust remote code (runs Python code from the model's repository)",
+                                     scale=3)
+            self.load = gr.Button("Load", scale=1, elem_id=f"{prefix}-load")
+        self.status = gr.Markdown(elem_id=f"{prefix}-status")
+        self.refresh.click(self.choices, self.model, self.model)
+        self.load.click(self.load_messages, self.inputs, self.status, **MODEL_QUEUE)
+
+    @property
+    def inputs(self) -> list:
+        return [self.model, self.precision, self.trust]
+
+    def choices(self, current: str | None = None):
+        paths = model_choices(self.workspace)
+        return gr.update(choices=paths, value=current or (paths[0] if paths else None))
+
+    def load_messages(self, model: str, precision: str, trust: bool) -> Iterator[str]:
+        try:
+            for step in load_with_progress(self.loaded, model, precision, trust):
+                yield step if isinstance(step, str) else loaded_status(*step)
+        except Exception as exc:  # shown as a message
+            yield error_text(exc)
+
+
+def loaded_status(chat: ChatModel, fresh: bool) -> str:
+    return f"{'Loaded' if fresh else 'Reusing'} {chat.describe()}"
+
+
+def load_with_progress(loaded: LoadedModel, model: str | None, precision: str,
+                       trust: bool) -> Iterator[str | tuple[ChatModel, bool]]:
+    """Status lines while the model loads (with Hub download progress), then (the ChatModel, whether it was
+    loaded now rather than reused). Raises StudioError."""
+    if not model or not str(model).strip():
+        raise StudioError("Pick a model: a merge from the list, a local folder or a Hub id.")
+    state: dict = {"line": f"Loading {model} at {precision}…"}
+
+    def report(what: str, done: int, total: int) -> None:
+        state["line"] = f"Downloading {model}: {what} {done}/{total}"
+
+    def work() -> None:
+        try:
+            state["model"], state["fresh"] = loaded.get(str(model), precision, trust, progress_tqdm(report))
+        except BaseException as exc:  # handed to the page's thread below
+            state["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True, name="studio-load")
+    thread.start()
+    while thread.is_alive():
+        yield state["line"]
+        thread.join(0.5)
+    if "error" in state:
+        raise state["error"]
+    yield state["model"], state["fresh"]

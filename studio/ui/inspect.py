@@ -1,0 +1,125 @@
+"""The Inspect tab: several prompts routed side by side, the routing evaluation, and trace export."""
+
+from __future__ import annotations
+
+import html
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from studio.chat import ChatSettings
+from studio.errors import StudioError
+from studio.evaluate import evaluate_routing, load_prompts
+from studio.form import prompts_to_text, text_to_prompts
+from studio.loaded import LoadedModel
+from studio.plots import compare_heatmaps, confusion_figure, token_text_html
+from studio.trace import save_traces
+from studio.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_progress
+from studio.workspace import expert_prompts
+
+ZOO_EVAL = Path(__file__).resolve().parents[2] / "assets" / "zoo" / "eval-prompts.yml"
+ROUTE_ONLY = ChatSettings(temperature=0, max_new_tokens=1)  # the prompt's routing; one token is the least generate makes
+
+
+class InspectTab:
+    def __init__(self, loaded: LoadedModel, workspace: Path) -> None:
+        self.loaded = loaded
+        self.exports = Path(tempfile.mkdtemp(prefix="moe-studio-inspect-"))
+        with gr.Column(elem_classes="panel"):
+            self.picker = ModelPicker(workspace, "inspect", loaded)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, elem_classes="panel"):
+                self.prompts = gr.Textbox(label="Prompts to compare (a line with only --- between prompts)", lines=8,
+                                          value="def add(a, b):\n---\n12 + 7 =\n---\nOnce upon a time",
+                                          elem_id="inspect-prompts")
+                with gr.Row():
+                    self.expert_button = gr.Button("Each expert's positive prompts", elem_id="inspect-expert-prompts")
+                    self.compare = gr.Button("Compare", variant="primary", elem_id="inspect-compare-button")
+                with gr.Row():
+                    self.json = gr.DownloadButton("Traces JSON", elem_id="inspect-json")
+                    self.csv = gr.DownloadButton("Traces CSV", elem_id="inspect-csv")
+            with gr.Column(scale=5, elem_classes="panel"):
+                self.figure = gr.Plot(label="Side by side", elem_id="inspect-compare")
+                self.layer = gr.Slider(0, 1, value=0, step=1, label="MoE layer for the token colouring",
+                                       elem_id="inspect-layer")
+                self.tokens = gr.HTML(elem_id="inspect-tokens")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, elem_classes="panel"):
+                gr.Markdown("### Routing evaluation\nHeld-out prompts per expert (YAML: expert name or index -> list "
+                            f"of prompts). Without a file: the zoo's `{ZOO_EVAL.name}`.")
+                self.eval_file = gr.File(label="Held-out prompts (YAML)", file_types=[".yml", ".yaml"])
+                self.evaluate = gr.Button("Evaluate routing", variant="primary", elem_id="inspect-evaluate")
+            with gr.Column(scale=5, elem_classes="panel"):
+                self.confusion = gr.Plot(label="Confusion matrix", elem_id="inspect-confusion")
+                self.table = gr.Code(label="Per layer", language=None, elem_id="inspect-table")
+        self.traces = gr.State([])
+        self._wire()
+
+    def fill_expert_prompts(self, model: str | None):
+        prompts = expert_prompts(model) if model else {}
+        if not prompts:
+            return gr.skip(), "This model has no merge config with positive prompts; type prompts instead."
+        return prompts_to_text([p for texts in prompts.values() for p in texts]), \
+            f"Filled in the positive prompts of {len(prompts)} experts."
+
+    def run_compare(self, model: str, precision: str, trust: bool, text: str):
+        keep = [gr.skip()] * 6
+        try:
+            prompts = text_to_prompts(text)
+            if not prompts:
+                raise StudioError("Type at least one prompt (separate prompts with a line holding only ---).")
+            for step in load_with_progress(self.loaded, model, precision, trust):
+                if isinstance(step, str):
+                    yield step, *keep
+            chat, _ = step
+            traces = []
+            for i, prompt in enumerate(prompts):
+                yield f"Routing prompt {i + 1} of {len(prompts)}…", *keep
+                traces.append(chat.reply(prompt, ROUTE_ONLY).trace)
+        except Exception as exc:  # shown as a message
+            yield error_text(exc), *keep
+            return
+        folder = Path(tempfile.mkdtemp(dir=self.exports))  # one per comparison: sessions never share a download
+        json_path, csv_path = folder / "router-traces.json", folder / "router-traces.csv"
+        save_traces(traces, json_path, csv_path)
+        figure = compare_heatmaps(traces, prompts)
+        layer = len(traces[0].layers) - 1
+        yield (f"Compared {len(prompts)} prompts on {chat.name}.", figure, self.token_views(traces, layer),
+               gr.update(minimum=0, maximum=layer, value=layer), traces, str(json_path), str(csv_path))
+
+    @staticmethod
+    def token_views(traces: list, position: int) -> str:
+        if not traces:
+            return ""
+        parts = [f"<h4>Prompt {i + 1}</h4>{token_text_html(t, t.layers[min(int(position), len(t.layers) - 1)])}"
+                 for i, t in enumerate(traces)]
+        return '<div class="token-columns">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>"
+
+    def run_evaluate(self, model: str, precision: str, trust: bool, file):
+        try:
+            prompts = load_prompts(file or ZOO_EVAL)
+            for step in load_with_progress(self.loaded, model, precision, trust):
+                if isinstance(step, str):
+                    yield step, gr.skip(), gr.skip()
+            chat, _ = step
+            yield f"Routing {sum(len(v) for v in prompts.values())} held-out prompts…", gr.skip(), gr.skip()
+            report = evaluate_routing(chat.model, prompts, chat.tokenizer, chat.labels)
+        except Exception as exc:  # shown as a message
+            yield error_text(exc), gr.skip(), gr.skip()
+            return
+        summary = ", ".join(f"{html.escape(report.labels[k])} {m:.0%}"
+                            for k, m in zip(report.intended, report.majority_of_layers))
+        yield (f"Prompts routed to their expert in most layers: {summary}",
+               confusion_figure(report.labels, report.intended, report.confusion), report.table())
+
+    def _wire(self) -> None:
+        status = self.picker.status
+        self.expert_button.click(self.fill_expert_prompts, self.picker.model, [self.prompts, status])
+        self.compare.click(self.run_compare, [*self.picker.inputs, self.prompts],
+                           [status, self.figure, self.tokens, self.layer, self.traces, self.json, self.csv],
+                           show_progress="hidden", **MODEL_QUEUE)
+        self.layer.input(self.token_views, [self.traces, self.layer], self.tokens, trigger_mode="always_last",
+                         show_progress="hidden")
+        self.evaluate.click(self.run_evaluate, [*self.picker.inputs, self.eval_file],
+                            [status, self.confusion, self.table], show_progress="hidden", **MODEL_QUEUE)

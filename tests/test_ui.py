@@ -1,0 +1,295 @@
+"""The studio in a real browser: Chromium driven by Playwright against the real Gradio server and real models.
+
+Each tab is saved as a screenshot into assets/screenshots (README shows them).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from playwright.sync_api import Page, expect
+
+from studio.chat import ChatSettings, load_chat_model
+from studio.config import load_config, parse_config
+from studio.jobs import MergeRunner
+from studio.merge import merge
+from studio.ui.app import build_app, launch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "assets" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps calling home, which floods a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SLOW = 120_000  # ms: a merge or a model load on a busy 2-core machine
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"The browser tests need Debian's Chromium at {CHROMIUM}: apt-get install -y chromium "
+                    f"(.ci/run does this).")
+    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args):
+    return {**browser_context_args, "viewport": {"width": 1440, "height": 900}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def studio(tmp_path_factory):
+    """The studio serving a fresh workspace that already holds one merge of the zoo (for the Chat tab)."""
+    workspace = tmp_path_factory.mktemp("workspace")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)  # the presets' zoo paths are relative to the project folder, as with `python app.py`
+        merge(load_config(ROOT / "assets" / "examples" / "zoo-4x.yml"), workspace / "zoo-4x", log=lambda m: None)
+        runner = MergeRunner()
+        app = build_app(workspace, device="cpu", runner=runner)
+        port = free_port()
+        launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        yield f"http://127.0.0.1:{port}/", workspace, runner
+        app.close()
+
+
+@pytest.fixture
+def page_at(page: Page, studio) -> Page:
+    page.set_default_timeout(30_000)
+    page.goto(studio[0])
+    expect(page.locator("#base-model textarea, #base-model input")).to_have_value("assets/zoo/base")
+    return page
+
+
+def editor_yaml(page: Page) -> dict:
+    return yaml.safe_load(page.locator("#config-yaml .cm-content").inner_text())
+
+
+def wait_for_yaml(page: Page, check, timeout: float = 10) -> dict:
+    """The editor's YAML once `check(data)` holds (form edits reach the editor after a round trip)."""
+    for _ in range(int(timeout * 10)):
+        data = editor_yaml(page)
+        if check(data):
+            return data
+        page.wait_for_timeout(100)
+    raise AssertionError(f"The YAML editor never satisfied the check; it holds:\n{data}")
+
+
+def replace_editor_text(page: Page, text: str) -> None:
+    page.locator("#config-yaml .cm-content").click()
+    page.keyboard.press("ControlOrMeta+a")
+    page.keyboard.insert_text(text)
+
+
+def field(page: Page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def type_into(page: Page, elem_id: str, text: str) -> None:
+    """Replace a field's text the way a person does: Gradio's input events follow key presses, not fill()."""
+    box = field(page, elem_id)
+    box.fill(text[:-1])
+    box.press_sequentially(text[-1])
+
+
+def screenshot(page: Page, name: str) -> None:
+    """A full-page PNG, reduced to 256 colours so the repository stays small."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=path, full_page=True)
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def test_page_opens_with_the_zoo_config(page_at: Page):
+    data = editor_yaml(page_at)
+    assert data["base_model"] == "assets/zoo/base" and len(data["experts"]) == 4
+    expect(field(page_at, "expert-picker")).to_have_value("0: assets/zoo/code")
+    expect(field(page_at, "expert-source")).to_have_value("assets/zoo/code")
+    expect(field(page_at, "gate-mode")).to_have_value("hidden")
+    expect(page_at.locator("#finished-merges")).to_contain_text("zoo-4x")
+
+
+def test_form_edits_change_the_yaml_and_yaml_edits_change_the_form(page_at: Page):
+    type_into(page_at, "expert-source", "assets/zoo/stories")
+    data = wait_for_yaml(page_at, lambda d: d["experts"][0]["source_model"] != "assets/zoo/code")
+    assert [e["source_model"] for e in data["experts"]] == ["assets/zoo/stories", "assets/zoo/math",
+                                                            "assets/zoo/stories", "assets/zoo/chat"]
+    expect(field(page_at, "expert-picker")).to_have_value("0: assets/zoo/stories")
+
+    data["gate_mode"] = "cheap_embed"
+    data["experts"][0]["source_model"] = "assets/zoo/math"
+    data["experts"][0]["positive_prompts"] = ["first prompt", "second\nprompt"]
+    replace_editor_text(page_at, yaml.safe_dump(data, sort_keys=False))
+    expect(field(page_at, "gate-mode")).to_have_value("cheap_embed")
+    expect(field(page_at, "expert-source")).to_have_value("assets/zoo/math")
+    expect(field(page_at, "expert-positive")).to_have_value("first prompt\n---\nsecond\nprompt")
+
+    page_at.locator("#add-expert").click()
+    expect(field(page_at, "expert-picker")).to_have_value("4: assets/zoo/base")
+    wait_for_yaml(page_at, lambda d: d["experts"][4:] == [{"source_model": "assets/zoo/base"}])
+    expect(page_at.locator("#msg-expert")).to_contain_text("has no positive_prompts")
+
+    with page_at.expect_download() as download:
+        page_at.locator("#download-yaml").click()
+    assert yaml.safe_load(Path(download.value.path()).read_text()) == editor_yaml(page_at)
+
+
+def test_invalid_config_shows_its_message_next_to_the_field(page_at: Page, tmp_path):
+    type_into(page_at, "experts-per-token", "9")
+    expect(page_at.locator("#msg-settings")).to_contain_text("experts_per_token is 9 but there are only 4 experts")
+    wait_for_yaml(page_at, lambda d: d["experts_per_token"] == 9)
+
+    text = page_at.locator("#config-yaml .cm-content").inner_text()
+    replace_editor_text(page_at, text.replace("gate_mode: hidden", "gate_mode: hiden"))
+    expect(page_at.locator("#msg-settings")).to_contain_text("did you mean hidden")
+    replace_editor_text(page_at, "experts: [")
+    expect(page_at.locator("#msg-config")).to_contain_text("The YAML does not parse")
+    expect(field(page_at, "base-model")).to_have_value("assets/zoo/base")  # the form keeps its last good values
+
+    page_at.locator("#merge-button").click()
+    expect(page_at.locator("#merge-status")).to_contain_text("not valid YAML")
+    expect(page_at.locator("body")).not_to_contain_text("Traceback")
+
+    uploaded = tmp_path / "mine.yml"
+    uploaded.write_text("base_model: assets/zoo/base\nexperts:\n  - source_model: assets/zoo/code\n    noise: 0.1\n")
+    with page_at.expect_file_chooser() as chooser:
+        page_at.locator("#upload-yaml").click()
+    chooser.value.set_files(uploaded)
+    expect(page_at.locator("#msg-expert")).to_contain_text("experts[0].noise: unknown key (did you mean noise_scale?)")
+    expect(page_at.locator("#config-yaml")).to_contain_text("noise: 0.1")
+
+
+def test_check_models_and_merge_by_clicking(page_at: Page, studio):
+    workspace = studio[1]
+    page_at.locator("#check-models").click()
+    expect(page_at.locator("#check-message")).to_contain_text("Models fit together.")
+    expect(page_at.locator("#compat-table")).to_contain_text("experts[3]")
+    expect(page_at.locator("#estimates")).to_contain_text("memory to run, 4-bit")
+    field(page_at, "out-name").fill("clicked-moe")
+    page_at.locator("#merge-button").click()
+    expect(page_at.locator("#merge-progress .studio-progress")).to_have_attribute("data-fraction", "1.000",
+                                                                                timeout=SLOW)
+    expect(page_at.locator("#merge-status")).to_contain_text(f"Done: {workspace / 'clicked-moe'}")
+    expect(field(page_at, "merge-log")).to_have_value(re.compile(r"Wrote 8 files"))
+    expect(page_at.locator("#finished-merges")).to_contain_text("clicked-moe")
+    assert (workspace / "clicked-moe" / "model.safetensors").is_file()
+    assert load_config(workspace / "clicked-moe" / "mergekit_moe_config.yml") == \
+        load_config(ROOT / "assets" / "examples" / "zoo-4x.yml")
+    screenshot(page_at, "build")
+
+
+def test_merges_queue_and_the_page_stays_responsive(page_at: Page, studio):
+    workspace, runner = studio[1], studio[2]
+    data = yaml.safe_load((ROOT / "assets" / "examples" / "zoo-4x.yml").read_text())
+    for expert in data["experts"]:  # thousands of distinct prompts: a hidden-gate pass of minutes
+        expert["positive_prompts"] = [f"{p} #{i}" for i in range(800) for p in expert["positive_prompts"]]
+    busy = runner.start(parse_config(data), workspace / "long-merge")
+    field(page_at, "out-name").fill("queued-moe")
+    page_at.locator("#merge-button").click()
+    expect(page_at.locator("#merge-status")).to_contain_text("queued")
+    expect(field(page_at, "merge-log")).to_have_value(re.compile("Another merge is running; this one starts when"))
+    type_into(page_at, "base-model", "assets/zoo/code")  # the form and the YAML still answer
+    wait_for_yaml(page_at, lambda d: d["base_model"] == "assets/zoo/code")
+    assert not busy.finished.is_set()
+
+    page_at.locator("#cancel-button").click()
+    busy.cancel()
+    expect(page_at.locator("#merge-status")).to_contain_text("Cancelled.", timeout=SLOW)
+    assert busy.finished.wait(60) and busy.state == "cancelled"
+    assert not (workspace / "long-merge").exists() and not (workspace / "queued-moe").exists()
+
+
+def read_plot(page: Page, elem_id: str) -> list:
+    plot = page.locator(f"#{elem_id} .js-plotly-plot")
+    expect(plot).to_have_count(1, timeout=SLOW)
+    return page.evaluate(f"() => document.querySelector('#{elem_id} .js-plotly-plot').data.map(t => t.z)")
+
+
+def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
+    model = str(studio[1] / "zoo-4x")
+    page_at.locator("#tab-chat-button, button[role=tab]:has-text('Chat')").first.click()
+    picker = field(page_at, "chat-model")
+    picker.fill(str(studio[1] / "missing"))
+    picker.press("Enter")
+    field(page_at, "chat-input").fill("Hello")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Error:")
+    expect(page_at.locator("body")).not_to_contain_text("Traceback")
+    page_at.locator("#chat-clear").click()
+    picker.fill(model)
+    picker.press("Enter")
+    page_at.get_by_text("Generation settings").click()
+    for elem_id, value in (("chat-temperature", "0"), ("chat-max-new", "12")):
+        number = page_at.locator(f"#{elem_id} input[type=number]")
+        number.fill(value)
+        number.press("Enter")
+        expect(page_at.locator(f"#{elem_id} input[type=range]")).to_have_value(value)  # the slider took it
+    field(page_at, "chat-input").fill("Once upon a time")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
+    expect(page_at.locator("#chat-status")).to_contain_text("Loaded")
+    shown = read_plot(page_at, "chat-heatmap")[0]
+
+    outside = load_chat_model(model, "4bit", "cpu").reply([{"role": "user", "content": "Once upon a time"}],
+                                                          ChatSettings(temperature=0, max_new_tokens=12))
+    expected = outside.trace.mean_probabilities("answer").tolist()
+    assert len(shown) == len(expected) == 4 and len(shown[0]) == 4
+    for row, want in zip(shown, expected):
+        assert row == pytest.approx(want, abs=1e-6)
+    expect(page_at.locator("#chatbot")).to_contain_text(outside.text.strip()[:20])
+    expect(page_at.locator("#chat-tokens")).to_contain_text("Layer 3")
+
+    page_at.locator("#chat-layer input[type=number]").fill("0")
+    page_at.locator("#chat-layer input[type=number]").press("Enter")
+    expect(page_at.locator("#chat-layer input[type=range]")).to_have_value("0")
+    expect(page_at.locator("#chat-tokens")).to_contain_text("Layer 0")
+    field(page_at, "chat-input").fill("And then?")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Reusing", timeout=SLOW)
+    expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
+    screenshot(page_at, "chat")
+
+
+def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
+    model = str(studio[1] / "zoo-4x")
+    page_at.locator("button[role=tab]:has-text('Inspect')").first.click()
+    picker = field(page_at, "inspect-model")
+    picker.fill(model)
+    picker.press("Enter")
+    page_at.locator("#inspect-expert-prompts").click()
+    expect(field(page_at, "inspect-prompts")).to_have_value(re.compile("^def __init__"))
+    field(page_at, "inspect-prompts").fill("import os\n---\n12 + 7 =\n---\nOnce upon a time")
+    page_at.locator("#inspect-compare-button").click()
+    expect(page_at.locator("#inspect-status")).to_contain_text("Compared 3 prompts", timeout=SLOW)
+    assert len(read_plot(page_at, "inspect-compare")) == 3
+    page_at.locator("#inspect-evaluate").click()
+    expect(page_at.locator("#inspect-status")).to_contain_text("routed to their expert", timeout=SLOW)
+    confusion = read_plot(page_at, "inspect-confusion")[0]
+    prompts = yaml.safe_load((ROOT / "assets" / "zoo" / "eval-prompts.yml").read_text())
+    assert [sum(row) for row in confusion] == [len(v) * 4 for v in prompts.values()]  # every (prompt, layer) pair
+    expect(page_at.locator("#inspect-table")).to_contain_text("Confusion over (prompt, layer) pairs")
+    screenshot(page_at, "inspect")
+
+
+def test_push_to_hub_fails_readably_and_never_shows_the_token(page_at: Page, capfd):
+    secret = "hf_NotARealTokenForTheBrowserTest0123"
+    page_at.get_by_text("Push a merge to the Hugging Face Hub").click()
+    expect(field(page_at, "push-merge")).to_have_value(re.compile(r"/(zoo-4x|clicked-moe)$"))  # the newest merge
+    field(page_at, "push-repo").fill("someone/zoo-moe")
+    field(page_at, "push-token").fill(secret)
+    page_at.locator("#push-button").click()
+    expect(page_at.locator("#push-message")).to_contain_text("Push to someone/zoo-moe failed", timeout=SLOW)
+    expect(page_at.locator("#push-message")).to_contain_text("Creating private repository someone/zoo-moe")
+    assert secret not in page_at.locator("body").inner_text()
+    out = capfd.readouterr()
+    assert secret not in out.out and secret not in out.err
