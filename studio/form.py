@@ -20,7 +20,7 @@ from studio.errors import StudioError
 # Prompts may span lines (code, chat turns), so a line holding only `---` separates them in a text box.
 PROMPT_SEPARATOR = "\n---\n"
 EXPERT_FIELDS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
-SETTINGS = ("gate_mode", "dtype", "experts_per_token", "architecture")
+SETTINGS = ("gate_mode", "dtype", "experts_per_token", "architecture", "prompt_format")
 FIRST_NAME = re.compile(r"`([a-z_]+(?:\[\d+\])?)")
 
 

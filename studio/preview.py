@@ -8,6 +8,7 @@ the merged model would record for the same tokens, so a user can fix the prompts
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -45,3 +46,10 @@ def preview_routing(config: MoEConfig, prompts: list[str], options: MergeOptions
                         torch.stack([layer[i].experts[0] for layer in decisions]).cpu(),
                         torch.stack([layer[i].weights[0] for layer in decisions]).float().cpu())
             for i, ids in enumerate(encoded)]
+
+
+def summary_rows(prompts: list[str], traces: list[RouterTrace]) -> list[list[str]]:
+    """Per prompt: the prompt, then per layer the expert most of its tokens would go to first, and their share."""
+    return [[prompt.replace("\n", "⏎")] + [f"{Path(trace.labels[e]).name} {share:.0%}"
+                                            for e, share in trace.dominant("prompt")]
+            for prompt, trace in zip(prompts, traces)]

@@ -10,7 +10,7 @@ from studio.cli import main
 from studio.config import load_config, load_yaml
 from studio.errors import StudioError
 from studio.merge import merge
-from studio.preview import preview_routing
+from studio.preview import preview_routing, summary_rows
 from studio.routing import load_moe, router_probabilities
 from studio.synthetic import make_family
 
@@ -73,3 +73,14 @@ def test_chat_prompt_format_routes_the_prompt_as_a_user_turn(zoo_config):
     trace, = preview_routing(config, ["What is the capital of Peru?"], log=lambda m: None)
     assert "".join(trace.tokens) == "<|user|>\nWhat is the capital of Peru?</s>\n<|assistant|>\n"
     assert trace.dominant("prompt")[-1][0] == 3  # the chat expert
+
+
+def test_summary_rows_name_the_dominant_expert_per_layer(zoo_config):
+    prompts = ["35 - 25 = 10", "Once upon a time there was a fox"]
+    traces = preview_routing(zoo_config.model_copy(update={"gate_mode": "calibrated"}), prompts, log=lambda m: None)
+    rows = summary_rows(prompts, traces)
+    assert [row[0] for row in rows] == prompts
+    for row, trace in zip(rows, traces):
+        expected = [f"{Path(trace.labels[e]).name} {share:.0%}" for e, share in trace.dominant("prompt")]
+        assert row[1:] == expected and len(expected) == 4
+    assert rows[0][1].startswith("math") and rows[1][1].startswith("stories")

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 from playwright.sync_api import Page, expect
@@ -18,6 +19,7 @@ from studio.chat import ChatSettings, load_chat_model
 from studio.config import load_config, parse_config
 from studio.jobs import MergeRunner
 from studio.merge import merge
+from studio.preview import preview_routing, summary_rows
 from studio.ui.app import build_app, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +73,12 @@ def page_at(page: Page, studio) -> Page:
     return page
 
 
+# CodeMirror renders only the lines near the view, so the whole text is read from the editor's state.
+EDITOR_TEXT = "() => document.querySelector('#config-yaml .cm-content').cmTile.view.state.doc.toString()"
+
+
 def editor_yaml(page: Page) -> dict:
-    return yaml.safe_load(page.locator("#config-yaml .cm-content").inner_text())
+    return yaml.safe_load(page.evaluate(EDITOR_TEXT))
 
 
 def wait_for_yaml(page: Page, check, timeout: float = 10) -> dict:
@@ -100,6 +106,19 @@ def type_into(page: Page, elem_id: str, text: str) -> None:
     box = field(page, elem_id)
     box.fill(text[:-1])
     box.press_sequentially(text[-1])
+
+
+def set_slider(page: Page, elem_id: str, value: str) -> None:
+    """Type a slider's value into its number box until the slider shows it. On a busy machine the box can miss
+    the first Enter while the page is still busy (a person would type it again)."""
+    number, slider = page.locator(f"#{elem_id} input[type=number]"), page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(4):
+        number.fill(value)
+        number.press("Enter")
+        if slider.input_value() == value:
+            return
+        page.wait_for_timeout(500)
+    expect(slider).to_have_value(value)
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -149,7 +168,7 @@ def test_invalid_config_shows_its_message_next_to_the_field(page_at: Page, tmp_p
     expect(page_at.locator("#msg-settings")).to_contain_text("experts_per_token is 9 but there are only 4 experts")
     wait_for_yaml(page_at, lambda d: d["experts_per_token"] == 9)
 
-    text = page_at.locator("#config-yaml .cm-content").inner_text()
+    text = page_at.evaluate(EDITOR_TEXT)
     replace_editor_text(page_at, text.replace("gate_mode: hidden", "gate_mode: hiden"))
     expect(page_at.locator("#msg-settings")).to_contain_text("did you mean hidden")
     replace_editor_text(page_at, "experts: [")
@@ -186,6 +205,29 @@ def test_check_models_and_merge_by_clicking(page_at: Page, studio):
     assert load_config(workspace / "clicked-moe" / "mergekit_moe_config.yml") == \
         load_config(ROOT / "assets" / "examples" / "zoo-4x.yml")
     screenshot(page_at, "build")
+
+
+def test_preview_shows_the_routing_before_merging(page_at: Page):
+    prompts = ["35 - 25 = 10", "Once upon a time there was a fox"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        expected = preview_routing(load_config(ROOT / "assets" / "examples" / "zoo-4x.yml"), prompts,
+                                   log=lambda m: None)
+    page_at.get_by_text("Preview routing before merging").click()
+    box = field(page_at, "preview-prompts")
+    expect(box).to_have_value(re.compile("^def add"))  # the opened panel's default prompts are in place
+    type_into(page_at, "preview-prompts", "\n---\n".join(prompts))
+    expect(box).to_have_value("\n---\n".join(prompts))
+    page_at.locator("#preview-button").click()
+    expect(page_at.locator("#preview-message")).to_contain_text("Preview of hidden gates for 2 prompt(s)",
+                                                                timeout=SLOW)
+    table = page_at.locator("#preview-table")
+    for row in summary_rows(prompts, expected):
+        for cell in row:
+            expect(table).to_contain_text(cell)
+    shown = read_plot(page_at, "preview-figure")
+    for z, trace in zip(shown, expected):
+        assert torch.allclose(torch.tensor(z, dtype=torch.float32), trace.mean_probabilities("prompt"), atol=1e-6)
 
 
 def test_merges_queue_and_the_page_stays_responsive(page_at: Page, studio):
@@ -230,10 +272,7 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
     picker.press("Enter")
     page_at.get_by_text("Generation settings").click()
     for elem_id, value in (("chat-temperature", "0"), ("chat-max-new", "12")):
-        number = page_at.locator(f"#{elem_id} input[type=number]")
-        number.fill(value)
-        number.press("Enter")
-        expect(page_at.locator(f"#{elem_id} input[type=range]")).to_have_value(value)  # the slider took it
+        set_slider(page_at, elem_id, value)
     field(page_at, "chat-input").fill("Once upon a time")
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
@@ -267,7 +306,7 @@ def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
     picker.fill(model)
     picker.press("Enter")
     page_at.locator("#inspect-expert-prompts").click()
-    expect(field(page_at, "inspect-prompts")).to_have_value(re.compile("^def __init__"))
+    expect(field(page_at, "inspect-prompts")).to_have_value(re.compile("^def\n---\nimport\n---\n"))
     field(page_at, "inspect-prompts").fill("import os\n---\n12 + 7 =\n---\nOnce upon a time")
     page_at.locator("#inspect-compare-button").click()
     expect(page_at.locator("#inspect-status")).to_contain_text("Compared 3 prompts", timeout=SLOW)

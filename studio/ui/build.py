@@ -9,13 +9,15 @@ from pathlib import Path
 import gradio as gr
 
 from studio import form
-from studio.config import DTYPES, GATE_MODES, load_yaml, to_yaml
+from studio.config import DTYPES, GATE_MODES, PROMPT_FORMATS, load_yaml, to_yaml
 from studio.errors import StudioError
 from studio.hub import push_to_hub
 from studio.jobs import MergeJob, MergeRunner
 from studio.merge import MergeOptions
 from studio.outputs import output_names
+from studio.plots import compare_heatmaps, token_text_html
 from studio.plan import compatibility, make_plan
+from studio.preview import preview_routing, summary_rows
 from studio.report import COMPAT_HEADERS, compatibility_rows, estimate_rows
 from studio.sources import open_models
 from studio.ui.common import error_text, progress_html
@@ -83,8 +85,7 @@ class BuildTab:
                 self.editor = gr.Code(text, language="yaml", label="Config (mergekit-moe YAML)", lines=28,
                                       max_lines=40, elem_id="config-yaml")
                 self.messages["config"] = gr.Markdown(elem_id="msg-config", elem_classes="field-msg")
-        # Routing preview (issue 7): a test prompt and, per layer, the expert studio.preview says it would choose,
-        # computed from the config without merging. It belongs here, under the form and the editor.
+        self._preview_widgets()
         self._merge_widgets()
         self._finished_widgets()
 
@@ -103,6 +104,8 @@ class BuildTab:
             self.per_token = gr.Number(label="Experts per token", precision=0, minimum=1, elem_id="experts-per-token")
             self.architecture = gr.Dropdown([(AUTO, ""), *output_names()], label="Output architecture",
                                             allow_custom_value=True, elem_id="architecture")
+            self.prompt_format = gr.Dropdown(list(PROMPT_FORMATS), label="Prompt format (chat: in the template)",
+                                             allow_custom_value=True, elem_id="prompt-format")
         self.messages["settings"] = gr.Markdown(elem_id="msg-settings", elem_classes="field-msg")
         with gr.Group(elem_classes="experts"):
             self.picker = gr.Dropdown(label="Experts (pick one to edit it below)", type="index",
@@ -127,6 +130,23 @@ class BuildTab:
                                             elem_id="shared-source")
             self.shared_positive = gr.Textbox(label="Its positive prompts", lines=3)
         self.messages["shared"] = gr.Markdown(elem_id="msg-shared", elem_classes="field-msg")
+
+    def _preview_widgets(self) -> None:
+        with gr.Accordion("Preview routing before merging", open=False, elem_id="preview-panel"):
+            gr.Markdown("Which expert each layer would choose for the tokens of test prompts, computed from the "
+                        "config above through the base and the experts, without writing a merge.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2):
+                    self.preview_prompts = gr.Textbox(value="def add(a, b):\n---\n12 + 7 =\n---\nOnce upon a time",
+                                                      label="Test prompts (a line with only --- between prompts)",
+                                                      lines=6, elem_id="preview-prompts")
+                    self.preview_button = gr.Button("Preview routing", elem_id="preview-button")
+                    self.preview_message = gr.Markdown(elem_id="preview-message")
+                with gr.Column(scale=5):
+                    self.preview_table = gr.Dataframe(label="Per layer: the expert most prompt tokens go to first",
+                                                      interactive=False, elem_id="preview-table")
+                    self.preview_figure = gr.Plot(label="Mean router probability per layer", elem_id="preview-figure")
+                    self.preview_tokens = gr.HTML(elem_id="preview-tokens")
 
     def _merge_widgets(self) -> None:
         with gr.Row(equal_height=True):
@@ -168,7 +188,8 @@ class BuildTab:
     # Views ----------------------------------------------------------------------------------------------------
     @property
     def form_widgets(self) -> list:
-        return [self.base, self.gate_mode, self.dtype, self.per_token, self.architecture, self.picker, self.source,
+        return [self.base, self.gate_mode, self.dtype, self.per_token, self.architecture, self.prompt_format,
+                self.picker, self.source,
                 self.positive, self.negative, self.noise, self.residual, self.shared_source, self.shared_positive]
 
     @property
@@ -183,7 +204,7 @@ class BuildTab:
         picked = names[selected] if 0 <= selected < len(names) else None
         return [str(data.get("base_model") or ""), _choice(data.get("gate_mode")), _choice(data.get("dtype")),
                 _number(data.get("experts_per_token", 2)), _choice(data.get("architecture")),
-                gr.update(choices=names, value=picked), expert.source_model, expert.positive_prompts,
+                data.get("prompt_format", "raw"), gr.update(choices=names, value=picked), expert.source_model, expert.positive_prompts,
                 expert.negative_prompts, _number(expert.noise_scale), _number(expert.residual_scale),
                 shared.source_model, shared.positive_prompts]
 
@@ -259,6 +280,24 @@ class BuildTab:
         yield job, self.job_progress(job), job_status(job), "\n".join(job.log)
 
     @staticmethod
+    def preview(yaml_text: str, prompts_text: str, trust: bool):
+        """The routing preview of the editor's config: table, side-by-side heatmaps, tokens coloured at the last
+        layer, and a message (an error, never a traceback)."""
+        try:
+            config = load_yaml(yaml_text)
+            prompts = form.text_to_prompts(prompts_text)
+            if not prompts:
+                raise StudioError("Write at least one test prompt.")
+            traces = preview_routing(config, prompts, MergeOptions(trust_remote_code=trust), log=lambda m: None)
+        except Exception as exc:  # shown as text, never as a traceback
+            return gr.skip(), gr.skip(), gr.skip(), error_text(exc)
+        rows = summary_rows(prompts, traces)
+        table = gr.update(value=rows, headers=["prompt", *(f"L{layer}" for layer in traces[0].layers)])
+        tokens = "".join(token_text_html(trace, trace.layers[-1]) for trace in traces)
+        figure = compare_heatmaps(traces, prompts)
+        return table, figure, tokens, f"Preview of `{config.gate_mode}` gates for {len(prompts)} prompt(s)."
+
+    @staticmethod
     def job_progress(job: MergeJob) -> str:
         p = job.progress
         return progress_html(1.0 if job.state == "done" else p.fraction, f"{job.state}: {p.stage} {p.fraction:.0%}")
@@ -284,7 +323,8 @@ class BuildTab:
         synced = [self.data, self.editor, self.picker, *self.message_widgets]
         every = dict(trigger_mode="always_last", show_progress="hidden")
         for widget, key in [(self.base, "base_model"), (self.gate_mode, "gate_mode"), (self.dtype, "dtype"),
-                            (self.per_token, "experts_per_token"), (self.architecture, "architecture")]:
+                            (self.per_token, "experts_per_token"), (self.architecture, "architecture"),
+                            (self.prompt_format, "prompt_format")]:
             widget.input(self._field(key), [*state, widget, self.picker, self.identical], synced, **every)
         for widget, key in [(self.source, "source_model"), (self.positive, "positive_prompts"),
                             (self.negative, "negative_prompts"), (self.noise, "noise_scale"),
@@ -313,6 +353,8 @@ class BuildTab:
         self.editor.change(self.save_download, self.editor, self.download, show_progress="hidden")
 
         self.check.click(check_models, self.editor, [self.compat, self.estimates, self.check_message])
+        self.preview_button.click(self.preview, [self.editor, self.preview_prompts, self.trust],
+                                  [self.preview_table, self.preview_figure, self.preview_tokens, self.preview_message])
         # concurrency_limit=None: the runner queues merges itself and says so in the log.
         self.start.click(self.run, [self.editor, self.out_name, self.overwrite, self.trust, self.identical],
                          [self.current, self.progress, self.status, self.log], concurrency_limit=None,
