@@ -35,7 +35,7 @@ def text_to_prompts(text: str | None) -> list[str] | None:
     text = (text or "").replace("\r\n", "\n")
     if not text.strip():
         return None
-    return [p for p in text.split(PROMPT_SEPARATOR) if p.strip()]
+    return [p for p in text.split(PROMPT_SEPARATOR) if p]  # a prompt of spaces (an indent) is a prompt
 
 
 def parse_mapping(text: str) -> dict:
