@@ -3,9 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import yaml
-
 from studio.cli import parse_size
 
 from conftest import moe_yaml
