@@ -55,9 +55,10 @@ def fit_router(x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, co
     each token counted with its weight; scaled to the wanted mean top-1 probability."""
     x = x.float()
     rms = x.pow(2).mean().sqrt().clamp_min(1e-8)
-    unit = x / rms
     weights = weights / weights.sum()
-    router = torch.zeros(targets.shape[1], x.shape[1], requires_grad=True)
+    with torch.inference_mode(False):  # a caller's inference mode would forbid the fit's gradients
+        unit, targets, weights = (x / rms).clone(), targets.clone(), weights.clone()
+        router = torch.zeros(targets.shape[1], x.shape[1], requires_grad=True)
     optimizer = torch.optim.LBFGS([router], max_iter=steps, line_search_fn="strong_wolfe")
 
     def loss() -> torch.Tensor:
@@ -67,7 +68,7 @@ def fit_router(x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, co
         value.backward()
         return value
 
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         optimizer.step(loss)
     router = router.detach() / rms
     return router * _scale_for_confidence(x @ router.T, weights, confidence)

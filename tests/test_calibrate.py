@@ -45,6 +45,14 @@ def test_fit_separates_clusters_at_the_wanted_confidence():
     assert torch.equal((fresh @ router.T).argmax(dim=-1), held_out)
 
 
+def test_fit_works_under_a_callers_inference_mode():
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        x = torch.randn(3, 8)[torch.arange(3).repeat(10)] * 3 + 0.1 * torch.randn(30, 8)
+        router = fit_router(x, one_hot(torch.arange(3).repeat(10), 3), torch.ones(30))
+    assert torch.equal((x @ router.T).argmax(dim=-1), torch.arange(3).repeat(10))
+
+
 def test_tokens_of_negative_prompts_avoid_their_expert():
     torch.manual_seed(1)
     means = torch.randn(3, 16) * 2
