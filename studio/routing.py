@@ -16,8 +16,10 @@ from studio.errors import StudioError
 from studio.trace import RouterTrace
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "top_k_experts")
 ROUTER_NAMES = ("gate", "router")  # what MoE blocks call their router: Mixtral, Qwen-MoE, OLMoE, DeepSeek, gpt-oss
+# Routers whose first output is already the softmax over experts, not logits (and so is `out.router_logits`).
+PROBABILITY_ROUTERS = ("Gemma4TextRouter",)
 ROUTER_NAME = re.compile(rf"layers\.(\d+)\.(?:.+\.)?(?:{'|'.join(ROUTER_NAMES)})$")
 
 
@@ -58,8 +60,14 @@ def num_experts(model) -> int:
 def router_probabilities(model, input_ids: list[int]) -> torch.Tensor:
     """(layers, tokens, experts): softmax of each MoE layer's router logits for one sequence."""
     out = model(input_ids=torch.tensor([input_ids]), output_router_logits=True, use_cache=False)
-    logits = [layer for layer in out.router_logits if layer is not None]
-    return torch.stack([layer.float().softmax(dim=-1) for layer in logits]).reshape(len(logits), len(input_ids), -1)
+    scores = [layer.float() for layer in out.router_logits if layer is not None]
+    normalise = not gives_probabilities(find_routers(model))
+    return torch.stack([s.softmax(dim=-1) if normalise else s for s in scores]).reshape(len(scores), len(input_ids), -1)
+
+
+def gives_probabilities(routers: dict[int, torch.nn.Module]) -> bool:
+    """True when the routers return the softmax itself (PROBABILITY_ROUTERS), not logits."""
+    return any(type(router).__name__ in PROBABILITY_ROUTERS for router in routers.values())
 
 
 def find_routers(model) -> dict[int, torch.nn.Module]:
@@ -79,11 +87,15 @@ def find_routers(model) -> dict[int, torch.nn.Module]:
 
 
 def _outputs(module: torch.nn.Module) -> int | None:
-    """Output width of a router (nn.Linear, a quantized Linear, or a module holding an (experts, hidden) weight)."""
+    """Output width of a router (nn.Linear, a quantized Linear, a module holding an (experts, hidden) weight, or
+    one whose projection is its `proj` child, as Gemma 4's)."""
     if getattr(module, "out_features", None):
         return module.out_features
     weight = getattr(module, "weight", None)
-    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    projection = getattr(module, "proj", None)
+    return _outputs(projection) if isinstance(projection, torch.nn.Module) else None
 
 
 class RouterCapture:
@@ -101,6 +113,7 @@ class RouterCapture:
         self.experts = num_experts(model)
         self.top_k = _config_value(model.config, TOP_K_KEYS, 2)
         self.renormalize = bool(getattr(model.config, "norm_topk_prob", True))  # Mixtral renormalizes
+        self.probabilities_first = gives_probabilities(self.routers)
         self.calls: dict[int, list] = {layer: [] for layer in self.routers}
         self._handles: list = []
 
@@ -130,7 +143,7 @@ class RouterCapture:
             if logits.shape[0] != len(token_ids):
                 raise StudioError(f"Layer {layer}'s router saw {logits.shape[0]} tokens for a sequence of "
                                   f"{len(token_ids)}; routing is recorded for one sequence at a time.")
-            probs = logits.softmax(dim=-1)
+            probs = logits if self.probabilities_first else logits.softmax(dim=-1)
             chosen = self._model_choices(calls) or self._top_k(probs)
             probabilities.append(probs)
             weights.append(chosen[0])
@@ -139,7 +152,7 @@ class RouterCapture:
                            torch.stack(experts), torch.stack(weights))
 
     def _logits_first(self, layer: int, output) -> tuple[torch.Tensor, tuple]:
-        """A router's output as (logits, what follows them)."""
+        """A router's output as (its first output: logits, or probabilities for PROBABILITY_ROUTERS; what follows)."""
         logits, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
         if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape[-1] == self.experts):
             raise StudioError(f"Layer {layer}'s router does not return its logits first (it returns "

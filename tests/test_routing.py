@@ -19,7 +19,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from studio.errors import StudioError
-from studio.routing import RouterCapture, expert_labels, find_routers
+from studio.routing import RouterCapture, expert_labels, find_routers, router_probabilities
 from studio.synthetic import make_tokenizer, save_tokenizer
 from studio.trace import RouterTrace
 
@@ -210,3 +210,22 @@ def test_capture_works_with_transformers_4_router_tensors(tiny_moes):
         assert result["max_probability_diff"] == 0.0, family
         assert result["experts_equal"], family
         assert result["weights_renormalized" if family == "mixtral" else "weights_are_probabilities"], family
+
+
+def test_routers_that_return_probabilities_are_not_softmaxed_again():
+    """Gemma 4's router returns (probabilities, weights, experts) and keeps its projection in a `proj` child."""
+    config = transformers.Gemma4TextConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32, layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert list(find_routers(model)) == [0, 1]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([IDS]), output_router_logits=True)
+    expected = torch.stack([p.float() for p in out.router_logits])  # already probabilities
+    assert torch.allclose(expected.sum(dim=-1), torch.ones(2, len(IDS)))
+    trace = captured(model, IDS, [f"e{i}" for i in range(4)])
+    assert torch.equal(trace.probabilities, expected)
+    assert torch.equal(router_probabilities(model, IDS), expected)
+    assert torch.equal(trace.experts, expected.topk(2, dim=-1).indices)
