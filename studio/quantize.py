@@ -87,9 +87,10 @@ class Nf4(Dequantize):
         from bitsandbytes.functional import dequantize_4bit
 
         flat, state = out.view(-1), self.quant_state
-        size = slice_size(flat.numel())
-        for i in range(0, flat.numel(), size):
-            part = flat[i:i + size]
+        # Whole 1M-element slices: this runs at every generation step, where fewer calls are faster (2x on the zoo
+        # MoE) and the loading bound does not apply.
+        for i in range(0, flat.numel(), SLICE_MAX):
+            part = flat[i:i + SLICE_MAX]
             piece = _slice_state(state, i, part.numel())
             part.copy_(dequantize_4bit(data[i // 2:(i + part.numel()) // 2], piece).reshape(-1))
 
