@@ -102,10 +102,11 @@ def token_text_html(trace: RouterTrace, layer: int) -> str:
     legend = "".join(f'<span style="background:{colour};padding:0 6px;margin-right:8px">{html.escape(label)}</span>'
                      for label, colour in zip(trace.labels, colours))
     text = "pre-wrap;font-family:monospace;line-height:1.6"
+    parts = [("Prompt", spans[:trace.prompt_length]), ("Answer", spans[trace.prompt_length:])]
+    body = "".join(f'<p><b>{title}</b></p><div style="white-space:{text}">{"".join(part)}</div>'
+                   for title, part in parts if part)  # a preview has no answer
     return (f'<div class="router-text" style="margin-bottom:2em"><div><b>Layer {layer}</b>, first-choice expert per '
-            f'token: {legend}</div>'
-            f'<p><b>Prompt</b></p><div style="white-space:{text}">{"".join(spans[:trace.prompt_length])}</div>'
-            f'<p><b>Answer</b></p><div style="white-space:{text}">{"".join(spans[trace.prompt_length:])}</div></div>')
+            f'token: {legend}</div>{body}</div>')
 
 
 def report_html(trace: RouterTrace, layer: int | None = None) -> str:

@@ -111,6 +111,13 @@ def test_token_text_colours_each_token_by_its_first_choice(trace):
     html = plots.token_text_html(trace, 2)
     assert all(label in html for label in trace.labels)
     assert "<about>" not in html and all(escaped in html for escaped in ("&lt;", "&gt;", "&amp;", "&quot;"))
+    assert "<b>Answer</b>" in html
+
+
+def test_token_text_of_a_prompt_alone_has_no_answer_section(trace):
+    prompt_only = dataclasses.replace(trace, prompt_length=len(trace.tokens))
+    html = plots.token_text_html(prompt_only, 2)
+    assert "<b>Prompt</b>" in html and "<b>Answer</b>" not in html
 
 
 def test_report_holds_every_figure_and_each_layers_text(trace, tmp_path):
