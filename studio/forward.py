@@ -1,4 +1,4 @@
-"""A layer-at-a-time forward pass of Llama-shaped decoders (llama, mistral, qwen2), for the hidden-gate pass.
+"""A layer-at-a-time forward pass of Llama-shaped decoders (llama, mistral, qwen2, qwen3), for the hidden-gate pass.
 
 The gates need only the residual stream entering each layer, so the base model never has to be in memory
 whole: layer l's weights are read, every prompt is pushed through it, and they are dropped before layer
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from studio.families import Family
 from studio.sources import ModelSource
 
-STREAMABLE = ("llama", "mistral", "qwen2")
+STREAMABLE = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -119,11 +119,13 @@ class StreamedDecoder:
         w = {rest: self._weight(layer, rest) for rest in (
             "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
             "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_proj.bias",
-            "self_attn.k_proj.bias", "self_attn.v_proj.bias")}
+            "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.q_norm.weight", "self_attn.k_norm.weight")}
 
         def project(x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
             y = F.linear(x, w[f"self_attn.{name}.weight"], w[f"self_attn.{name}.bias"])
-            return y.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)
+            y = y.view(*x.shape[:2], heads, self.head_dim)
+            norm = w.get(f"self_attn.{name[0]}_norm.weight")  # qwen3 normalises each head of q and k
+            return (y if norm is None else _rms_norm(y, norm, self.eps)).transpose(1, 2)
 
         def apply(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             x = _rms_norm(batch.hidden, w["input_layernorm.weight"], self.eps)
@@ -133,7 +135,8 @@ class StreamedDecoder:
             groups = self.heads // self.kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.attention)
-            h = batch.hidden + F.linear(attended.transpose(1, 2).reshape(*x.shape[:2], -1), w["self_attn.o_proj.weight"])
+            attended = attended.transpose(1, 2).reshape(*x.shape[:2], -1)
+            h = batch.hidden + F.linear(attended, w["self_attn.o_proj.weight"])
             return h, _rms_norm(h, w["post_attention_layernorm.weight"], self.eps)
 
         return apply

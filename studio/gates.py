@@ -92,8 +92,8 @@ def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) 
         reason = "shared experts are not modelled"
     if reason:
         raise StudioError(f"Calibrated gates and the routing preview run the merged model from its checkpoints, "
-                          f"which works for llama, mistral and qwen2 bases without shared experts; here {reason}. "
-                          f"Use `gate_mode: hidden`, and look at the routing after the merge.")
+                          f"which works for llama, mistral, qwen2 and qwen3 bases without shared experts; here "
+                          f"{reason}. Use `gate_mode: hidden`, and look at the routing after the merge.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = plan.config

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from studio.families import family_of
 from studio.gates import GateOptions, _batches, hidden_states_of_prompts
@@ -26,7 +26,7 @@ def build(folder, config, tokenizer):
     return folder
 
 
-@pytest.fixture(scope="module", params=["mistral", "llama3-rope", "qwen2-bias"])
+@pytest.fixture(scope="module", params=["mistral", "llama3-rope", "qwen2-bias", "qwen3-head-norms"])
 def model_folder(request, mistral, tmp_path_factory, tokenizer):
     if request.param == "mistral":
         return mistral[0]
@@ -35,7 +35,10 @@ def model_folder(request, mistral, tmp_path_factory, tokenizer):
         rope = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
         return build(folder, LlamaConfig(**SHAPE, rope_parameters=rope, head_dim=24), tokenizer)
-    return build(folder, Qwen2Config(**SHAPE, rope_parameters={"rope_type": "default", "rope_theta": 1e6}), tokenizer)
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    if request.param == "qwen3-head-norms":  # q_norm and k_norm on each head, and a head_dim of its own
+        return build(folder, Qwen3Config(**SHAPE, rope_parameters=rope, head_dim=24), tokenizer)
+    return build(folder, Qwen2Config(**SHAPE, rope_parameters=rope), tokenizer)
 
 
 def reference_states(folder, tokenizer, prompt: str) -> torch.Tensor:

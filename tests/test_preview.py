@@ -84,3 +84,20 @@ def test_summary_rows_name_the_dominant_expert_per_layer(zoo_config):
         expected = [f"{Path(trace.labels[e]).name} {share:.0%}" for e, share in trace.dominant("prompt")]
         assert row[1:] == expected and len(expected) == 4
     assert rows[0][1].startswith("math") and rows[1][1].startswith("stories")
+
+
+@pytest.mark.parametrize("family, architecture", [("qwen3", "Qwen3 MoE"), ("mistral", "Qwen MoE")])
+def test_preview_agrees_with_qwen_moe_outputs(tmp_path, tokenizer, family, architecture):
+    """The streamed MoE is the output's own: Qwen3-MoE (q_norm, k_norm), and Qwen2-MoE from a Mistral base (zero
+    q/k/v biases, a zero-width shared expert)."""
+    base, experts = make_family(tmp_path / family, 4, family, tokenizer=tokenizer, dtype=torch.float32)
+    config = load_yaml(yaml.safe_dump(moe_yaml(base, experts, gate_mode="calibrated", dtype="float32",
+                                               architecture=architecture)))
+    prompts = ["def add(a, b):", "Once upon a time there was"]
+    traces = preview_routing(config, prompts, log=lambda m: None)
+    merge(config, tmp_path / "moe", log=lambda m: None)
+    model, _ = load_moe(tmp_path / "moe")
+    for trace in traces:
+        merged = router_probabilities(model, trace.token_ids)
+        torch.testing.assert_close(trace.probabilities, merged, atol=1e-4, rtol=1e-4)
+        assert torch.equal(trace.experts, merged.topk(2, dim=-1).indices)
