@@ -229,9 +229,10 @@ def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tup
             errors.append(f"Every expert is {config.experts[0].source_model}: identical experts are useless without "
                           f"training. Pass --i-understand-this-is-not-useful-without-training if you will "
                           f"train the result, or use `gate_mode: random`.")
-    if shared and config.gate_mode == "calibrated":
-        errors.append("`gate_mode: calibrated` fits routed experts only; a shared expert's gate is not modelled yet. "
-                      "Use `gate_mode: hidden` with `shared_experts`, or remove them.")
+    if config.gate_mode == "calibrated" and any(e.positive_prompts for e in shared):
+        errors.append("`gate_mode: calibrated` fits the routers of the routed experts, not a shared expert's gate: "
+                      "give the shared expert no prompts (it then sees every token, ungated), or use "
+                      "`gate_mode: hidden`.")
     if shared and len({bool(e.positive_prompts) for e in shared}) > 1:
         errors.append("Shared experts must all have prompts or all have none.")
     return errors, warnings

@@ -186,18 +186,23 @@ class StreamedMoE:
     """
 
     def __init__(self, base: ModelSource, family: Family, experts: list[ModelSource], scales: list[float | None],
-                 top_k: int, renormalize: bool = True, device: str = "cpu"):
+                 top_k: int, renormalize: bool = True, device: str = "cpu", shared: ModelSource | None = None,
+                 shared_scale: float = 1.0):
         self.decoder = StreamedDecoder(base, family, device)
         self.experts, self.scales = experts, scales
         self.top_k, self.renormalize = top_k, renormalize
+        self.shared, self.shared_scale = shared, shared_scale  # a shared expert sees every token
         self.layers = base.config["num_hidden_layers"]
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor) -> Batch:
         return self.decoder.start(ids, mask)
 
     def run(self, batches: list[Batch], routers: Callable[[int, list[torch.Tensor]], torch.Tensor],
-            check: Callable[[], None] = lambda: None) -> list[list[Routing]]:
-        """Push `batches` through every layer; returns each layer's routing of each batch."""
+            check: Callable[[], None] = lambda: None, shared_gates: torch.Tensor | None = None) -> list[list[Routing]]:
+        """Push `batches` through every layer; returns each layer's routing of each batch.
+
+        `shared_gates` (layers, hidden): the shared expert's sigmoid gate rows (Qwen2-MoE); without them a shared
+        expert adds its whole output."""
         decisions = []
         for layer in range(self.layers):
             check()
@@ -208,7 +213,17 @@ class StreamedMoE:
             decisions.append(routings)
             if layer + 1 < self.layers:  # the last layer's output is never needed
                 self._mix_experts(layer, batches, states, routings)
+                gate = None if shared_gates is None else shared_gates[layer].to(self.decoder.device, torch.float32)
+                self._add_shared_expert(layer, batches, states, gate)
         return decisions
+
+    def _add_shared_expert(self, layer: int, batches: list[Batch], states: list, gate: torch.Tensor | None) -> None:
+        if self.shared is None:
+            return
+        mlp = self.decoder.mlp(layer, self.shared)
+        for batch, (_, x) in zip(batches, states):
+            share = torch.sigmoid(x @ gate)[..., None] if gate is not None else 1.0
+            batch.hidden += share * self.shared_scale * mlp(x)
 
     def _mix_experts(self, layer: int, batches: list[Batch], states: list, routings: list[Routing]) -> None:
         for batch, (h, _) in zip(batches, states):

@@ -88,18 +88,19 @@ def _calibrated(plan: MergePlan, tokenizer, encode: Callable[[str], list[int]], 
 def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) -> StreamedMoE:
     """The merged model of `plan`, run from its source checkpoints one layer at a time."""
     reason = why_not_streamable(plan.base.config, longest_prompt)
-    if plan.config.shared_experts:
-        reason = "shared experts are not modelled"
     if reason:
         raise StudioError(f"Calibrated gates and the routing preview run the merged model from its checkpoints, "
-                          f"which works for llama, mistral, qwen2 and qwen3 bases without shared experts; here "
-                          f"{reason}. Use `gate_mode: hidden`, and look at the routing after the merge.")
+                          f"which works for llama, mistral, qwen2 and qwen3 bases; here {reason}. Use "
+                          f"`gate_mode: hidden`, and look at the routing after the merge.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = plan.config
+    shared = (config.shared_experts or [None])[0]
     return StreamedMoE(plan.base, plan.family, [plan.sources[e.source_model] for e in config.experts],
                        [e.residual_scale for e in config.experts], config.experts_per_token,
-                       bool(plan.moe_config.get("norm_topk_prob", True)), device)
+                       bool(plan.moe_config.get("norm_topk_prob", True)), device,
+                       plan.sources[shared.source_model] if shared else None,
+                       (shared.residual_scale or 1.0) if shared else 1.0)
 
 
 def prompt_encoder(tokenizer, prompt_format: str, label: str) -> Callable[[str], list[int]]:

@@ -34,12 +34,14 @@ def preview_routing(config: MoEConfig, prompts: list[str], options: MergeOptions
         gates = compute_gates(plan, options.gate_options(), log)
     router_dtype = next(job.dtype for job in plan.jobs if job.router_layer is not None)
     routers = gates.to(router_dtype).float()
+    routed = len(config.experts)  # rows after these are the shared expert's gate (Qwen2-MoE), when it has one
+    shared_gates = routers[:, routed] if routers.shape[1] > routed else None
     tokenizer = load_tokenizer(plan.base, options.trust_remote_code)
     encode = prompt_encoder(tokenizer, config.prompt_format, plan.base.label)
     moe = streamed_moe(plan, options.device)
     encoded = [encode(prompt) for prompt in prompts]
     batches = [moe.start(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)) for ids in encoded]
-    decisions = moe.run(batches, lambda layer, inputs: routers[layer])
+    decisions = moe.run(batches, lambda layer, inputs: routers[layer, :routed], shared_gates=shared_gates)
     labels = [expert.source_model for expert in config.experts]
     return [RouterTrace(token_texts(tokenizer, ids), ids, len(ids), labels, list(range(len(decisions))),
                         torch.stack([layer[i].probabilities[0] for layer in decisions]).float().cpu(),

@@ -133,10 +133,10 @@ def test_chat_prompt_format_wraps_prompts_in_the_template(constructed):
                            compute_gates(plan_of(chat), GateOptions(), log=lambda m: None))
 
 
-def test_calibrated_gates_refuse_shared_experts(constructed):
+def test_calibrated_gates_refuse_a_shared_expert_with_prompts(constructed):
     base, experts, _ = constructed
-    data = moe_yaml(base, experts, gate_mode="calibrated")
+    data = moe_yaml(base, experts, gate_mode="calibrated", architecture="Qwen MoE")
     data["shared_experts"] = [{"source_model": str(experts[0]), "positive_prompts": ["x"]}]
-    with pytest.raises(StudioError, match="calibrated"):
+    with pytest.raises(StudioError, match="give the shared expert no prompts"):
         merge(load_yaml(yaml.safe_dump(data)), base.parent / "never", log=lambda m: None)
     assert not (base.parent / "never").exists()

@@ -101,3 +101,21 @@ def test_preview_agrees_with_qwen_moe_outputs(tmp_path, tokenizer, family, archi
         merged = router_probabilities(model, trace.token_ids)
         torch.testing.assert_close(trace.probabilities, merged, atol=1e-4, rtol=1e-4)
         assert torch.equal(trace.experts, merged.topk(2, dim=-1).indices)
+
+
+@pytest.mark.parametrize("architecture, mode, prompted", [("Qwen MoE", "hidden", True), ("Qwen MoE", "calibrated", False),
+                                                          ("DeepSeek MoE", "calibrated", False)])
+def test_preview_agrees_with_outputs_that_have_a_shared_expert(mistral, tmp_path, architecture, mode, prompted):
+    """A shared expert sees every token: behind its sigmoid gate (Qwen2-MoE, prompted) or ungated."""
+    base, experts = mistral
+    data = moe_yaml(base, experts, gate_mode=mode, dtype="float32", architecture=architecture)
+    data["shared_experts"] = [{"source_model": str(experts[1]), "residual_scale": 0.5,
+                               **({"positive_prompts": ["Hello there", "import os"]} if prompted else {})}]
+    config = load_yaml(yaml.safe_dump(data))
+    traces = preview_routing(config, ["def add(a, b):", "Once upon a time there was"], log=lambda m: None)
+    merge(config, tmp_path / "moe", log=lambda m: None)
+    model, _ = load_moe(tmp_path / "moe", trust_remote_code=True)
+    for trace in traces:
+        merged = router_probabilities(model, trace.token_ids)
+        torch.testing.assert_close(trace.probabilities, merged, atol=1e-4, rtol=1e-4)
+        assert torch.equal(trace.experts, merged.topk(2, dim=-1).indices)
