@@ -28,14 +28,8 @@ sys.path.insert(0, str(ROOT))
 from studio.config import load_config  # noqa: E402
 from studio.evaluate import evaluate_routing, load_prompts  # noqa: E402
 from studio.merge import MergeOptions, merge  # noqa: E402
-from studio.zoo.corpora import DOMAINS, corpus  # noqa: E402
-from studio.zoo.train import ZOO_DIR, Recipe, held_out_loss  # noqa: E402
-
-
-def held_out_ids(tokenizer) -> dict[str, torch.Tensor]:
-    recipe = Recipe()
-    return {d: torch.tensor(tokenizer(corpus(d, recipe.eval_chars, recipe.seed + 1, held_out=True),
-                                      add_special_tokens=False)["input_ids"]) for d in DOMAINS}
+from studio.zoo.corpora import DOMAINS  # noqa: E402
+from studio.zoo.train import ZOO_DIR, Recipe, held_out_ids, held_out_loss  # noqa: E402
 
 
 def losses(folder: Path, texts: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from studio.config import load_config
 from studio.evaluate import evaluate_routing, load_prompts
 from studio.merge import MergeOptions, merge
-from studio.zoo.corpora import DOMAINS, corpus
-from studio.zoo.train import ZOO_DIR, Recipe, held_out_loss
+from studio.zoo.corpora import DOMAINS
+from studio.zoo.train import ZOO_DIR, Recipe, held_out_ids, held_out_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("base", *DOMAINS)
@@ -61,9 +61,7 @@ def test_each_expert_is_best_on_its_own_domain(zoo_models):
     """The held-out evaluation of `python -m studio.zoo train`, on the committed weights."""
     tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "base")
     recipe = Recipe()
-    for domain in DOMAINS:
-        text = corpus(domain, recipe.eval_chars, recipe.seed + 1, held_out=True)
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for domain, ids in held_out_ids(tokenizer, recipe).items():
         row = {name: held_out_loss(model, ids, recipe.seq) for name, model in zoo_models.items()}
         assert row[domain] < row["base"], f"{domain}: {row}"
         other_experts = min(loss for name, loss in row.items() if name not in (domain, "base"))
@@ -115,8 +113,6 @@ def test_calibrated_moe_has_a_lower_held_out_loss_than_hidden_on_every_domain(ca
     recipe = Recipe()
     models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
               for name, path in (("calibrated", calibrated_moe), ("hidden", zoo_moe))}
-    for domain in DOMAINS:
-        text = corpus(domain, recipe.eval_chars, recipe.seed + 1, held_out=True)
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for domain, ids in held_out_ids(tokenizer, recipe).items():
         loss = {name: held_out_loss(model, ids, recipe.seq) for name, model in models.items()}
         assert loss["calibrated"] < loss["hidden"], f"{domain}: {loss}"

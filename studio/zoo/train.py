@@ -52,6 +52,11 @@ def encode(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def held_out_ids(tokenizer, recipe: Recipe = Recipe()) -> dict[str, torch.Tensor]:
+    """Each domain's held-out text, encoded: what the loss table is measured on."""
+    return {d: encode(tokenizer, corpus(d, recipe.eval_chars, recipe.seed + 1, held_out=True)) for d in DOMAINS}
+
+
 def make_model(recipe: Recipe, tokenizer):
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -114,7 +119,7 @@ def build_zoo(out: Path = ZOO_DIR, recipe: Recipe = Recipe(), log: Callable[[str
     texts = {d: corpus(d, recipe.train_chars, recipe.seed) for d in DOMAINS}
     tokenizer = train_tokenizer(list(texts.values()), recipe.vocab)
     data = {d: encode(tokenizer, t) for d, t in texts.items()}
-    evals = {d: encode(tokenizer, corpus(d, recipe.eval_chars, recipe.seed + 1, held_out=True)) for d in DOMAINS}
+    evals = held_out_ids(tokenizer, recipe)
     log(f"Tokenised {sum(len(v) for v in data.values())} training tokens in {time.time() - started:.0f} s")
 
     base = make_model(recipe, tokenizer)
