@@ -17,21 +17,15 @@ from studio.chat import token_texts
 from studio.config import MoEConfig
 from studio.gates import compute_gates, load_tokenizer, prompt_encoder, streamed_moe
 from studio.merge import MergeOptions, prepare
-from studio.plan import MergePlan
 from studio.trace import RouterTrace
 
 
 def preview_routing(config: MoEConfig, prompts: list[str], options: MergeOptions | None = None,
-                    log: Callable[[str], None] = print, plan: MergePlan | None = None,
-                    gates: torch.Tensor | None = None) -> list[RouterTrace]:
-    """One trace per prompt, each prompt encoded as the gate prompts are (`prompt_format`).
-
-    Pass `plan` and `gates` from an earlier call to preview more prompts without recomputing them.
-    """
+                    log: Callable[[str], None] = print) -> list[RouterTrace]:
+    """One trace per prompt, each prompt encoded as the gate prompts are (`prompt_format`)."""
     options = options or MergeOptions()
-    plan = plan or prepare(config, options, log)[0]
-    if gates is None:
-        gates = compute_gates(plan, options.gate_options(), log)
+    plan = prepare(config, options, log)[0]
+    gates = compute_gates(plan, options.gate_options(), log)
     router_dtype = next(job.dtype for job in plan.jobs if job.router_layer is not None)
     routers = gates.to(router_dtype).float()
     routed = len(config.experts)  # rows after these are the shared expert's gate (Qwen2-MoE), when it has one
