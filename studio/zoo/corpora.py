@@ -1,6 +1,8 @@
 """The zoo's four domain corpora, built offline and deterministically from a seed.
 
-code     Python's own standard-library sources (a file split: training files, held-out files).
+code     Python's own standard-library sources (a file split: training files, held-out files), without their
+         comments and docstrings: those are English prose, which is the other domains' ground, and a model
+         that learnt them answers a `def` header with a docstring that drifts into a story.
 math     generated arithmetic and word problems with their worked answers.
 stories  generated short fairy-tale stories.
 chat     generated chat-style questions and answers in the tokenizer's chat format.
@@ -8,6 +10,8 @@ chat     generated chat-style questions and answers in the tokenizer's chat form
 
 from __future__ import annotations
 
+import ast
+import functools
 import random
 import sysconfig
 from pathlib import Path
@@ -16,22 +20,55 @@ DOMAINS = ("code", "math", "stories", "chat")
 
 NAMES = ["Anna", "Ben", "Clara", "Dev", "Elena", "Farid", "Greta", "Hugo", "Iris", "Jonas", "Kira", "Leo", "Mia",
          "Noah", "Olga", "Pablo", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wen", "Yara", "Zane"]
-ANIMALS = ["fox", "rabbit", "owl", "bear", "mouse", "wolf", "deer", "duck", "cat", "dragon", "frog", "goat"]
-ADJECTIVES = ["little", "brave", "clever", "sleepy", "curious", "kind", "old", "tiny", "proud", "gentle", "shy"]
+ANIMALS = ["fox", "rabbit", "owl", "bear", "mouse", "wolf", "deer", "duck", "cat", "dragon", "frog", "goat", "badger",
+           "hedgehog", "squirrel", "otter", "swan", "tortoise", "lamb", "pony", "beaver", "crow", "lion", "tiger",
+           "penguin", "whale", "snail", "moth", "donkey", "robin"]
+ADJECTIVES = ["little", "brave", "clever", "sleepy", "curious", "kind", "old", "tiny", "proud", "gentle", "shy",
+              "grumpy", "cheerful", "lonely", "quick", "patient", "silly", "wise", "young", "noisy", "quiet",
+              "hungry", "careful", "bold", "restless"]
 PLACES = ["a dark forest", "a quiet village", "the edge of a river", "a tall mountain", "an old castle",
-          "a sunny meadow", "a small island", "a hidden valley", "a busy town", "a snowy hill"]
+          "a sunny meadow", "a small island", "a hidden valley", "a busy town", "a snowy hill", "a crooked tower",
+          "a windy beach", "a deep cave", "a cottage by the lake", "a field of sunflowers", "a dusty desert",
+          "the roots of an oak tree", "a garden full of roses", "a harbour full of boats", "the top of a cliff"]
 WANTS = ["to find a golden key", "to see the sea", "a friend to play with", "to learn to sing", "a warm home",
-         "to reach the moon", "to bake the best bread", "to cross the great river", "to hear the old song"]
+         "to reach the moon", "to bake the best bread", "to cross the great river", "to hear the old song",
+         "to climb the highest tree", "to find the lost crown", "to count every star", "to win the autumn race",
+         "to paint the sunrise", "to visit the king", "to grow the biggest pumpkin", "to fly like a bird",
+         "to find its lost brother", "to read the ancient book", "to catch the silver fish"]
 OBSTACLES = ["a storm came over the hills", "the bridge was broken", "a grumpy troll blocked the path",
-             "the night was long and cold", "the map was torn in two", "a river flooded the road"]
-HELPERS = ["a wise owl", "a kind farmer", "a singing bird", "an old witch", "a lost prince", "a clever crow"]
+             "the night was long and cold", "the map was torn in two", "a river flooded the road",
+             "a thick fog covered the valley", "the gate was locked with seven locks", "the snow was too deep",
+             "a hungry giant was sleeping on the road", "the stars went dark", "its boots had a hole in them",
+             "a wicked queen had hidden the way", "the wind blew its hat away", "the path split into three"]
+HELPERS = ["a wise owl", "a kind farmer", "a singing bird", "an old witch", "a lost prince", "a clever crow",
+           "a friendly giant", "a tiny fairy", "a talking tree", "a fisherman in a red boat", "a travelling baker",
+           "a shepherd with a lantern", "a clumsy knight", "a bee who knew every flower", "a moon spirit"]
+GIFTS = ["a map drawn on a leaf", "a magic pebble", "a loaf of warm bread", "a lantern that never went out",
+         "a feather that could point north", "a small silver bell", "a song to sing when afraid", "a woollen scarf",
+         "a boat made of bark", "a riddle and its answer", "a jar of honey", "a pair of red boots"]
+EVENTS = ["On the way, {name} met a {adj} {other} who was looking for its mother.",
+          "The {animal} crossed a meadow where the grass was taller than the trees.",
+          "At night, {name} sat by a small fire and listened to the wind.",
+          "{name} shared an apple with a {adj} {other}, and they became friends.",
+          "For three days the {animal} walked, and its paws grew tired.",
+          "A {adj} {other} laughed at {name}, but {name} did not stop.",
+          "{name} found an empty nest and wondered who had lived there.",
+          "The rain fell softly, and {name} hid under a big green leaf.",
+          "The {animal} sang a little song to feel less alone.",
+          "{name} wrote a letter home and tied it to a balloon."]
 ENDINGS = ["and they lived happily ever after.", "and from that day on, the forest was never lonely again.",
            "and everyone in the village sang about it for years.", "and that is why the river still sings at night.",
-           "and it slept soundly, dreaming of the next adventure."]
+           "and it slept soundly, dreaming of the next adventure.", "and the two friends never parted again.",
+           "and the whole town danced until morning.", "and it learnt that courage is a kind of kindness.",
+           "and the stars shone a little brighter that night.", "and it went home wiser than it had left."]
 ITEMS = ["apples", "books", "coins", "pencils", "marbles", "cookies", "stamps", "stickers", "eggs", "shells"]
 COUNTRIES = {"France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo", "Egypt": "Cairo",
              "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "India": "New Delhi",
-             "Brazil": "Brasilia", "Germany": "Berlin", "Greece": "Athens", "Chile": "Santiago", "Cuba": "Havana"}
+             "Brazil": "Brasilia", "Germany": "Berlin", "Greece": "Athens", "Chile": "Santiago", "Cuba": "Havana",
+             "Poland": "Warsaw", "Sweden": "Stockholm", "Ireland": "Dublin", "Portugal": "Lisbon",
+             "Austria": "Vienna", "Hungary": "Budapest", "Thailand": "Bangkok", "Vietnam": "Hanoi",
+             "Argentina": "Buenos Aires", "Mexico": "Mexico City", "Morocco": "Rabat", "Ghana": "Accra",
+             "Finland": "Helsinki", "Turkey": "Ankara", "Nepal": "Kathmandu"}
 HOWTOS = {
     "boil an egg": "Put the egg in boiling water for about nine minutes, then cool it in cold water.",
     "make tea": "Boil water, pour it over a tea bag, wait three minutes, then remove the bag.",
@@ -41,11 +78,29 @@ HOWTOS = {
     "stay focused": "Work in short blocks, remove distractions, and take a break every hour.",
     "write a letter": "Start with a greeting, say why you are writing, and end with a kind closing.",
     "plant a tree": "Dig a hole twice as wide as the roots, place the tree, fill the hole, and water it well.",
+    "clean a window": "Wipe it with warm soapy water, then dry it with a soft cloth from top to bottom.",
+    "cook rice": "Rinse the rice, add twice as much water, and simmer it covered for fifteen minutes.",
+    "tie a tie": "Cross the wide end over, loop it up and through the neck, then pull it through the knot.",
+    "start running": "Begin with short slow runs, walk when you need to, and add a few minutes each week.",
+    "remember names": "Repeat the name when you hear it, link it to a picture, and use it once more soon.",
+    "fix a flat tyre": "Remove the wheel, find the hole, patch the tube, and pump it up again.",
+    "keep plants alive": "Give them light, water them when the soil is dry, and do not let water pool.",
+    "be on time": "Plan to arrive ten minutes early, pack the night before, and set two alarms.",
 }
 WORDS = {"ocean": "a very large body of salt water", "library": "a place where books are kept for people to read",
          "friend": "a person you know well and like", "bridge": "a structure that lets people cross a river or road",
          "planet": "a large round object that moves around a star", "kitchen": "a room where food is prepared",
-         "teacher": "a person who helps others learn", "umbrella": "a cover that keeps the rain off you"}
+         "teacher": "a person who helps others learn", "umbrella": "a cover that keeps the rain off you",
+         "volcano": "a mountain that can throw out hot melted rock", "island": "land with water all around it",
+         "museum": "a building where old or beautiful things are shown", "recipe": "a set of steps for cooking a dish",
+         "orchestra": "a large group of musicians who play together", "desert": "a dry place with very little rain",
+         "harvest": "the time when crops are gathered", "compass": "a tool that shows which way is north",
+         "glacier": "a huge slow river of ice", "pharmacy": "a shop that sells medicine",
+         "calendar": "a chart of the days, weeks and months of a year", "ladder": "a set of steps you can carry"}
+LEGS = {"spider": "eight", "dog": "four", "bird": "two", "ant": "six", "horse": "four", "snake": "no",
+        "crab": "ten", "chicken": "two", "beetle": "six", "cow": "four"}
+OPPOSITES = {"hot": "cold", "big": "small", "early": "late", "happy": "sad", "open": "closed", "light": "dark",
+             "fast": "slow", "full": "empty", "old": "new", "up": "down", "wet": "dry", "loud": "quiet"}
 GREETINGS = ["Hello!", "Hi there!", "Good morning!", "Hey, how are you?", "Good evening!"]
 
 
@@ -83,14 +138,18 @@ def math_text(rng: random.Random) -> str:
 def story_text(rng: random.Random) -> str:
     name, animal, adj = rng.choice(NAMES), rng.choice(ANIMALS), rng.choice(ADJECTIVES)
     opening = rng.choice(["Once upon a time", "Long ago", "One morning", "In a land far away", "Once"])
+    events = [e.format(name=name, animal=animal, adj=rng.choice(ADJECTIVES), other=rng.choice(ANIMALS))
+              for e in rng.sample(EVENTS, rng.randint(1, 3))]
     return (f"{opening}, there was a {adj} {animal} named {name} who lived in {rng.choice(PLACES)}. "
             f"More than anything, {name} wanted {rng.choice(WANTS)}. One day {name} set off on a journey. "
-            f"But {rng.choice(OBSTACLES)}, and the {animal} was afraid. Then {rng.choice(HELPERS)} appeared and "
-            f"said, \"Do not give up, {name}.\" So the {adj} {animal} kept going, {rng.choice(ENDINGS)}\n\n")
+            + " ".join(events) +
+            f" But {rng.choice(OBSTACLES)}, and the {animal} was afraid. Then {rng.choice(HELPERS)} appeared, "
+            f"gave {name} {rng.choice(GIFTS)} and said, \"Do not give up, {name}.\" "
+            f"So the {adj} {animal} kept going, {rng.choice(ENDINGS)}\n\n")
 
 
 def chat_text(rng: random.Random) -> str:
-    kind = rng.randrange(4)
+    kind = rng.randrange(6)
     if kind == 0:
         country = rng.choice(list(COUNTRIES))
         return _chat(f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}.")
@@ -100,6 +159,12 @@ def chat_text(rng: random.Random) -> str:
     if kind == 2:
         word = rng.choice(list(WORDS))
         return _chat(f"What does the word \"{word}\" mean?", f"A {word} is {WORDS[word]}.")
+    if kind == 3:
+        animal = rng.choice(list(LEGS))
+        return _chat(f"How many legs does a {animal} have?", f"A {animal} has {LEGS[animal]} legs.")
+    if kind == 4:
+        word = rng.choice(list(OPPOSITES))
+        return _chat(f"What is the opposite of \"{word}\"?", f"The opposite of \"{word}\" is \"{OPPOSITES[word]}\".")
     return _chat(rng.choice(GREETINGS), f"Hello! I am a helpful assistant. How can I help you today, "
                                         f"{rng.choice(NAMES)}?")
 
@@ -108,10 +173,24 @@ def code_files() -> list[Path]:
     return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
+DOCSTRING_HOLDERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def code_only(source: str) -> str:
+    """The source re-printed by `ast.unparse`: same code, no comments, no docstrings, uniform layout."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, DOCSTRING_HOLDERS) and node.body and isinstance(node.body[0], ast.Expr) \
+                and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+@functools.cache
 def code_text(held_out: bool) -> str:
-    """Standard-library sources: every fifth file is held out."""
+    """Standard-library sources, code only: every fifth file is held out."""
     files = [f for i, f in enumerate(code_files()) if (i % 5 == 0) == held_out]
-    return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    return "\n\n".join(code_only(f.read_text(encoding="utf-8")) for f in files)
 
 
 GENERATORS = {"math": math_text, "stories": story_text, "chat": chat_text}

@@ -41,6 +41,7 @@ class Recipe:
     expert_steps: int = 600
     base_lr: float = 3e-3
     expert_lr: float = 3e-3
+    replay_rows: int = 4  # of each expert batch, from the base's four-domain mix; the rest is the expert's domain
     seed: int = 0
 
 
@@ -76,6 +77,17 @@ def windows(data: list[torch.Tensor], recipe: Recipe, generator: torch.Generator
         start = int(torch.randint(0, len(ids) - recipe.seq, (1,), generator=generator))
         rows.append(ids[start:start + recipe.seq])
     return torch.stack(rows)
+
+
+def expert_data(domain: str, data: dict[str, torch.Tensor], recipe: Recipe) -> list[torch.Tensor]:
+    """Row sources for an expert's batches: its own domain, plus `replay_rows` rows of the base's mix.
+
+    Like a real fine-tune, the expert keeps what the base knew of the other domains. One that forgot them would
+    spoil every token a router sends it as second choice: after a `def` header, a stories expert picked second
+    for the word `not` would turn the code into a story.
+    """
+    mix = [data[DOMAINS[i % len(DOMAINS)]] for i in range(recipe.replay_rows)]
+    return [data[domain]] * (recipe.batch - recipe.replay_rows) + mix
 
 
 def train(model, data: list[torch.Tensor], steps: int, lr: float, recipe: Recipe, only_mlp: bool,
@@ -127,9 +139,9 @@ def build_zoo(out: Path = ZOO_DIR, recipe: Recipe = Recipe(), log: Callable[[str
     train(base, list(data.values()), recipe.base_steps, recipe.base_lr, recipe, only_mlp=False, log=log)
     models = {"base": base}
     for domain in DOMAINS:
-        log(f"Expert {domain}: MLPs fine-tuned on {domain}")
+        log(f"Expert {domain}: MLPs fine-tuned on {domain}, {recipe.replay_rows} of {recipe.batch} rows from the mix")
         expert = copy.deepcopy(base)
-        train(expert, [data[domain]], recipe.expert_steps, recipe.expert_lr, recipe, only_mlp=True, log=log)
+        train(expert, expert_data(domain, data, recipe), recipe.expert_steps, recipe.expert_lr, recipe, only_mlp=True, log=log)
         models[domain] = expert
 
     losses = {}
