@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from studio.config import load_config
 from studio.evaluate import evaluate_routing, load_prompts
 from studio.merge import MergeOptions, merge
-from studio.zoo.corpora import DOMAINS, corpus
-from studio.zoo.train import ZOO_DIR, Recipe, held_out_ids, held_out_loss
+from studio.zoo.corpora import DOMAINS, code_only, code_text, corpus
+from studio.zoo.train import ZOO_DIR, Recipe, expert_data, held_out_ids, held_out_loss, windows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("base", *DOMAINS)
@@ -35,6 +35,24 @@ def zoo_moe(tmp_path_factory, monkeypatch_module):
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
+
+
+def test_code_corpus_is_code_without_comments_or_docstrings():
+    source = '"""Module."""\n# a comment\nclass A:\n    """Class."""\n\n    def f(self):\n        """Doc."""\n' \
+             '        return 1  # one\n\ndef g():\n    """Only a docstring."""\n'
+    assert code_only(source) == "class A:\n\n    def f(self):\n        return 1\n\ndef g():\n    pass"
+    for held_out in (False, True):
+        lines = code_text(held_out).splitlines()
+        assert not any(line.lstrip().startswith(("#", '"""', "'''")) for line in lines)
+
+
+def test_expert_batches_are_three_quarters_own_domain_and_one_row_of_each_domain():
+    data = {domain: torch.full((400,), i) for i, domain in enumerate(DOMAINS)}
+    recipe = Recipe()
+    for i, domain in enumerate(DOMAINS):
+        rows = windows(expert_data(domain, data, recipe), recipe, torch.Generator().manual_seed(0))[:, 0]
+        counts = torch.bincount(rows, minlength=len(DOMAINS)).tolist()
+        assert counts == [13 if j == i else 1 for j in range(len(DOMAINS))], (domain, counts)
 
 
 def test_zoo_models_load_with_tokenizer_and_chat_template(zoo_models):
