@@ -148,23 +148,22 @@ def story_text(rng: random.Random) -> str:
             f"So the {adj} {animal} kept going, {rng.choice(ENDINGS)}\n\n")
 
 
+# Chat questions about facts: (facts, question, answer), formatted with a fact's key and value.
+FACT_QUESTIONS = [
+    (COUNTRIES, "What is the capital of {key}?", "The capital of {key} is {value}."),
+    (HOWTOS, "How do I {key}?", "Here is a simple way to {key}: {value}"),
+    (WORDS, 'What does the word "{key}" mean?', "A {key} is {value}."),
+    (LEGS, "How many legs does a {key} have?", "A {key} has {value} legs."),
+    (OPPOSITES, 'What is the opposite of "{key}"?', 'The opposite of "{key}" is "{value}".'),
+]
+
+
 def chat_text(rng: random.Random) -> str:
-    kind = rng.randrange(6)
-    if kind == 0:
-        country = rng.choice(list(COUNTRIES))
-        return _chat(f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}.")
-    if kind == 1:
-        task = rng.choice(list(HOWTOS))
-        return _chat(f"How do I {task}?", f"Here is a simple way to {task}: {HOWTOS[task]}")
-    if kind == 2:
-        word = rng.choice(list(WORDS))
-        return _chat(f"What does the word \"{word}\" mean?", f"A {word} is {WORDS[word]}.")
-    if kind == 3:
-        animal = rng.choice(list(LEGS))
-        return _chat(f"How many legs does a {animal} have?", f"A {animal} has {LEGS[animal]} legs.")
-    if kind == 4:
-        word = rng.choice(list(OPPOSITES))
-        return _chat(f"What is the opposite of \"{word}\"?", f"The opposite of \"{word}\" is \"{OPPOSITES[word]}\".")
+    kind = rng.randrange(len(FACT_QUESTIONS) + 1)
+    if kind < len(FACT_QUESTIONS):
+        facts, question, answer = FACT_QUESTIONS[kind]
+        key = rng.choice(list(facts))
+        return _chat(question.format(key=key), answer.format(key=key, value=facts[key]))
     return _chat(rng.choice(GREETINGS), f"Hello! I am a helpful assistant. How can I help you today, "
                                         f"{rng.choice(NAMES)}?")
 
