@@ -77,7 +77,6 @@ def _parser() -> argparse.ArgumentParser:
                                               "answer: a table, and figures in an HTML file")
     route.add_argument("model", help="MoE folder or Hub id")
     route.add_argument("prompt", help="the user message (or, with --raw, the text itself)")
-    route.add_argument("--raw", action="store_true", help="route the text as it is, without the chat template")
     route.add_argument("--layer", type=int, help="decoder layer of the token heatmap (default: the last MoE layer)")
     route.add_argument("--html", default="route.html", help="where the figures go (default route.html)")
     route.add_argument("--json", help="also save the trace as JSON here")
@@ -110,6 +109,9 @@ def _generation_flags(parser: argparse.ArgumentParser, temperature: float, max_n
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off (default)")
     parser.add_argument("--stop", action="append", default=[], help="stop the answer at this text (repeatable)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
+    parser.add_argument("--raw", action="store_true",
+                        help="continue the text as it is (BOS + text), without the chat template: for base models "
+                             "and the zoo's code, math and stories experts")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -225,7 +227,8 @@ def _chat(args: argparse.Namespace) -> int:
     from studio.trace import RouterTrace
 
     model, settings = _load_chat(args)
-    print("Type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    print("Type a text to continue; /exit (or Ctrl-D) quits." if args.raw else
+          "Type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
     history: list[dict] = []
     while True:
         try:
@@ -242,7 +245,7 @@ def _chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         answer = []
         print("model> ", end="", flush=True)
-        for piece in model.stream(history, settings):
+        for piece in model.stream(line if args.raw else history, settings):
             if isinstance(piece, RouterTrace):
                 print(f"\n[{_dominant_line(piece)}]")
             else:

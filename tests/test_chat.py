@@ -349,6 +349,18 @@ def test_cli_chat_prints_a_routing_line_after_each_reply(zoo_moe, monkeypatch, c
     assert all(any(name in line for name in ("code", "math", "stories", "chat")) for line in lines)
 
 
+def test_cli_chat_raw_continues_each_line_as_text(zoo_moe, zoo_bf16, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def parse(line):\n12 + 7 =\n"))
+    assert main(["chat", str(zoo_moe), "--raw", "--precision", "bf16", "--device", "cpu", "--temperature", "0",
+                 "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    greedy = ChatSettings(temperature=0, max_new_tokens=12)
+    code, number = (zoo_bf16.reply(text, greedy).text for text in ("def parse(line):", "12 + 7 ="))
+    assert code.startswith("\n    ") and code != zoo_bf16.reply([{"role": "user", "content": "def parse(line):"}],
+                                                                  greedy).text
+    assert f"model> {code}\n[L0 " in out and f"model> {number}\n[L0 " in out  # each line alone, no history
+
+
 def test_cli_route_prints_the_table_and_writes_figures(zoo_moe, tmp_path, capsys):
     html, trace_json, trace_csv = tmp_path / "r.html", tmp_path / "t.json", tmp_path / "t.csv"
     assert main(["route", str(zoo_moe), "12 + 7 =", "--raw", "--precision", "bf16", "--device", "cpu",

@@ -298,6 +298,13 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
     expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
     screenshot(page_at, "chat")
 
+    page_at.locator("#chat-raw input").check()
+    field(page_at, "chat-input").fill("def parse(line):")
+    field(page_at, "chat-input").press("Enter")
+    raw = load_chat_model(model, "4bit", "cpu").reply("def parse(line):", ChatSettings(temperature=0, max_new_tokens=12))
+    word = max(re.findall(r"[A-Za-z]{4,}", raw.text), key=len)  # a word of the code, whatever markdown makes of it
+    expect(page_at.locator("#chatbot .message").last).to_contain_text(word, timeout=SLOW)
+
 
 def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
     model = str(studio[1] / "zoo-4x")

@@ -37,6 +37,9 @@ class ChatTab:
                                               scale=5, elem_id="chat-input")
                     self.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
                     self.clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
+                self.raw = gr.Checkbox(False, label="Continue the text as it is (no chat template): for base models "
+                                                    "and the zoo's code, math and stories experts",
+                                       elem_id="chat-raw")
                 with gr.Accordion("Generation settings", open=False):
                     self.system = gr.Textbox(label="System prompt", lines=2)
                     with gr.Row():
@@ -74,8 +77,9 @@ class ChatTab:
         return ChatSettings(system or "", float(temperature), float(top_p), int(top_k), int(max_new),
                             float(repetition), stops, None if seed is None or seed < 0 else int(seed))
 
-    def respond(self, message: str, history: list, model: str, precision: str, trust: bool, *rest):
-        """Streams (history, status, heatmap, tokens, slider, trace, json, csv) while answering `message`."""
+    def respond(self, message: str, history: list, raw: bool, model: str, precision: str, trust: bool, *rest):
+        """Streams (history, status, heatmap, tokens, slider, trace, json, csv) while answering `message`
+        (with `raw`, continuing it as plain text; the history is then only shown, not sent)."""
         *settings, part = rest
         keep = [gr.skip()] * 6
         if not (message or "").strip():
@@ -91,7 +95,8 @@ class ChatTab:
             status = loaded_status(chat, fresh)
             answer = {"role": "assistant", "content": ""}
             trace = None
-            for piece in chat.stream([{"role": m["role"], "content": m["content"]} for m in history], chosen):
+            prompt = message if raw else [{"role": m["role"], "content": m["content"]} for m in history]
+            for piece in chat.stream(prompt, chosen):
                 if isinstance(piece, RouterTrace):
                     trace = piece
                     continue
@@ -112,7 +117,7 @@ class ChatTab:
         return str(json_path), str(csv_path)
 
     def _wire(self) -> None:
-        inputs = [self.message, self.chatbot, *self.picker.inputs, *self.settings_inputs, self.part]
+        inputs = [self.message, self.chatbot, self.raw, *self.picker.inputs, *self.settings_inputs, self.part]
         outputs = [self.chatbot, self.picker.status, self.heatmap, self.tokens, self.layer, self.trace, self.json,
                    self.csv]
         for event in (self.send.click, self.message.submit):
