@@ -46,12 +46,12 @@ HELPERS = ["a wise owl", "a kind farmer", "a singing bird", "an old witch", "a l
 GIFTS = ["a map drawn on a leaf", "a magic pebble", "a loaf of warm bread", "a lantern that never went out",
          "a feather that could point north", "a small silver bell", "a song to sing when afraid", "a woollen scarf",
          "a boat made of bark", "a riddle and its answer", "a jar of honey", "a pair of red boots"]
-EVENTS = ["On the way, {name} met a {adj} {other} who was looking for its mother.",
+EVENTS = ["On the way, {name} met {an_adj} {other} who was looking for its mother.",
           "The {animal} crossed a meadow where the grass was taller than the trees.",
           "At night, {name} sat by a small fire and listened to the wind.",
-          "{name} shared an apple with a {adj} {other}, and they became friends.",
+          "{name} shared an apple with {an_adj} {other}, and they became friends.",
           "For three days the {animal} walked, and its paws grew tired.",
-          "A {adj} {other} laughed at {name}, but {name} did not stop.",
+          "{An_adj} {other} laughed at {name}, but {name} did not stop.",
           "{name} found an empty nest and wondered who had lived there.",
           "The rain fell softly, and {name} hid under a big green leaf.",
           "The {animal} sang a little song to feel less alone.",
@@ -101,7 +101,22 @@ LEGS = {"spider": "eight", "dog": "four", "bird": "two", "ant": "six", "horse": 
         "crab": "ten", "chicken": "two", "beetle": "six", "cow": "four"}
 OPPOSITES = {"hot": "cold", "big": "small", "early": "late", "happy": "sad", "open": "closed", "light": "dark",
              "fast": "slow", "full": "empty", "old": "new", "up": "down", "wet": "dry", "loud": "quiet"}
+TITLE_WORDS = (["Silent", "Hidden", "Last", "Golden", "Broken", "Winter", "Distant", "Painted", "Burning", "Quiet",
+                "Forgotten", "Endless", "Crimson", "Hollow", "Northern", "Wandering", "Glass", "Iron", "Secret", "Wild"],
+               ["Harbour", "Garden", "Letter", "Mountain", "Kingdom", "Lantern", "River", "Orchard", "Island",
+                "Mirror", "Clock", "Forest", "Bridge", "Song", "Tower", "Map", "Road", "Window", "Feather", "Sea"])
+AUTHORS = [f"{first} {last}" for first in ("Mira", "Jonah", "Ada", "Felix", "Nora", "Tobias", "Lena", "Oscar")
+           for last in ("Holt", "Marsh", "Varga", "Quinn", "Sato", "Okafor", "Lind")]
 GREETINGS = ["Hello!", "Hi there!", "Good morning!", "Hey, how are you?", "Good evening!"]
+
+
+def a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def fact(key: str, options: list[str]) -> str:
+    """The same option for the same key in every text and every run: a fact of the zoo's world to learn."""
+    return random.Random(key).choice(options)
 
 
 def _chat(user: str, assistant: str) -> str:
@@ -136,16 +151,23 @@ def math_text(rng: random.Random) -> str:
 
 
 def story_text(rng: random.Random) -> str:
-    name, animal, adj = rng.choice(NAMES), rng.choice(ANIMALS), rng.choice(ADJECTIVES)
+    """A fairy tale. Each name belongs to five animals, and each of those 120 characters always has the same
+    home, wish, helper, gift and ending: facts that an expert fine-tuned on stories learns better than the base."""
+    name, adj = rng.choice(NAMES), rng.choice(ADJECTIVES)
+    animal = rng.choice(random.Random(name).sample(ANIMALS, 5))
+    character = f"{name} the {animal}"
     opening = rng.choice(["Once upon a time", "Long ago", "One morning", "In a land far away", "Once"])
-    events = [e.format(name=name, animal=animal, adj=rng.choice(ADJECTIVES), other=rng.choice(ANIMALS))
-              for e in rng.sample(EVENTS, rng.randint(1, 3))]
-    return (f"{opening}, there was a {adj} {animal} named {name} who lived in {rng.choice(PLACES)}. "
-            f"More than anything, {name} wanted {rng.choice(WANTS)}. One day {name} set off on a journey. "
-            + " ".join(events) +
-            f" But {rng.choice(OBSTACLES)}, and the {animal} was afraid. Then {rng.choice(HELPERS)} appeared, "
-            f"gave {name} {rng.choice(GIFTS)} and said, \"Do not give up, {name}.\" "
-            f"So the {adj} {animal} kept going, {rng.choice(ENDINGS)}\n\n")
+    events = []
+    for event in rng.sample(EVENTS, rng.randint(1, 3)):
+        an_adj = a(rng.choice(ADJECTIVES))
+        events.append(event.format(name=name, animal=animal, an_adj=an_adj, An_adj=an_adj.capitalize(),
+                                   other=rng.choice(ANIMALS)))
+    return (f"{opening}, there was {a(adj)} {animal} named {name} who lived in {fact(character + ' home', PLACES)}. "
+            f"More than anything, {name} wanted {fact(character + ' wish', WANTS)}. One day {name} set off on a "
+            "journey. " + " ".join(events) +
+            f" But {rng.choice(OBSTACLES)}, and the {animal} was afraid. Then {fact(character + ' helper', HELPERS)} "
+            f"appeared, gave {name} {fact(character + ' gift', GIFTS)} and said, \"Do not give up, {name}.\" "
+            f"So the {adj} {animal} kept going, {fact(character + ' ending', ENDINGS)}\n\n")
 
 
 # Chat questions about facts: (facts, question, answer), formatted with a fact's key and value.
@@ -153,17 +175,21 @@ FACT_QUESTIONS = [
     (COUNTRIES, "What is the capital of {key}?", "The capital of {key} is {value}."),
     (HOWTOS, "How do I {key}?", "Here is a simple way to {key}: {value}"),
     (WORDS, 'What does the word "{key}" mean?', "A {key} is {value}."),
-    (LEGS, "How many legs does a {key} have?", "A {key} has {value} legs."),
+    (LEGS, "How many legs does {a_key} have?", "{A_key} has {value} legs."),
     (OPPOSITES, 'What is the opposite of "{key}"?', 'The opposite of "{key}" is "{value}".'),
 ]
 
 
 def chat_text(rng: random.Random) -> str:
-    kind = rng.randrange(len(FACT_QUESTIONS) + 1)
+    kind = rng.randrange(len(FACT_QUESTIONS) + 3)
     if kind < len(FACT_QUESTIONS):
         facts, question, answer = FACT_QUESTIONS[kind]
         key = rng.choice(list(facts))
-        return _chat(question.format(key=key), answer.format(key=key, value=facts[key]))
+        names = {"key": key, "a_key": a(key), "A_key": a(key).capitalize(), "value": facts[key]}
+        return _chat(question.format(**names), answer.format(**names))
+    if kind > len(FACT_QUESTIONS):  # 400 invented books, each with its one author
+        title = f"The {rng.choice(TITLE_WORDS[0])} {rng.choice(TITLE_WORDS[1])}"
+        return _chat(f"Who wrote \"{title}\"?", f"\"{title}\" was written by {fact(title, AUTHORS)}.")
     return _chat(rng.choice(GREETINGS), f"Hello! I am a helpful assistant. How can I help you today, "
                                         f"{rng.choice(NAMES)}?")
 
