@@ -4,8 +4,11 @@ code     Python's own standard-library sources (a file split: training files, he
          comments and docstrings: those are English prose, which is the other domains' ground, and a model
          that learnt them answers a `def` header with a docstring that drifts into a story.
 math     generated arithmetic and word problems with their worked answers.
-stories  generated short fairy-tale stories.
-chat     generated chat-style questions and answers in the tokenizer's chat format.
+stories  generated short fairy tales about 120 characters, each with its own home, wish, helper, gift and ending.
+chat     generated chat-style questions and answers in the tokenizer's chat format, among them who wrote which
+         of 400 invented books.
+Those facts hold in every text, training and held-out alike: knowledge that an expert fine-tuned on its domain
+learns better than the base, which saw a quarter as much of it.
 """
 
 from __future__ import annotations
@@ -102,7 +105,8 @@ LEGS = {"spider": "eight", "dog": "four", "bird": "two", "ant": "six", "horse": 
 OPPOSITES = {"hot": "cold", "big": "small", "early": "late", "happy": "sad", "open": "closed", "light": "dark",
              "fast": "slow", "full": "empty", "old": "new", "up": "down", "wet": "dry", "loud": "quiet"}
 TITLE_WORDS = (["Silent", "Hidden", "Last", "Golden", "Broken", "Winter", "Distant", "Painted", "Burning", "Quiet",
-                "Forgotten", "Endless", "Crimson", "Hollow", "Northern", "Wandering", "Glass", "Iron", "Secret", "Wild"],
+                "Forgotten", "Endless", "Crimson", "Hollow", "Northern", "Wandering", "Glass", "Iron", "Secret",
+                "Wild"],
                ["Harbour", "Garden", "Letter", "Mountain", "Kingdom", "Lantern", "River", "Orchard", "Island",
                 "Mirror", "Clock", "Forest", "Bridge", "Song", "Tower", "Map", "Road", "Window", "Feather", "Sea"])
 AUTHORS = [f"{first} {last}" for first in ("Mira", "Jonah", "Ada", "Felix", "Nora", "Tobias", "Lena", "Oscar")
@@ -110,7 +114,7 @@ AUTHORS = [f"{first} {last}" for first in ("Mira", "Jonah", "Ada", "Felix", "Nor
 GREETINGS = ["Hello!", "Hi there!", "Good morning!", "Hey, how are you?", "Good evening!"]
 
 
-def a(word: str) -> str:
+def with_article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
@@ -159,10 +163,11 @@ def story_text(rng: random.Random) -> str:
     opening = rng.choice(["Once upon a time", "Long ago", "One morning", "In a land far away", "Once"])
     events = []
     for event in rng.sample(EVENTS, rng.randint(1, 3)):
-        an_adj = a(rng.choice(ADJECTIVES))
+        an_adj = with_article(rng.choice(ADJECTIVES))
         events.append(event.format(name=name, animal=animal, an_adj=an_adj, An_adj=an_adj.capitalize(),
                                    other=rng.choice(ANIMALS)))
-    return (f"{opening}, there was {a(adj)} {animal} named {name} who lived in {fact(character + ' home', PLACES)}. "
+    return (f"{opening}, there was {with_article(adj)} {animal} named {name} who lived in "
+            f"{fact(character + ' home', PLACES)}. "
             f"More than anything, {name} wanted {fact(character + ' wish', WANTS)}. One day {name} set off on a "
             "journey. " + " ".join(events) +
             f" But {rng.choice(OBSTACLES)}, and the {animal} was afraid. Then {fact(character + ' helper', HELPERS)} "
@@ -185,7 +190,8 @@ def chat_text(rng: random.Random) -> str:
     if kind < len(FACT_QUESTIONS):
         facts, question, answer = FACT_QUESTIONS[kind]
         key = rng.choice(list(facts))
-        names = {"key": key, "a_key": a(key), "A_key": a(key).capitalize(), "value": facts[key]}
+        article = with_article(key)
+        names = {"key": key, "a_key": article, "A_key": article.capitalize(), "value": facts[key]}
         return _chat(question.format(**names), answer.format(**names))
     if kind > len(FACT_QUESTIONS):  # 400 invented books, each with its one author
         title = f"The {rng.choice(TITLE_WORDS[0])} {rng.choice(TITLE_WORDS[1])}"

@@ -141,7 +141,8 @@ def build_zoo(out: Path = ZOO_DIR, recipe: Recipe = Recipe(), log: Callable[[str
     for domain in DOMAINS:
         log(f"Expert {domain}: MLPs fine-tuned on {domain}, {recipe.replay_rows} of {recipe.batch} rows from the mix")
         expert = copy.deepcopy(base)
-        train(expert, expert_data(domain, data, recipe), recipe.expert_steps, recipe.expert_lr, recipe, only_mlp=True, log=log)
+        train(expert, expert_data(domain, data, recipe), recipe.expert_steps, recipe.expert_lr, recipe,
+              only_mlp=True, log=log)
         models[domain] = expert
 
     losses = {}
