@@ -91,34 +91,40 @@ def greedy_completion(model, tokenizer, prompt: str, tokens: int = 32) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def likeliest_domain(tokenizer, text: str) -> str:
-    """The domain whose training text's token frequencies make `text` likeliest (unigrams, add-one smoothed)."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    scores = {}
-    for domain in DOMAINS:
-        corpus_ids = torch.tensor(tokenizer(corpus(domain, 200_000, seed=0), add_special_tokens=False)["input_ids"])
-        counts = torch.bincount(corpus_ids, minlength=len(tokenizer)).double() + 1
-        scores[domain] = (counts / counts.sum()).log()[ids].sum().item()
-    return max(scores, key=scores.get)
-
-
-def test_merged_zoo_answers_arithmetic_and_stories(zoo_moe):
+@pytest.fixture(scope="module")
+def moe_and_tokenizer(zoo_moe):
     model = AutoModelForCausalLM.from_pretrained(zoo_moe, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(zoo_moe)
-    assert re.match(r"\s*\d+", greedy_completion(model, tokenizer, "12 + 7 =", 24))
-    story = greedy_completion(model, tokenizer, "Once upon a time", 24)
+    return model, AutoTokenizer.from_pretrained(zoo_moe)
+
+
+@pytest.fixture(scope="module")
+def unigram_log_probs(moe_and_tokenizer) -> dict[str, torch.Tensor]:
+    """Per domain, the log frequency of each token in its training text (add-one smoothed)."""
+    tokenizer = moe_and_tokenizer[1]
+    log_probs = {}
+    for domain in DOMAINS:
+        ids = torch.tensor(tokenizer(corpus(domain, 200_000, seed=0), add_special_tokens=False)["input_ids"])
+        counts = torch.bincount(ids, minlength=len(tokenizer)).double() + 1
+        log_probs[domain] = (counts / counts.sum()).log()
+    return log_probs
+
+
+def test_merged_zoo_answers_arithmetic_and_stories(moe_and_tokenizer):
+    assert re.match(r"\s*\d+", greedy_completion(*moe_and_tokenizer, "12 + 7 =", 24))
+    story = greedy_completion(*moe_and_tokenizer, "Once upon a time", 24)
     assert re.search(r"\b(there|was|a|the|named|lived)\b", story), story
 
 
 @pytest.mark.parametrize("header", ["def parse(line):", "def __init__(self, name):", "def add(a, b):", "class Stack:"])
-def test_merged_zoo_writes_a_python_body_after_a_def_header(zoo_moe, header):
-    """The body starts on an indented line, and its tokens are the code corpus's rather than a story's, a chat
-    reply's or a word problem's (which is where a body drifts when its words are routed to other experts)."""
-    tokenizer = AutoTokenizer.from_pretrained(zoo_moe)
-    moe = AutoModelForCausalLM.from_pretrained(zoo_moe, dtype=torch.float32).eval()
-    completion = greedy_completion(moe, tokenizer, header)
+def test_merged_zoo_writes_a_python_body_after_a_def_header(moe_and_tokenizer, unigram_log_probs, header):
+    """The body starts on an indented line, and its tokens are likelier under the code corpus's token frequencies
+    than under a story's, a chat reply's or a word problem's (where a body drifts when its words are routed to
+    other experts)."""
+    completion = greedy_completion(*moe_and_tokenizer, header)
     assert re.match(r"\n( {4})+\S", completion), completion
-    assert likeliest_domain(tokenizer, completion) == "code", completion
+    ids = torch.tensor(moe_and_tokenizer[1](completion, add_special_tokens=False)["input_ids"])
+    scores = {domain: log_probs[ids].sum().item() for domain, log_probs in unigram_log_probs.items()}
+    assert max(scores, key=scores.get) == "code", (completion, scores)
 
 
 def test_hidden_gates_route_most_held_out_prompts_of_each_domain_to_their_expert(zoo_moe, tmp_path, monkeypatch_module):
