@@ -15,7 +15,7 @@ ROOT = ZOO_DIR.parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m studio.zoo")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train the base and four experts (about 12 minutes on 2 cores)")
+    train = commands.add_parser("train", help="train the base and four experts (about 11 minutes on 2 cores)")
     train.add_argument("--out", type=Path, default=ZOO_DIR, help=f"where to save them (default {ZOO_DIR})")
     commands.add_parser("prompts", help="score zoo-4x.yml's positive prompts on validation prompts; write the "
                                         "held-out evaluation prompts")
