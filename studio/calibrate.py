@@ -17,7 +17,7 @@ experts evenly) nor one-hot (the second expert would never count).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +49,11 @@ def prompt_targets(experts: list[Expert]) -> dict[str, torch.Tensor]:
     return targets
 
 
-def fit_router(x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, confidence: float = CONFIDENCE,
-               steps: int = STEPS) -> torch.Tensor:
+def fit_router(x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, confidence: float | None = CONFIDENCE,
+               steps: int = STEPS, l2: float = L2) -> torch.Tensor:
     """Router rows (experts, hidden) whose softmax over `x` (tokens, hidden) matches `targets` (tokens, experts),
-    each token counted with its weight; scaled to the wanted mean top-1 probability."""
+    each token counted with its weight; scaled to the wanted mean top-1 probability, or, with `confidence` None,
+    left with the fit's own probabilities (sure where the tokens are told apart, hesitant where they are not)."""
     x = x.float()
     rms = x.pow(2).mean().sqrt().clamp_min(1e-8)
     weights = weights / weights.sum()
@@ -64,13 +65,15 @@ def fit_router(x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, co
     def loss() -> torch.Tensor:
         optimizer.zero_grad()
         logp = F.log_softmax(unit @ router.T, dim=-1)
-        value = -(weights * (targets * logp).sum(dim=-1)).sum() + L2 * router.pow(2).sum()
+        value = -(weights * (targets * logp).sum(dim=-1)).sum() + l2 * router.pow(2).sum()
         value.backward()
         return value
 
     with torch.inference_mode(False), torch.enable_grad():
         optimizer.step(loss)
     router = router.detach() / rms
+    if confidence is None:
+        return router
     return router * _scale_for_confidence(x @ router.T, weights, confidence)
 
 
@@ -89,22 +92,24 @@ def _scale_for_confidence(logits: torch.Tensor, weights: torch.Tensor, confidenc
     return 2.0 ** ((low + high) / 2)
 
 
-def calibrated_gates(moe: StreamedMoE, batches: list[tuple[list[str], torch.Tensor, torch.Tensor]],
-                     targets: dict[str, torch.Tensor], ignored_ids: list[int], log: Callable[[str], None] = print,
-                     check: Callable[[], None] = lambda: None) -> torch.Tensor:
-    """G (layers, experts, hidden): each layer's router fitted on the router inputs of the prompts' tokens.
+def calibrated_gates(moe: StreamedMoE, batches: list[tuple[list[Hashable], torch.Tensor, torch.Tensor]],
+                     targets: dict[Hashable, torch.Tensor], ignored_ids: list[int], log: Callable[[str], None] = print,
+                     check: Callable[[], None] = lambda: None, confidence: float | None = CONFIDENCE,
+                     l2: float = L2) -> torch.Tensor:
+    """G (layers, experts, hidden): each layer's router fitted on the router inputs of the sequences' tokens.
 
-    `batches` holds (prompts, ids, mask), left-padded; tokens in `ignored_ids` (BOS, the same in every prompt)
-    are left out of the fit.
+    `batches` holds (keys, ids, mask), left-padded, a key per sequence (a prompt, or a piece of calibration text);
+    `targets` gives each key's wanted distribution over experts. Tokens in `ignored_ids` (BOS, the same in every
+    sequence) are left out of the fit. `confidence` and `l2` as in `fit_router`.
     """
     token_targets, token_weights, keep = _token_targets(batches, targets, ignored_ids)
     gates = []
 
     def fit(layer: int, inputs: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat([states[mask.to(states.device)] for states, mask in zip(inputs, keep)]).cpu()
-        router = fit_router(x, token_targets, token_weights)
+        router = fit_router(x, token_targets, token_weights, confidence, l2=l2)
         accuracy = _accuracy(x @ router.T, token_targets)
-        log(f"Layer {layer}: router fitted on {x.shape[0]} tokens; top-1 agrees with the prompts' experts on "
+        log(f"Layer {layer}: router fitted on {x.shape[0]} tokens; top-1 agrees with the intended expert on "
             f"{accuracy:.0%} of them")
         gates.append(router)
         return router

@@ -15,13 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from studio.errors import StudioError
+from studio.gate_modes import ALIASES, MODES, gate_mode
 
-GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "calibrated")
-# Gate modes that run the base model over the prompts.
-HIDDEN_GATE_MODES = ("hidden", "hidden_avg", "calibrated")
+GATE_MODES = tuple(MODES)
 PROMPT_FORMATS = ("raw", "chat")
-GATE_MODE_ALIASES = {"hidden_last": "hidden"}
-PROMPT_FREE_GATE_MODES = ("random", "uniform_random")
 DTYPES = ("bfloat16", "float16", "float32")
 
 # Keys that belong to other tools' configs, with what to tell the user instead of "unknown key".
@@ -47,8 +44,11 @@ class Expert(_Strict):
     negative_prompts: list[str] | None = None
     noise_scale: float | None = None
     residual_scale: float | None = None
+    # The studio's own, read by `gate_mode: expert_text`: text files of this expert's domain to fit its router on,
+    # instead of text the expert writes from its prompts. mergekit-moe does not know the key.
+    calibration_text: list[str] | None = None
 
-    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @field_validator("positive_prompts", "negative_prompts", "calibration_text", mode="before")
     @classmethod
     def _one_prompt_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -71,7 +71,7 @@ class MoEConfig(_Strict):
     @field_validator("gate_mode")
     @classmethod
     def _known_gate_mode(cls, value: str) -> str:
-        value = GATE_MODE_ALIASES.get(value, value)
+        value = ALIASES.get(value, value)
         if value not in GATE_MODES:
             raise ValueError(f"unknown gate mode {value!r}{_suggest(value, GATE_MODES)}; "
                              f"choose one of {', '.join(GATE_MODES)}")
@@ -194,7 +194,7 @@ def dump_yaml(config: MoEConfig) -> str:
 def experts_with_gates(config: MoEConfig) -> list[Expert]:
     """Routed experts, then shared experts that get a gate (prompted ones, or any under random modes)."""
     shared = [e for e in config.shared_experts or []
-              if e.positive_prompts or config.gate_mode in PROMPT_FREE_GATE_MODES]
+              if e.positive_prompts or not gate_mode(config.gate_mode).needs_prompts]
     return config.experts + shared
 
 
@@ -216,7 +216,8 @@ def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tup
     if len(shared) > 1:
         errors.append(f"`shared_experts` has {len(shared)} entries; at most one shared expert is supported.")
 
-    if config.gate_mode not in PROMPT_FREE_GATE_MODES:
+    mode = gate_mode(config.gate_mode)
+    if mode.needs_prompts:
         for i, expert in enumerate(config.experts):
             if not expert.positive_prompts:
                 errors.append(f"`experts[{i}]` ({expert.source_model}) has no `positive_prompts`; gate mode "
@@ -229,10 +230,14 @@ def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tup
             errors.append(f"Every expert is {config.experts[0].source_model}: identical experts are useless without "
                           f"training. Pass --i-understand-this-is-not-useful-without-training if you will "
                           f"train the result, or use `gate_mode: random`.")
-    if config.gate_mode == "calibrated" and any(e.positive_prompts for e in shared):
-        errors.append("`gate_mode: calibrated` fits the routers of the routed experts, not a shared expert's gate: "
+    if mode.runs == "merged" and any(e.positive_prompts for e in shared):
+        errors.append(f"`gate_mode: {mode.name}` fits the routers of the routed experts, not a shared expert's gate: "
                       "give the shared expert no prompts (it then sees every token, ungated), or use "
                       "`gate_mode: hidden`.")
+    texts = [i for i, e in enumerate(config.experts) if e.calibration_text]
+    if texts and mode.name != "expert_text":
+        errors.append(f"`experts[{texts[0]}].calibration_text` is read only by `gate_mode: expert_text`; set that "
+                      f"mode, or remove the key.")
     if shared and len({bool(e.positive_prompts) for e in shared}) > 1:
         errors.append("Shared experts must all have prompts or all have none.")
     return errors, warnings

@@ -9,6 +9,9 @@ cheap_embed the normalised sum of the prompts' token embeddings, the same row fo
 random      standard normal entries (for sparse upcycling that will be trained).
 uniform_random  U(-1/sqrt(H), 1/sqrt(H)), PyTorch's nn.Linear initialisation.
 calibrated  the studio's own: routers fitted where the merged model's routers look (studio/calibrate.py).
+expert_text the studio's own: the same fit, on text the experts write from their prompts (studio/expert_text.py).
+
+Which modes exist, and what each needs, is data in studio/gate_modes.py; COMPUTE below maps each to its function.
 
 Prompts are the BOS string followed by the raw prompt text, as in mergekit (or, with `prompt_format: chat`,
 a user turn of the base's chat template). Unlike mergekit, batches are
@@ -23,9 +26,11 @@ from typing import Callable
 
 import torch
 
+from studio import expert_text
 from studio.calibrate import calibrated_gates, prompt_targets
-from studio.config import PROMPT_FREE_GATE_MODES, Expert, experts_with_gates
+from studio.config import Expert, experts_with_gates
 from studio.errors import StudioError
+from studio.gate_modes import MODES
 from studio.families import Family
 from studio.forward import StreamedDecoder, StreamedMoE, why_not_streamable
 from studio.plan import MergePlan
@@ -44,45 +49,107 @@ class GateOptions:
     trust_remote_code: bool = False
 
 
+GateFunction = Callable[["GateJob"], torch.Tensor]
+
+
+@dataclass
+class GateJob:
+    """What a gate mode's function gets: the plan, the options, and where to log and check for a stop."""
+
+    plan: MergePlan
+    options: GateOptions
+    log: Callable[[str], None]
+    check: Callable[[], None]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        config = self.plan.base.config
+        return config["num_hidden_layers"], len(experts_with_gates(self.plan.config)), config["hidden_size"]
+
+    def tokenizer(self):
+        return load_tokenizer(self.plan.base, self.options.trust_remote_code)
+
+    def encoder(self, tokenizer) -> Callable[[str], list[int]]:
+        return prompt_encoder(tokenizer, self.plan.config.prompt_format, self.plan.base.label)
+
+
 def compute_gates(plan: MergePlan, options: GateOptions, log: Callable[[str], None] = print,
                   check: Callable[[], None] = lambda: None) -> torch.Tensor:
     """G (layers, experts, hidden) in float32, for `experts_with_gates(config)` in that order.
 
-    `check` is called between layers or batches of the hidden pass; it raises to stop the work.
+    `check` is called between layers or batches of the work; it raises to stop it.
     """
-    config, base, family = plan.config, plan.base, plan.family
-    layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
-    experts = experts_with_gates(config)
-    mode = config.gate_mode
-    if mode in PROMPT_FREE_GATE_MODES:
-        return random_gates(mode, (layers, len(experts), hidden), options.seed)
-    tokenizer = load_tokenizer(base, options.trust_remote_code)
-    encode = prompt_encoder(tokenizer, config.prompt_format, base.label)
-    if mode == "cheap_embed":
-        row = torch.stack([embedding_direction(e, encode, base, family) for e in experts])
-        return row.unsqueeze(0).expand(layers, -1, -1).contiguous()
-    if mode == "calibrated":
-        return _calibrated(plan, tokenizer, encode, options, log, check)
-    states = hidden_states_of_prompts(base, family, tokenizer, _all_prompts(experts), options,
-                                      average=(mode == "hidden_avg"), log=log, check=check, encode=encode)
+    return COMPUTE[plan.config.gate_mode](GateJob(plan, options, log, check))
+
+
+def _random(job: GateJob) -> torch.Tensor:
+    return random_gates(job.plan.config.gate_mode, job.shape, job.options.seed)
+
+
+def _cheap_embed(job: GateJob) -> torch.Tensor:
+    encode = job.encoder(job.tokenizer())
+    plan = job.plan
+    rows = torch.stack([embedding_direction(e, encode, plan.base, plan.family) for e in experts_with_gates(plan.config)])
+    return rows.unsqueeze(0).expand(job.shape[0], -1, -1).contiguous()
+
+
+def _hidden(job: GateJob) -> torch.Tensor:
+    plan, tokenizer = job.plan, job.tokenizer()
+    experts = experts_with_gates(plan.config)
+    states = hidden_states_of_prompts(plan.base, plan.family, tokenizer, _all_prompts(experts), job.options,
+                                      average=(plan.config.gate_mode == "hidden_avg"), log=job.log,
+                                      check=job.check, encode=job.encoder(tokenizer))
     rows = [_mean(states, e.positive_prompts) - _mean(states, e.negative_prompts) for e in experts]
     return unit_rows(torch.stack(rows, dim=1))
 
 
-def _calibrated(plan: MergePlan, tokenizer, encode: Callable[[str], list[int]], options: GateOptions,
-                log: Callable[[str], None], check: Callable[[], None]) -> torch.Tensor:
-    if options.load_in_4bit or options.load_in_8bit:
-        raise StudioError("`gate_mode: calibrated` runs the merged model from its checkpoints in full precision; "
-                          "drop --load-in-4bit / --load-in-8bit (the pass holds one layer at a time anyway).")
+def _calibrated(job: GateJob) -> torch.Tensor:
+    tokenizer = job.tokenizer()
+    encode = job.encoder(tokenizer)
+    experts = job.plan.config.experts
+    encoded = {p: encode(p) for p in _all_prompts(experts)}
+    job.log(f"Fitting calibrated routers on every token of {len(encoded)} prompts, layer by layer through the "
+            f"merged model")
+    return _fit_through_the_moe(job, tokenizer, encoded, prompt_targets(experts))
+
+
+def _expert_text(job: GateJob) -> torch.Tensor:
+    tokenizer, plan, options = job.tokenizer(), job.plan, job.options
+    encode = job.encoder(tokenizer)
     experts = plan.config.experts
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    texts = expert_text.expert_texts(
+        experts, [plan.sources[e.source_model] for e in experts], plan.base, encode,
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, _device(options.device),
+        options.seed, options.trust_remote_code, job.log, job.check)
     prompts = _all_prompts(experts)
-    encoded = {p: encode(p) for p in prompts}
-    moe = streamed_moe(plan, options.device, max(map(len, encoded.values())))
-    log(f"Fitting calibrated routers on every token of {len(prompts)} prompts, layer by layer through the merged "
-        f"model")
+    encoded = {**{p: encode(p) for p in prompts}, **texts}
+    targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
+    job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "
+            f"by layer through the merged model")
+    return _fit_through_the_moe(job, tokenizer, encoded, targets, confidence=None, l2=expert_text.L2)
+
+
+def _fit_through_the_moe(job: GateJob, tokenizer, encoded: dict, targets: dict, **fit) -> torch.Tensor:
+    options = job.options
+    if options.load_in_4bit or options.load_in_8bit:
+        raise StudioError(f"`gate_mode: {job.plan.config.gate_mode}` runs the merged model from its checkpoints in "
+                          f"full precision; drop --load-in-4bit / --load-in-8bit (the pass holds one layer at a "
+                          f"time anyway).")
+    moe = streamed_moe(job.plan, options.device, max(map(len, encoded.values())))
     batches = list(_batches(encoded, options.batch_size, _pad_id(tokenizer)))
     ignored = [t for t in (tokenizer.bos_token_id,) if t is not None]
-    return calibrated_gates(moe, batches, prompt_targets(experts), ignored, log, check)
+    return calibrated_gates(moe, batches, targets, ignored, job.log, job.check, **fit)
+
+
+COMPUTE: dict[str, GateFunction] = {"hidden": _hidden, "hidden_avg": _hidden, "cheap_embed": _cheap_embed,
+                                    "random": _random, "uniform_random": _random, "calibrated": _calibrated,
+                                    "expert_text": _expert_text}
+assert set(COMPUTE) == set(MODES), "every gate mode in studio/gate_modes.py needs its function here"
+
+
+def _device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) -> StreamedMoE:
@@ -92,8 +159,7 @@ def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) 
         raise StudioError(f"Calibrated gates and the routing preview run the merged model from its checkpoints, "
                           f"which works for llama, mistral, qwen2 and qwen3 bases; here {reason}. Use "
                           f"`gate_mode: hidden`, and look at the routing after the merge.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(device)
     config = plan.config
     shared = (config.shared_experts or [None])[0]
     return StreamedMoE(plan.base, plan.family, [plan.sources[e.source_model] for e in config.experts],
@@ -249,9 +315,7 @@ def _reduce(hidden: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Te
 
 def _streamed_states(base: ModelSource, family: Family, batches: list, device: str, average: bool,
                      check: Callable[[], None]) -> dict[str, torch.Tensor]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    decoder = StreamedDecoder(base, family, device)
+    decoder = StreamedDecoder(base, family, _device(device))
     running = [(prompts, decoder.start(ids, mask)) for prompts, ids, mask in batches]
     per_layer: dict[str, list[torch.Tensor]] = {p: [] for prompts, _ in running for p in prompts}
     layers = base.config["num_hidden_layers"]

@@ -21,6 +21,7 @@ import torch
 from studio import card
 from studio.config import MoEConfig, check_rules, dump_yaml, experts_with_gates
 from studio.errors import Cancelled, StudioError
+from studio.gate_modes import gate_mode
 from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
 from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm
@@ -150,7 +151,7 @@ def _start_gates(config: MoEConfig, plan: MergePlan, options: MergeOptions, canc
 
 
 def _gate_warnings(config: MoEConfig, gates: torch.Tensor) -> list[str]:
-    if not config.gate_mode.startswith(("hidden", "cheap")):
+    if not gate_mode(config.gate_mode).averaged_rows:
         return []
     warning = degenerate_gate_warning(gates, [e.source_model for e in experts_with_gates(config)])
     return [warning] if warning else []

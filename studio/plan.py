@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from studio.config import HIDDEN_GATE_MODES, Expert, MoEConfig, experts_with_gates
+from studio.config import Expert, MoEConfig, experts_with_gates
+from studio.gate_modes import gate_mode
 from studio.errors import StudioError
 from studio.families import Family, family_of, layer_of, shape_facts
 from studio.forward import why_not_streamable
@@ -104,7 +105,8 @@ class MergePlan:
         """Bytes: the output on disk, the merged model in memory at bf16 and at 4-bit, and the merge's peak.
 
         The merge streams tensor by tensor; the hidden-gate pass holds one float32 layer of the base when the
-        base can be streamed, else the whole base in bf16.
+        base can be streamed, else the whole base in bf16; `expert_text` first holds the base and one expert whole
+        while the expert writes its text (bf16).
         """
         layer_matrices = sum(j.nbytes // j.dtype.itemsize for j in self.jobs
                              if len(j.shape) == 2 and layer_of(j.name) is not None)
@@ -113,10 +115,13 @@ class MergePlan:
             if layer_of(info.name) is not None:
                 base_layers[layer_of(info.name)] += info.nbytes // info.dtype.itemsize
         hidden_pass = 0
-        if self.config.gate_mode in HIDDEN_GATE_MODES:
+        mode = gate_mode(self.config.gate_mode)
+        whole_base = sum(i.nbytes // i.dtype.itemsize for i in self.base.tensors.values()) * 2
+        if mode.runs in ("base", "merged"):
             streamed = why_not_streamable(self.base.config, 0) is None
-            whole_base = sum(i.nbytes // i.dtype.itemsize for i in self.base.tensors.values()) * 2
             hidden_pass = max(base_layers.values(), default=0) * 4 if streamed else whole_base
+        if mode.name == "expert_text":
+            hidden_pass = max(hidden_pass, 2 * whole_base)
         return {
             "output": self.total_bytes,
             "bf16": self.parameters * 2,

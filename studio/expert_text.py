@@ -1,0 +1,193 @@
+"""`gate_mode: expert_text`: routers fitted on text written by the experts themselves.
+
+A handful of natural prompts per expert ("What is 15 + 27?", "Once upon a time...") is too little to fit a
+router on: the tokens of held-out text are unlike the prompts' few tokens. So each expert continues its own
+prompts, and the thousands of tokens it writes become the calibration text of its domain, with no data from
+the user. Sampling does not stop at an end-of-text token: after one, the expert starts a new text of the kind
+it knows best. Each token is drawn with contrast against the base (logits + CONTRAST * (expert - base), among
+tokens the expert itself finds plausible), so an expert writes what it knows *better than the base*: a math
+expert asked "What is 15 + 27?" goes on with arithmetic, not with the chat it also learnt from the base.
+
+An expert may instead bring its own text (`calibration_text:` files in its config entry). Then every layer's
+router is fitted, through the routers below it, on where the merged model's routers look (studio/calibrate.py),
+with every token of an expert's text labelled with that expert, and keeps the fit's own probabilities: sure
+where the experts' texts are told apart, hesitant (two experts mixed) where they are not.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from studio.config import Expert
+from studio.errors import StudioError
+from studio.sources import ModelSource
+
+TOKENS_PER_EXPERT = 6144  # calibration tokens written (or read) per expert
+NEW_TOKENS = 192  # written after each prompt
+TEMPERATURE = 1.0
+CONTRAST = 1.0  # 0 samples from the expert alone
+PLAUSIBLE = 0.1  # tokens less likely than this share of the expert's best token are never drawn
+L2 = 1e-2  # the router fit's penalty, on unit-RMS inputs
+WINDOW = 256  # tokens per piece of a given calibration text
+TYPICAL = 3.0  # a written text is kept when its advantage over the base is within this factor of the median
+SMALL_MODEL = 50_000_000  # parameters
+UNPROMPTED = 0.0  # share of the written tokens that start from BOS alone: the expert's own kind of text
+
+
+def text_key(expert: int, piece: int) -> tuple[str, int, int]:
+    """The key of one piece of calibration text in the fit's batches (prompts are keyed by their text)."""
+    return ("text", expert, piece)
+
+
+def read_calibration_text(expert: Expert, index: int, encode_text: Callable[[str], list[int]], bos: list[int],
+                          budget: int = TOKENS_PER_EXPERT) -> list[list[int]]:
+    """An expert's `calibration_text` files as pieces of WINDOW tokens, each after BOS, up to `budget` tokens."""
+    ids: list[int] = []
+    for name in expert.calibration_text or []:
+        path = Path(name).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StudioError(f"`experts[{index}].calibration_text` ({expert.source_model}): cannot read {path} "
+                              f"({exc}). Give UTF-8 text files of this expert's domain.") from None
+        ids += encode_text(text)
+        if len(ids) >= budget:
+            break
+    if len(ids) < WINDOW // 4:
+        raise StudioError(f"`experts[{index}].calibration_text` ({expert.source_model}) holds {len(ids)} tokens; "
+                          f"give at least {WINDOW // 4} (a few thousand fit the router best).")
+    ids = ids[:budget]
+    return [bos + ids[start:start + WINDOW] for start in range(0, len(ids), WINDOW)]
+
+
+def load_writer(source: ModelSource, device: str, trust_remote_code: bool = False):
+    """A model that writes calibration text: bf16 on a GPU, float32 on the CPU unless that would not fit."""
+    from transformers import AutoModelForCausalLM
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StudioError("--device cuda was asked for, but this machine has no CUDA GPU that torch can use. "
+                          "Use --device cpu, or install a CUDA build of torch.")
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    parameters = sum(i.nbytes // i.dtype.itemsize for i in source.tensors.values())
+    dtype = torch.bfloat16 if on_gpu or parameters > 500_000_000 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 device_map="auto" if device == "auto" else device)
+    return model.eval()
+
+
+@torch.inference_mode()
+def write_text(expert, base, prompts: list[list[int]], samples: int, new_tokens: int = NEW_TOKENS,
+               seed: int = 0, check: Callable[[], None] = lambda: None) -> tuple[list[list[int]], list[float]]:
+    """`samples` continuations of each prompt by `expert`, contrasted with `base` (None: the expert alone), and
+    each one's advantage: the mean log-probability the expert gives its written tokens, minus the base's (0.0
+    without a base)."""
+    with _threads_for(expert):
+        return _write(expert, base, prompts, samples, new_tokens, seed, check)
+
+
+@contextmanager
+def _threads_for(model):
+    """One CPU thread for a small model: its token-by-token steps are too small to share, and on a busy 2-core
+    host two threads made the zoo's writing 20x slower than one."""
+    previous = torch.get_num_threads()
+    small = model.device.type == "cpu" and model.num_parameters() < SMALL_MODEL
+    torch.set_num_threads(1 if small else previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _write(expert, base, prompts, samples, new_tokens, seed, check) -> tuple[list[list[int]], list[float]]:
+    generator = torch.Generator().manual_seed(seed)
+    device = expert.get_input_embeddings().weight.device
+    written, advantages = [], []
+    for prompt in prompts:
+        ids = torch.tensor([prompt] * samples, device=device)
+        step, caches = ids, [None, None]
+        advantage = torch.zeros(samples)
+        for _ in range(new_tokens):
+            check()
+            logits = expert_logp = _next_logits(expert, step, caches, 0)
+            if base is not None:
+                base_logp = _next_logits(base, step, caches, 1)
+                logits = expert_logp + CONTRAST * (expert_logp - base_logp)
+                too_unlikely = expert_logp < expert_logp.max(dim=-1, keepdim=True).values + math.log(PLAUSIBLE)
+                logits = logits.masked_fill(too_unlikely, float("-inf"))
+            probabilities = (logits / TEMPERATURE).softmax(dim=-1).cpu()
+            step = torch.multinomial(probabilities, 1, generator=generator).to(device)
+            if base is not None:
+                advantage += (expert_logp - base_logp).gather(1, step).squeeze(1).cpu()
+            ids = torch.cat([ids, step], dim=1)
+        written += ids.tolist()
+        advantages += (advantage / new_tokens).tolist()
+    return written, advantages
+
+
+def _next_logits(model, step: torch.Tensor, caches: list, slot: int) -> torch.Tensor:
+    out = model(input_ids=step, past_key_values=caches[slot], use_cache=True)
+    caches[slot] = out.past_key_values
+    return out.logits[:, -1].float().log_softmax(dim=-1)
+
+
+def typical_pieces(advantages: list[float]) -> list[int]:
+    """Indices of the written texts whose advantage lies within a factor TYPICAL of the median.
+
+    Below, the expert wrote text it knows no better than the base (a math expert going on with the chat it also
+    learnt); above, text only it finds likely, which is noise. Either would teach the router the wrong expert.
+    """
+    median = statistics.median(advantages) if advantages else 0.0
+    if median <= 0:
+        return list(range(len(advantages)))
+    return [i for i, a in enumerate(advantages) if median / TYPICAL <= a <= median * TYPICAL]
+
+
+def samples_per_prompt(prompts: int, budget: int = TOKENS_PER_EXPERT, new_tokens: int = NEW_TOKENS) -> int:
+    return max(1, math.ceil(budget / (max(prompts, 1) * new_tokens)))
+
+
+def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelSource,
+                 encode: Callable[[str], list[int]], encode_text: Callable[[str], list[int]], bos: list[int],
+                 device: str = "cpu", seed: int | None = None, trust_remote_code: bool = False,
+                 log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None
+                 ) -> dict[tuple, list[int]]:
+    """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts."""
+    texts: dict[tuple, list[int]] = {}
+    writers = [i for i, e in enumerate(experts) if not e.calibration_text]
+    base_model = load_writer(base, device, trust_remote_code) if writers and CONTRAST else None
+    for index, (expert, source) in enumerate(zip(experts, sources)):
+        check()
+        if expert.calibration_text:
+            pieces = read_calibration_text(expert, index, encode_text, bos)
+            log(f"Expert {index} ({expert.source_model}): {sum(map(len, pieces))} tokens of its calibration text")
+        else:
+            prompts = [encode(p) for p in expert.positive_prompts or []]
+            samples = samples_per_prompt(len(prompts), int(TOKENS_PER_EXPERT * (1 - UNPROMPTED)))
+            unprompted = samples_per_prompt(1, int(TOKENS_PER_EXPERT * UNPROMPTED)) if bos and UNPROMPTED else 0
+            log(f"Expert {index} ({expert.source_model}) writes {samples} continuations of each of its "
+                f"{len(prompts)} prompts and {unprompted} texts of its own, {NEW_TOKENS} tokens each")
+            same = source is base and base_model is not None
+            writer = base_model if same else load_writer(source, device, trust_remote_code)
+            seed_here = (seed or 0) + index
+            pieces, advantages = write_text(writer, base_model, prompts, samples, seed=seed_here, check=check)
+            if unprompted:
+                more, more_advantages = write_text(writer, base_model, [bos], unprompted, seed=seed_here, check=check)
+                pieces, advantages = pieces + more, advantages + more_advantages
+            del writer
+            kept = typical_pieces(advantages)
+            log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "
+                f"the expert (median {statistics.median(advantages):.2f} nats per token)")
+            pieces = [pieces[i] for i in kept]
+        texts.update((text_key(index, i), piece) for i, piece in enumerate(pieces))
+    return texts
+
+
+def text_targets(texts: dict[tuple, list[int]], experts: int) -> dict[tuple, torch.Tensor]:
+    """Every token of an expert's text wants that expert."""
+    return {key: torch.nn.functional.one_hot(torch.tensor(key[1]), experts).float() for key in texts}

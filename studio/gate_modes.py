@@ -1,0 +1,43 @@
+"""The gate modes as data: what each one needs and what it runs, like the output architectures.
+
+The functions that compute each mode's router rows live in studio/gates.py, keyed by these names; this module
+stays free of torch so that the config can check a mode without importing the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class GateMode:
+    name: str
+    needs_prompts: bool  # builds its rows from positive_prompts (and negative ones)
+    runs: Literal["nothing", "embeddings", "base", "merged"]  # what it reads or runs to compute the rows
+    # Rows are averages of prompt vectors (not fitted), so nearly parallel rows mean degenerate routing.
+    averaged_rows: bool = False
+    studio_only: bool = False  # mergekit-moe does not know it
+    summary: str = ""
+
+
+MODES = {mode.name: mode for mode in (
+    GateMode("hidden", True, "base", averaged_rows=True,
+             summary="the base's residual stream entering each layer at each prompt's last token"),
+    GateMode("hidden_avg", True, "base", averaged_rows=True,
+             summary="the same, averaged over each prompt's tokens"),
+    GateMode("cheap_embed", True, "embeddings", averaged_rows=True,
+             summary="the prompts' token embeddings, the same row in every layer"),
+    GateMode("random", False, "nothing", summary="standard normal (for sparse upcycling that will be trained)"),
+    GateMode("uniform_random", False, "nothing", summary="nn.Linear's initialisation"),
+    GateMode("calibrated", True, "merged", studio_only=True,
+             summary="fitted on every token of the prompts, where the merged model's routers look"),
+    GateMode("expert_text", True, "merged", studio_only=True,
+             summary="fitted on text each expert writes from its prompts (or text you give), where the merged "
+                     "model's routers look"),
+)}
+ALIASES = {"hidden_last": "hidden"}
+
+
+def gate_mode(name: str) -> GateMode:
+    return MODES[ALIASES.get(name, name)]
