@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-
 from studio import safe_yaml
 from studio.config import MoEConfig, check_rules, validation_errors
 from studio.errors import StudioError
