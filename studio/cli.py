@@ -166,10 +166,13 @@ def _on_signal(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
-def _catch_signals() -> None:
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _on_signal)
+def _catch_signals() -> dict:
+    """Install the handler; returns the previous handlers (main() called in-process puts them back)."""
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    signums = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    return {signum: signal.signal(signum, _on_signal) for signum in signums}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
-    if threading.current_thread() is threading.main_thread():
-        _catch_signals()
+    previous = _catch_signals()
     try:
         return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "chat": _chat,
                 "route": _route, "preview": _preview}[args.command](args)
@@ -193,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"Error: {_paragraph(exc)}", file=sys.stderr)
         return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _paragraph(exc: BaseException) -> str:
