@@ -85,7 +85,7 @@ class MoEConfig(_Strict):
     def _known_gate_mode(cls, value: str) -> str:
         value = GATE_MODE_ALIASES.get(value, value)
         if value not in GATE_MODES:
-            raise ValueError(f"unknown gate mode {value!r}{_suggest(value, GATE_MODES)}; "
+            raise ValueError(f"unknown gate mode {safe_yaml.excerpt(value)}{_suggest(value, GATE_MODES)}; "
                              f"choose one of {', '.join(GATE_MODES)}")
         return value
 
@@ -93,7 +93,7 @@ class MoEConfig(_Strict):
     @classmethod
     def _known_prompt_format(cls, value: str) -> str:
         if value not in PROMPT_FORMATS:
-            raise ValueError(f"unknown prompt format {value!r}{_suggest(value, PROMPT_FORMATS)}; "
+            raise ValueError(f"unknown prompt format {safe_yaml.excerpt(value)}{_suggest(value, PROMPT_FORMATS)}; "
                              f"choose one of {', '.join(PROMPT_FORMATS)}")
         return value
 
@@ -104,7 +104,8 @@ class MoEConfig(_Strict):
             return None
         value = value.removeprefix("torch.")
         if value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}{_suggest(value, DTYPES)}; choose one of {', '.join(DTYPES)}")
+            raise ValueError(f"unknown dtype {safe_yaml.excerpt(value)}{_suggest(value, DTYPES)}; "
+                             f"choose one of {', '.join(DTYPES)}")
         return value
 
     @property
@@ -119,6 +120,8 @@ class MoEConfig(_Strict):
 
 
 def _suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    if len(word) > 100:  # no key or mode is that long, and difflib is slow on long words
+        return ""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f" (did you mean `{close[0]}`?)" if close else ""
 
@@ -129,9 +132,9 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 def _describe(error: dict[str, Any]) -> str:
     loc = error["loc"]
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    where = safe_yaml.shorten("".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip("."))
     if error["type"] == "extra_forbidden":
-        key = str(loc[-1])
+        key = safe_yaml.shorten(str(loc[-1]))
         if key in FOREIGN_KEYS:
             return f"`{where}`: unknown key; {FOREIGN_KEYS[key]}."
         in_expert = len(loc) > 1 and loc[0] in ("experts", "shared_experts")

@@ -23,7 +23,10 @@ EXCERPT = 60
 
 def excerpt(value: Any, limit: int = EXCERPT) -> str:
     """A short, one-line quote of a value for an error message: never the whole (maybe huge) input."""
-    text = repr(value)
+    return shorten(repr(value), limit)
+
+
+def shorten(text: str, limit: int = EXCERPT) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 

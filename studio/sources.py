@@ -247,22 +247,26 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A PyTorch checkpoint, memory-mapped, tensors only: a pickle that would run code is refused, by name."""
     import pickle
+    import warnings
     import zipfile
 
     try:
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-zip format cannot be mapped
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before it refuses a file
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-zip format cannot be mapped
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
-            raise StudioError(f"{path} is a pickle that would run code or build objects other than tensors when "
-                              f"loaded, so it is refused. Convert the model to safetensors with a tool you trust, "
-                              f"or use a safetensors copy of it.") from None
-        raise StudioError(f"{path} is not a readable PyTorch checkpoint ({str(exc)[:120]}); it is corrupt or not "
-                          f"a checkpoint. Download it again.") from None
+        called = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if called:
+            raise StudioError(f"{path} is a pickle that would run code when loaded (it calls `{called[1][:80]}`), "
+                              f"so it is refused. Use a safetensors copy of the model, or convert it with a tool you "
+                              f"trust.") from None
+        raise StudioError(f"{path} is not a readable PyTorch checkpoint (its pickle holds instructions a checkpoint "
+                          f"does not have); it is corrupt or not a checkpoint. Download it again.") from None
     except (RuntimeError, ValueError, EOFError, OSError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
         raise StudioError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:120]}); "
                           f"it is corrupt, truncated or not a checkpoint. Download it again.") from None
