@@ -21,7 +21,8 @@ from studio.gates import prompt_ids
 from studio.quantize import footprint, load_model, precision_named
 from studio.report import human_bytes
 from studio.routing import RouterCapture, expert_count, expert_labels
-from studio.sources import ModelRef, ModelSource, open_model
+from studio.moe_folder import open_moe_folder
+from studio.sources import ModelRef, ModelSource
 from studio.trace import RouterTrace
 
 # For tokenizers without a chat template: plain "Role: text" turns, and the next "User:" turn ends an answer.
@@ -222,7 +223,7 @@ def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "a
 
 def _open(model: str, trust_remote_code: bool, tqdm_class: type | None) -> ModelSource:
     """The model's folder: local, or downloaded from the Hub with its merge config (and code, when trusted)."""
-    source = open_model(model, tqdm_class=tqdm_class)
+    source = open_moe_folder(model, tqdm_class=tqdm_class)
     ref = ModelRef.parse(model)
     if not ref.is_local:
         from huggingface_hub import snapshot_download

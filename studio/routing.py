@@ -24,11 +24,23 @@ ROUTER_NAME = re.compile(rf"layers\.(\d+)\.(?:.+\.)?(?:{'|'.join(ROUTER_NAMES)})
 
 
 def load_moe(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Model and tokenizer of a merged (or any Hub) MoE, on CPU, for analysis."""
+    """Model and tokenizer of a merged (or any Hub) MoE, on CPU, for analysis. The folder is opened and checked as
+    chat opens it (studio.moe_folder), so a broken model gets the same named error in every command."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    from studio.moe_folder import open_moe_folder
+
+    source = open_moe_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer
+        raise StudioError(f"Model {path}: its tokenizer cannot be loaded from {source.folder} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise StudioError(f"Model {path}: transformers cannot load it ({type(exc).__name__}: {str(exc)[:200]}). If it "
+                          f"ships its own code and you trust it, pass trust_remote_code (--trust-remote-code).") from exc
     return model.eval(), tokenizer
 
 

@@ -409,6 +409,21 @@ OTHER_COMMAND_CASES = [
      "Test prompt 1 is 1,000,000 characters long; a prompt is at most 20,000"),
     ("preview unknown gate mode", ["preview", "{config}", "x", "--gate-mode", "magic"], "unknown gate mode 'magic'"),
     ("plan on a bad config", ["plan", "{bad_config}"], "key `base_model` appears twice"),
+    ("chat: 8 experts claimed, 2 in the weights", ["chat", "{liar}"],
+     "config.json says num_local_experts = 8, but the router model.layers.0.block_sparse_moe.gate.weight in "
+     "model.safetensors has 2 rows (one per expert): the config does not match the weights"),
+    ("route: 8 experts claimed", ["route", "{liar}", "hi"], "config.json says num_local_experts = 8, but the router"),
+    ("eval-routing: 8 experts claimed", ["eval-routing", "{liar}", "{prompts}"],
+     "config.json says num_local_experts = 8, but the router"),
+    ("eval-routing: config.json a list", ["eval-routing", "{list_config}", "{prompts}"],
+     "config.json holds a JSON list, not an object"),
+    ("eval-routing: missing folder", ["eval-routing", "./no/such/moe", "{prompts}"], "folder no/such/moe does not exist"),
+    ("eval-routing: garbage weights", ["eval-routing", "{garbage}", "{prompts}"],
+     "model.safetensors has a corrupt safetensors header"),
+    ("route: hidden_size claimed wrong", ["route", "{wide}", "hi"], "config.json says hidden_size = 96, but the router"),
+    ("route: layers claimed wrong", ["route", "{short}", "hi"],
+     "config.json says num_hidden_layers = 1, but the weights hold routers up to layer 1"),
+    ("chat: no tokenizer", ["chat", "{no_tokenizer}", "--precision", "fp32"], "its tokenizer cannot be loaded"),
 ]
 
 
@@ -426,8 +441,20 @@ def command_inputs(mistral, tmp_path_factory) -> dict[str, str]:
     listed = root / "listed"
     shutil.copytree(moe, listed)
     (listed / "config.json").write_text("[]")
+    broken = {"liar": {"num_local_experts": 8}, "wide": {"hidden_size": 96}, "short": {"num_hidden_layers": 1}}
+    for name, change in broken.items():
+        shutil.copytree(moe, root / name)
+        (root / name / "config.json").write_text(json.dumps({**json.loads((moe / "config.json").read_text()),
+                                                             **change}))
+    shutil.copytree(moe, root / "garbage")
+    (root / "garbage" / "model.safetensors").write_bytes((16).to_bytes(8, "little") + b"\xff" * 40)
+    shutil.copytree(moe, root / "no_tokenizer")
+    for path in (root / "no_tokenizer").glob("tokenizer*"):
+        path.unlink()
+    (root / "prompts.yml").write_text(yaml.safe_dump({0: ["def f():"], 1: ["12 + 7 ="]}))
     return {"moe": str(moe), "config": str(root / "moe.yml"), "bad_config": str(root / "bad.yml"),
-            "list_config": str(listed), "dense": str(base)}
+            "list_config": str(listed), "dense": str(base), "prompts": str(root / "prompts.yml"),
+            **{name: str(root / name) for name in (*broken, "garbage", "no_tokenizer")}}
 
 
 @pytest.mark.parametrize("args, phrase", [c[1:] for c in OTHER_COMMAND_CASES], ids=[c[0] for c in OTHER_COMMAND_CASES])

@@ -1,0 +1,52 @@
+"""One way to open an MoE for chat, route, eval-routing and the UI, with one set of messages.
+
+Opening goes through studio.sources (named errors for a missing folder, a config.json that is not an object, a
+string where a number belongs, unreadable or code-running weights), then the config is checked against the
+weights it describes: a config.json claiming 8 experts over routers with 4 rows would otherwise end in a shape
+error deep inside transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from studio.errors import StudioError
+from studio.routing import EXPERT_COUNT_KEYS
+from studio.sources import ModelSource, open_model
+# A router's weight: `...layers.N.<block>.gate.weight` (Mixtral, Qwen-MoE, DeepSeek, Phi MoE) or `.router.weight`;
+# not a shared expert's one-row gate, nor an MLP's gate_proj.
+ROUTER_WEIGHT = re.compile(r"layers\.(\d+)\.(?:[\w.]+\.)?(?:gate|router)\.weight$")
+
+
+def open_moe_folder(model: str | Path, tqdm_class: type | None = None) -> ModelSource:
+    """The model's source (downloaded when a Hub id), its config checked against its weights."""
+    source = open_model(str(model), tqdm_class=tqdm_class)
+    check_config_matches_weights(source)
+    return source
+
+
+def check_config_matches_weights(source: ModelSource) -> None:
+    """Named errors for a config.json whose expert count, hidden size or layer count the routers contradict."""
+    key = next((k for k in EXPERT_COUNT_KEYS if isinstance(source.config.get(k), int)), None)
+    routers = {name: info for name, info in source.tensors.items() if ROUTER_WEIGHT.search(name)}
+    if key is None or not routers:
+        return  # not an MoE, or one whose routers are named otherwise: the loader says what it finds
+    count, hidden = source.config[key], source.config.get("hidden_size")
+    for name, info in sorted(routers.items()):
+        if len(info.shape) != 2:
+            continue
+        if info.shape[0] != count:
+            raise StudioError(f"Model {source.label}: config.json says {key} = {count}, but the router {name} in "
+                              f"{info.path.name} has {info.shape[0]} rows (one per expert): the config does not "
+                              f"match the weights. Fix config.json, or download the model again.")
+        if isinstance(hidden, int) and info.shape[1] != hidden:
+            raise StudioError(f"Model {source.label}: config.json says hidden_size = {hidden}, but the router {name} "
+                              f"in {info.path.name} reads {info.shape[1]} values: the config does not match the "
+                              f"weights. Fix config.json, or download the model again.")
+    layers = source.config.get("num_hidden_layers")
+    found = 1 + max(int(ROUTER_WEIGHT.search(name)[1]) for name in routers)
+    if isinstance(layers, int) and found > layers:
+        raise StudioError(f"Model {source.label}: config.json says num_hidden_layers = {layers}, but the weights "
+                          f"hold routers up to layer {found - 1}: the config does not match the weights. Fix "
+                          f"config.json, or download the model again.")
