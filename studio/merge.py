@@ -142,6 +142,7 @@ def _build(config: MoEConfig, plan: MergePlan, out: Path, options: MergeOptions,
     except OSError as exc:
         stop.set()
         shutil.rmtree(staging, ignore_errors=True)
+        integrity.check_sources_unchanged(stamps)  # a source deleted mid-merge is named as such, not as a write error
         named = destination.disk_full_error(exc, out, plan.total_bytes)
         if named:
             raise named from exc

@@ -19,10 +19,11 @@ import pytest
 import yaml
 
 from studio.cli import main
+from studio.config import load_config
 from studio.destination import MARKER, OutputLock, leftovers, remove_stale
 from studio.synthetic import make_family
 
-from conftest import moe_yaml
+from conftest import moe_yaml, plan_of
 
 ROOT = Path(__file__).parent.parent
 
@@ -280,3 +281,87 @@ def test_sigterm_sighup_and_sigint_clean_up_like_ctrl_c(long_merge, tmp_path, si
     assert f"Interrupted ({signal.Signals(signum).name}); no output was left behind." in err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["swapped", "deleted"])
+def test_a_source_changed_mid_merge_fails_the_merge(tmp_path, tokenizer, how):
+    """Another model of the same shape copied over an expert while the merge reads it would give a mixed expert."""
+    from studio.config import parse_config
+    from studio.errors import StudioError
+    from studio.merge import MergeOptions, merge
+
+    base, experts = make_family(tmp_path / "models", 2, tokenizer=tokenizer)
+    victim = experts[0] / "model.safetensors"
+    config = parse_config(moe_yaml(base, experts, gate_mode="random"))
+    done = []
+
+    def progress(p):
+        if p.stage == "write" and not done:
+            done.append(True)
+            if how == "swapped":
+                victim.write_bytes((experts[1] / "model.safetensors").read_bytes())  # same size, other weights
+            else:
+                victim.unlink()
+
+    with pytest.raises(StudioError) as info:
+        merge(config, tmp_path / "moe", MergeOptions(out_shard_size=100_000), progress=progress, log=lambda m: None)
+    what = "changed (size or modification time)" if how == "swapped" else "was deleted"
+    assert f"Model {experts[0]}: {victim} {what} while the merge was reading it" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_a_file_size_limit_is_named_with_the_bytes_needed(long_merge, tmp_path):
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    out = tmp_path / "moe"
+    proc = studio_process("merge", long_merge, out, preexec_fn=limit_file_size)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert f"Writing {out} failed: a file grew past the size limit of this process or of the filesystem" in err
+    weights = plan_of(load_config(long_merge)).total_bytes
+    assert f"(see `ulimit -f`). The merge needs {weights:,} bytes ({weights / 1e9:.2f} GB) of weights plus 64 MiB" in err
+    assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(long_merge, tmp_path):
+    """A tmpfs with room for the long merge and the 64 MiB margin, and 4 MiB more: a real disk that can fill up.
+    Mounting needs root; elsewhere the test is skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = plan_of(load_config(long_merge)).total_bytes + 68 * 2**20
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_named_with_the_disk_and_the_bytes_needed(long_merge, small_disk):
+    from studio.errors import StudioError
+    from studio.merge import MergeOptions, merge
+
+    weights = plan_of(load_config(long_merge)).total_bytes
+    filled = []
+
+    def fill_the_disk(p):  # another program fills the disk while the merge writes
+        if p.stage == "write" and not filled:
+            filled.append(True)
+            with open(small_disk / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 2**20)
+                except OSError:
+                    pass
+
+    with pytest.raises(StudioError) as info:
+        merge(load_config(long_merge), small_disk / "moe", MergeOptions(out_shard_size=2_000_000),
+              progress=fill_the_disk, log=lambda m: None)
+    assert str(info.value).startswith(f"Writing {small_disk / 'moe'} failed: the disk is full on {small_disk}. "
+                                      f"The merge needs {weights:,} bytes ({weights / 1e9:.2f} GB) of weights plus "
+                                      f"64 MiB")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
