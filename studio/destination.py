@@ -23,6 +23,9 @@ from studio.errors import StudioError
 
 MARKER = ".studio-partial"  # inside every staging folder: who made it, for whom
 MERGE_FILES = ("config.json", "mergekit_moe_config.yml")  # with weights, what makes a folder an earlier merge
+# Top-level folders of a Unix system (a container's /output or /models stays allowed under the usual rules).
+SYSTEM_FOLDERS = {"bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "media", "mnt", "opt", "proc", "root",
+                  "run", "sbin", "srv", "sys", "tmp", "usr", "var", "Users", "Applications", "System", "Library"}
 LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-[0-9a-f]{8}$")
 
 
@@ -48,7 +51,7 @@ def protected_reason(out: Path) -> str | None:
         return "it is the working folder" if out == cwd else f"it holds the working folder {cwd}"
     if out == home or out in home.parents:
         return "it is the home folder" if out == home else f"it holds the home folder {home}"
-    if len(out.parts) <= 2:  # / and /tmp, /usr, /home: folders of the system, never a merge's
+    if len(out.parts) == 1 or (len(out.parts) == 2 and out.name in SYSTEM_FOLDERS):
         return "it is a top-level folder of the system"
     if out.parent.name == "home" and len(out.parts) == 3:
         return "it is a user's home folder"
