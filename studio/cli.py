@@ -269,8 +269,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _eval_routing(args: argparse.Namespace) -> int:
+    from studio import safe_yaml
     from studio.evaluate import evaluate_routing, load_prompts
 
+    try:  # the prompts file gets the config's limits (size, nesting, aliases, duplicate keys) before it is read
+        safe_yaml.load(safe_yaml.decode(Path(args.prompts).read_bytes(), args.prompts), args.prompts)
+    except OSError as exc:
+        raise StudioError(f"Cannot read the prompts file {args.prompts}: {exc.strerror}.") from None
     print(evaluate_routing(args.model, load_prompts(args.prompts), trust_remote_code=args.trust_remote_code).table())
     return 0
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.integrity import nonfinite_count
 from studio.routing import EXPERT_COUNT_KEYS
 from studio.sources import ModelSource, open_model
 # A router's weight: `...layers.N.<block>.gate.weight` (Mixtral, Qwen-MoE, DeepSeek, Phi MoE) or `.router.weight`;
@@ -23,7 +24,19 @@ def open_moe_folder(model: str | Path, tqdm_class: type | None = None) -> ModelS
     """The model's source (downloaded when a Hub id), its config checked against its weights."""
     source = open_model(str(model), tqdm_class=tqdm_class)
     check_config_matches_weights(source)
+    check_routers_finite(source)
     return source
+
+
+def check_routers_finite(source: ModelSource) -> None:
+    """A router with NaN or Inf gives every token NaN probabilities: chat answers nothing, without a word. Routers
+    are small (experts x hidden per layer), so each is read and checked."""
+    for name in sorted(n for n in source.tensors if ROUTER_WEIGHT.search(n)):
+        bad = nonfinite_count(source.read(name))
+        if bad:
+            raise StudioError(f"Model {source.label}: the router {name} in {source.tensors[name].path.name} holds "
+                              f"{bad:,} non-finite values (NaN or Inf), so its routing (and every answer) would be "
+                              f"empty or arbitrary. Merge the model again: the studio checks routers before writing.")
 
 
 def check_config_matches_weights(source: ModelSource) -> None:

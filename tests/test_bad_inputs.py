@@ -424,6 +424,13 @@ OTHER_COMMAND_CASES = [
     ("route: layers claimed wrong", ["route", "{short}", "hi"],
      "config.json says num_hidden_layers = 1, but the weights hold routers up to layer 1"),
     ("chat: no tokenizer", ["chat", "{no_tokenizer}", "--precision", "fp32"], "its tokenizer cannot be loaded"),
+    ("chat: NaN router", ["chat", "{nan_router}"], "the router model.layers.1.block_sparse_moe.gate.weight in "
+     "model.safetensors holds 1 non-finite values (NaN or Inf)"),
+    ("eval-routing: NaN router", ["eval-routing", "{nan_router}", "{prompts}"], "holds 1 non-finite values"),
+    ("eval-routing: alias bomb prompts", ["eval-routing", "{moe}", "{bomb}"], "expands to more than 200,000 values"),
+    ("eval-routing: duplicate expert", ["eval-routing", "{moe}", "{duplicate}"], "key `0` appears twice"),
+    ("eval-routing: no prompts file", ["eval-routing", "{moe}", "./no/prompts.yml"], "Cannot read the prompts file"),
+    ("eval-routing: latin-1 prompts", ["eval-routing", "{moe}", "{latin}"], "is not UTF-8 text: byte 0xe9 on line 1"),
 ]
 
 
@@ -452,9 +459,16 @@ def command_inputs(mistral, tmp_path_factory) -> dict[str, str]:
     for path in (root / "no_tokenizer").glob("tokenizer*"):
         path.unlink()
     (root / "prompts.yml").write_text(yaml.safe_dump({0: ["def f():"], 1: ["12 + 7 ="]}))
+    (root / "bomb.yml").write_text(BOMB + "0: *g\n")
+    (root / "duplicate.yml").write_text("0: [a]\n0: [b]\n")
+    (root / "latin.yml").write_bytes(b"0: [caf\xe9]\n")
+    shutil.copytree(moe, root / "nan_router")
+    router = "model.layers.1.block_sparse_moe.gate.weight"
+    _tensors(_set_value(router, float("nan"), (1, 3)))(root / "nan_router")
     return {"moe": str(moe), "config": str(root / "moe.yml"), "bad_config": str(root / "bad.yml"),
             "list_config": str(listed), "dense": str(base), "prompts": str(root / "prompts.yml"),
-            **{name: str(root / name) for name in (*broken, "garbage", "no_tokenizer")}}
+            **{name: str(root / name) for name in (*broken, "garbage", "no_tokenizer", "nan_router")},
+            **{name: str(root / f"{name}.yml") for name in ("bomb", "duplicate", "latin")}}
 
 
 @pytest.mark.parametrize("args, phrase", [c[1:] for c in OTHER_COMMAND_CASES], ids=[c[0] for c in OTHER_COMMAND_CASES])
