@@ -175,12 +175,13 @@ def load_config(path: str | Path) -> MoEConfig:
     """Read a YAML config file."""
     path = Path(path)
     try:
-        if path.is_file() and path.stat().st_size > safe_yaml.MAX_BYTES:
-            raise StudioError(f"{path} is {path.stat().st_size:,} bytes; a config is at most {safe_yaml.MAX_BYTES:,}. "
-                              f"Is it the right file?")
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(safe_yaml.MAX_BYTES + 1)  # at most that: /dev/zero or a huge file is refused, not read
     except OSError as exc:
         raise StudioError(f"Cannot read config file {path}: {exc.strerror}.") from None
+    if len(data) > safe_yaml.MAX_BYTES:
+        raise StudioError(f"{path} is more than {safe_yaml.MAX_BYTES:,} bytes; a config is at most that. Is it the "
+                          f"right file?")
     return load_yaml(safe_yaml.decode(data, str(path)), str(path))
 
 

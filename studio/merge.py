@@ -23,7 +23,7 @@ from studio.devices import check_device
 from studio.errors import Cancelled, StudioError
 from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
-from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm
+from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm, read_json
 from studio.writer import shard_names, write_shard
 
 class CancelToken:
@@ -270,7 +270,7 @@ def _noise_seed(seed: int | None, name: str) -> int:
 def _generation_config(base: ModelSource) -> dict:
     path = base.file("generation_config.json")
     if path:
-        return json.loads(path.read_text())
+        return read_json(path, "fix or delete the base model's generation_config.json")
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     return {k: base.config[k] for k in keys if base.config.get(k) is not None}
 

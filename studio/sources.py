@@ -199,7 +199,8 @@ class ModelSource:
         return path if path.exists() else None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a model's file, or a StudioError naming the file and what to do."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -222,14 +223,30 @@ INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "vocab_size", "head_dim", "num_local_experts", "num_experts_per_tok", "max_position_embeddings")
 
 
+STR_FIELDS = ("model_type", "torch_dtype", "dtype")
+OBJECT_FIELDS = ("rope_parameters", "rope_scaling")
+JSON_KINDS = {"str": "string", "dict": "object", "list": "list", "bool": "bool", "int": "int", "float": "float",
+              "NoneType": "null"}
+
+
 def check_model_config(path: Path, config: dict) -> None:
     """Named errors for config.json fields of the wrong type (a JSON string where a number belongs)."""
+    def wrong(key: str, value, should: str) -> StudioError:
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."
+        return StudioError(f"{path}: `{key}` is {shown} (a JSON {JSON_KINDS.get(type(value).__name__, 'value')}), "
+                           f"but it must be {should}; fix the model's config.json.")
+
     for key in INT_FIELDS:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            kind = type(value).__name__.replace("str", "string")
-            raise StudioError(f"{path}: `{key}` is {json.dumps(value)[:40]} (a JSON {kind}), but it must be a "
-                              f"whole number of 0 or more; fix the model's config.json.")
+            raise wrong(key, value, "a whole number of 0 or more")
+    for key in STR_FIELDS:
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise wrong(key, config[key], "a string")
+    for key in OBJECT_FIELDS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise wrong(key, config[key], "an object (or null)")
 
 
 def index_folder(folder: Path) -> dict[str, TensorInfo]:
@@ -283,7 +300,7 @@ def open_local(ref: ModelRef, folder: Path) -> ModelSource:
     if not folder.is_dir():
         raise StudioError(f"Model {ref.text!r}: folder {folder} does not exist. Check the path, or use a Hub id "
                           f"such as `mistralai/Mistral-7B-v0.1`.")
-    config = _read_json(folder / "config.json", "fix or re-download the model")
+    config = read_json(folder / "config.json", "fix or re-download the model")
     check_model_config(folder / "config.json", config)
     return ModelSource(ref, folder, config, index_folder(folder))
 

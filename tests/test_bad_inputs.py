@@ -166,7 +166,7 @@ BYTES_CASES = [
     ("latin-1 byte", b"base_model: caf\xe9\nexperts: []\n", "is not UTF-8 text: byte 0xe9 on line 1 cannot be read"),
     ("utf-16", "base_model: a\n".encode("utf-16"), "is not UTF-8 text: byte 0xff on line 1"),
     ("binary", bytes(range(256)) * 4, "is not UTF-8 text: byte 0x80 on line"),
-    ("over 4 MiB", b"# " + b"x" * (4 * 2**20 + 10) + b"\n", "bytes; a config is at most 4,194,304"),
+    ("over 4 MiB", b"# " + b"x" * (4 * 2**20 + 10) + b"\n", "is more than 4,194,304 bytes; a config is at most that"),
 ]
 
 
@@ -180,6 +180,7 @@ def test_bad_config_bytes(capsys, tmp_path, data, phrase):
 def test_config_that_is_not_a_file(capsys, tmp_path):
     assert_named(*run(capsys, "merge", tmp_path / "nope.yml", tmp_path / "out"), "Cannot read config file")
     assert_named(*run(capsys, "merge", tmp_path, tmp_path / "out"), "Cannot read config file")
+    assert_named(*run(capsys, "merge", "/dev/zero", tmp_path / "out"), "/dev/zero is more than 4,194,304 bytes")
 
 
 # ------------------------------------------------------------------------------------------------ model folders
@@ -269,6 +270,11 @@ MODEL_CASES = [
     ("hidden_size a float", "expert", _edit_config(hidden_size=64.0), "`hidden_size` is 64.0 (a JSON float)"),
     ("layers a list", "expert", _edit_config(num_hidden_layers=[2]), "`num_hidden_layers` is [2] (a JSON list)"),
     ("vocab_size a string", "base", _edit_config(vocab_size="384"), '`vocab_size` is "384" (a JSON string)'),
+    ("model_type a list", "expert", _edit_config(model_type=["mistral"]),
+     '`model_type` is ["mistral"] (a JSON list), but it must be a string'),
+    ("torch_dtype an object", "base", _edit_config(torch_dtype={"a": 1}), '`torch_dtype` is {"a": 1} (a JSON object)'),
+    ("rope_parameters a number", "base", _edit_config(rope_parameters=1.5),
+     "`rope_parameters` is 1.5 (a JSON float), but it must be an object (or null)"),
     ("intermediate_size differs", "expert", _edit_config(intermediate_size=96),
      "intermediate_size is 96, but the base"),
     ("another family", "expert", _edit_config(model_type="llama"), "model family is llama, but the base"),
@@ -314,6 +320,10 @@ MODEL_CASES = [
     ("index a list", "expert", _index([1]), "model.safetensors.index.json is not a valid shard index"),
     ("index without weight_map", "expert", _index({"metadata": {}}), "is not a valid shard index"),
     ("index weight_map a list", "expert", _index({"weight_map": [1]}), "is not a valid shard index"),
+    ("generation_config.json garbage", "base", _write("generation_config.json", "{"),
+     "generation_config.json is not valid JSON"),
+    ("generation_config.json a list", "base", _write("generation_config.json", "[]"),
+     "generation_config.json holds a JSON list, not an object"),
     ("no tokenizer in the base", "base",
      lambda f: [p.unlink() for p in f.iterdir() if p.name.startswith(("tokenizer", "special", "chat_template"))],
      "has no tokenizer files; add them, or pass --no-copy-tokenizer"),
