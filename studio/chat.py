@@ -213,7 +213,13 @@ def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "a
                           f"trust it, pass trust_remote_code (--trust-remote-code).") from None
     count = expert_count(config)
     tokenizer = _tokenizer(source, trust_remote_code)
-    loaded = load_model(source, config, chosen, device, trust_remote_code)
+    try:
+        loaded = load_model(source, config, chosen, device, trust_remote_code)
+    except (RuntimeError, OSError, ValueError) as exc:  # transformers' own report of weights that do not fit
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise StudioError(f"Model {model}: transformers cannot load its weights with its config.json ({first}). "
+                          f"The config does not match the weights, or a file is damaged; download the model "
+                          f"again.") from exc
     stop = () if tokenizer.chat_template else FALLBACK_STOP
     if not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_TEMPLATE

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
 
 from studio.errors import StudioError
 from studio.trace import RouterTrace
@@ -46,13 +45,15 @@ def load_moe(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_
 
 def expert_labels(path: str | Path, count: int) -> list[str]:
     """Source-model names from the merge's mergekit_moe_config.yml, else "expert 0", "expert 1", ..."""
+    from studio import safe_yaml
+
     config_file = Path(path) / "mergekit_moe_config.yml"
-    if config_file.exists():
-        experts = (yaml.safe_load(config_file.read_text()) or {}).get("experts") or []
-        names = [str(e.get("source_model")) for e in experts]
-        if len(names) == count:
-            return names
-    return [f"expert {i}" for i in range(count)]
+    try:  # the labels only name the experts: a damaged file gives the default ones, not an error
+        data = safe_yaml.load(safe_yaml.decode(config_file.read_bytes(), str(config_file)), str(config_file))
+        names = [str(e.get("source_model")) for e in data.get("experts") or []]
+    except (OSError, StudioError, AttributeError, TypeError):
+        names = []
+    return names if len(names) == count else [f"expert {i}" for i in range(count)]
 
 
 def expert_count(config) -> int:

@@ -437,6 +437,20 @@ OTHER_COMMAND_CASES = [
     ("chat: NaN router", ["chat", "{nan_router}"], "the router model.layers.1.block_sparse_moe.gate.weight in "
      "model.safetensors holds 1 non-finite values (NaN or Inf)"),
     ("eval-routing: NaN router", ["eval-routing", "{nan_router}", "{prompts}"], "holds 1 non-finite values"),
+    ("route: top-k above the experts", ["route", "{top5}", "hi"],
+     "config.json says num_experts_per_tok = 5, but it must be between 1 and the 2 experts"),
+    ("eval-routing: top-k 0", ["eval-routing", "{top0}", "{prompts}"], "num_experts_per_tok = 0, but it must be"),
+    ("chat: vocab_size", ["chat", "{vocab}"], "config.json says vocab_size = 1000, but the embedding in "
+     "model.safetensors has 384 rows"),
+    ("eval-routing: a dense model_type over routers", ["eval-routing", "{dense_type}", "{prompts}"],
+     "config.json says model_type 'mistral', a dense model, but the weights hold routers"),
+    ("route: more layers claimed", ["route", "{tall}", "hi"],
+     "config.json says num_hidden_layers = 5, but the weights hold layers 0 to 1 only"),
+    ("chat: a router missing", ["chat", "{no_router}"], "layer 0 has experts but no router in its weights"),
+    ("chat: heads do not fit the weights", ["chat", "{heads}", "--precision", "bf16"],
+     "transformers cannot load its weights with its config.json"),
+    ("route: generation_config.json garbage", ["route", "{bad_generation}", "hi", "--precision", "bf16"],
+     "generation_config.json is not valid JSON"),
     ("eval-routing: alias bomb prompts", ["eval-routing", "{moe}", "{bomb}"], "expands to more than 200,000 values"),
     ("eval-routing: duplicate expert", ["eval-routing", "{moe}", "{duplicate}"], "key `0` appears twice"),
     ("eval-routing: no prompts file", ["eval-routing", "{moe}", "./no/prompts.yml"], "Cannot read the prompts file"),
@@ -458,7 +472,10 @@ def command_inputs(mistral, tmp_path_factory) -> dict[str, str]:
     listed = root / "listed"
     shutil.copytree(moe, listed)
     (listed / "config.json").write_text("[]")
-    broken = {"liar": {"num_local_experts": 8}, "wide": {"hidden_size": 96}, "short": {"num_hidden_layers": 1}}
+    broken = {"liar": {"num_local_experts": 8}, "wide": {"hidden_size": 96}, "short": {"num_hidden_layers": 1},
+              "top5": {"num_experts_per_tok": 5}, "top0": {"num_experts_per_tok": 0}, "vocab": {"vocab_size": 1000},
+              "dense_type": {"model_type": "mistral"}, "tall": {"num_hidden_layers": 5},
+              "heads": {"num_attention_heads": 3}}
     for name, change in broken.items():
         shutil.copytree(moe, root / name)
         (root / name / "config.json").write_text(json.dumps({**json.loads((moe / "config.json").read_text()),
@@ -475,9 +492,14 @@ def command_inputs(mistral, tmp_path_factory) -> dict[str, str]:
     shutil.copytree(moe, root / "nan_router")
     router = "model.layers.1.block_sparse_moe.gate.weight"
     _tensors(_set_value(router, float("nan"), (1, 3)))(root / "nan_router")
+    shutil.copytree(moe, root / "no_router")
+    _tensors(_drop("model.layers.0.block_sparse_moe.gate.weight"))(root / "no_router")
+    shutil.copytree(moe, root / "bad_generation")
+    (root / "bad_generation" / "generation_config.json").write_text("{")
     return {"moe": str(moe), "config": str(root / "moe.yml"), "bad_config": str(root / "bad.yml"),
             "list_config": str(listed), "dense": str(base), "prompts": str(root / "prompts.yml"),
-            **{name: str(root / name) for name in (*broken, "garbage", "no_tokenizer", "nan_router")},
+            **{name: str(root / name) for name in (*broken, "garbage", "no_tokenizer", "nan_router", "no_router",
+                                                   "bad_generation")},
             **{name: str(root / f"{name}.yml") for name in ("bomb", "duplicate", "latin")}}
 
 
