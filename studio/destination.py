@@ -9,7 +9,6 @@ by their name and a marker file, and removed by the next merge into the same par
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
@@ -20,6 +19,11 @@ import uuid
 from pathlib import Path
 
 from studio.errors import StudioError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; merges there run without the lock (the other rules still hold)
+    fcntl = None
 
 MARKER = ".studio-partial"  # inside every staging folder: who made it, for whom
 MERGE_FILES = ("config.json", "mergekit_moe_config.yml")  # with weights, what makes a folder an earlier merge
@@ -121,7 +125,8 @@ class OutputLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 return False
@@ -268,8 +273,9 @@ def move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
     destination is checked again: it may have changed while the merge ran. Signals wait until both renames are
     done, so a kill between them cannot leave the old merge moved aside and the new one deleted."""
     check_destination(out, overwrite)
-    signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signals = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+    mask = getattr(signal, "pthread_sigmask", lambda how, mask: set())  # Windows has no signal masks
+    blocked = mask(signal.SIG_BLOCK if hasattr(signal, "SIG_BLOCK") else 0, signals)
     try:
         old = None
         if out.exists():
@@ -278,6 +284,6 @@ def move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
         os.replace(staging, out)
         (out / MARKER).unlink(missing_ok=True)  # after the rename: a staging folder never lacks its marker
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        mask(signal.SIG_SETMASK if hasattr(signal, "SIG_SETMASK") else 2, blocked)
     if old:
         shutil.rmtree(old, ignore_errors=True)
