@@ -123,7 +123,11 @@ class OutputLock:
     def try_acquire(self) -> bool:
         make_parent(self.out.parent)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StudioError(f"Cannot write in {self.out.parent} ({exc.strerror}), where the merge would go. "
+                                  f"Choose an output folder you can write to.") from None
             try:
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -171,8 +175,13 @@ def make_parent(folder: Path) -> None:
 def new_staging(out: Path) -> Path:
     """A hidden sibling folder to build the output in, marked as ours so a later merge can clean it up."""
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    (staging / MARKER).write_text(json.dumps({"pid": os.getpid(), "started": time.time(), "out": out.name}))
+    try:
+        staging.mkdir()
+        (staging / MARKER).write_text(json.dumps({"pid": os.getpid(), "started": time.time(), "out": out.name}))
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StudioError(f"Cannot write in {out.parent} ({exc.strerror}), where the merge would go. Choose an "
+                          f"output folder you can write to.") from None
     return staging
 
 

@@ -365,3 +365,17 @@ def test_a_full_disk_is_named_with_the_disk_and_the_bytes_needed(long_merge, sma
                                       f"The merge needs {weights:,} bytes ({weights / 1e9:.2f} GB) of weights plus "
                                       f"64 MiB")
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_read_only_folder_is_named(capsys, config_file, tmp_path):
+    """A read-only filesystem (permissions alone do not stop root, so a read-only tmpfs)."""
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        code, err = cli(capsys, "merge", config_file, disk / "moe")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert code == 2 and f"Cannot write in {disk} (Read-only file system), where the merge would go" in err
