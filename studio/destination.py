@@ -49,9 +49,14 @@ def resolve_output(out: str | Path) -> Path:
 
 
 def protected_reason(out: Path) -> str | None:
-    """Why `out` may never be replaced, whatever the flags: it holds the user's working or home folder."""
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
-    if out == cwd or out in cwd.parents:
+    """Why `out` may never be replaced, whatever the flags: it is or holds the working or home folder, or a folder
+    of the system."""
+    try:
+        cwd = Path.cwd().resolve()
+    except FileNotFoundError:  # the working folder was deleted: there is nothing left to protect
+        cwd = None
+    home = Path.home().resolve()
+    if cwd is not None and (out == cwd or out in cwd.parents):
         return "it is the working folder" if out == cwd else f"it holds the working folder {cwd}"
     if out == home or out in home.parents:
         return "it is the home folder" if out == home else f"it holds the home folder {home}"
