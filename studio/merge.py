@@ -108,6 +108,9 @@ def merge(config: MoEConfig, out: str | Path, options: MergeOptions | None = Non
     report = progress or (lambda p: None)
     out = destination.resolve_output(out)
     destination.check_destination(out, options.overwrite)
+    # Local models are known before anything is opened: refuse an output inside one before its parent is made.
+    local = [Path(ref).expanduser() for ref in config.model_refs() if Path(ref).expanduser().is_dir()]
+    destination.check_not_a_source(out, local)
     with destination.OutputLock(out) as lock:
         report(Progress("open", 0, 1, "Opening models"))
         plan, warnings = prepare(config, options, log=log, progress=report)

@@ -133,9 +133,11 @@ def test_a_symlink_to_the_models_cannot_reach_a_source(capsys, config_file, mode
 
 def test_output_inside_or_holding_a_source_is_refused(capsys, config_file, models, tmp_path):
     base, experts = models
-    code, err = cli(capsys, "merge", config_file, base / "moe")
-    assert code == 2 and f"lies inside the model folder {base}, which the merge reads" in err
-    assert not (base / "moe").exists()
+    before = digest(base)
+    for out in (base / "moe", base / "deeper" / "moe"):
+        code, err = cli(capsys, "merge", config_file, out)
+        assert code == 2 and f"lies inside the model folder {base}, which the merge reads" in err
+    assert digest(base) == before and sorted(p.name for p in base.iterdir()) == sorted(before)
     # An earlier merge that someone moved a source model into: replacing it would delete the source.
     out = tmp_path / "moe"
     assert cli(capsys, "merge", config_file, out)[0] == 0
