@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,8 +218,6 @@ def test_only_our_stale_partials_are_removed_and_not_while_their_merge_runs(tmp_
 
 
 def test_free_space_check_names_the_partial_of_a_running_merge(capsys, config_file, tmp_path, monkeypatch):
-    import shutil
-
     running = fake_partial(tmp_path, "other")
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000))
@@ -255,27 +254,41 @@ def looks_like_a_model(folder: Path) -> bool:
     return folder.exists() and ((folder / "config.json").exists() or any(folder.glob("*.safetensors")))
 
 
+def staging_bytes(parent: Path, name: str) -> int:
+    return sum(f.stat().st_size for f in parent.glob(f".{name}.partial-*/*") if f.is_file())
+
+
+def kill_at(config: Path, out: Path, target: int) -> subprocess.Popen:
+    """Start a merge and SIGKILL it once its staging folder holds `target` bytes (or when it ends first)."""
+    proc = start_and_wait_for_staging(config, out)
+    while proc.poll() is None and staging_bytes(out.parent, out.name) < target:
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    return proc
+
+
 def test_sigkill_at_random_points_never_leaves_a_model_and_the_next_merge_cleans_up(long_merge, tmp_path):
-    # How long the write takes here, so that the kills land inside it on a fast machine as on a slow one.
-    proc = start_and_wait_for_staging(long_merge, tmp_path / "timed")
-    started = time.monotonic()
-    assert proc.wait(timeout=300) == 0
-    write_time = time.monotonic() - started
+    weights = plan_of(load_config(long_merge)).total_bytes
+    reference = tmp_path / "reference"
+    assert studio_process("merge", long_merge, reference, "--out-shard-size", "2M").wait(timeout=300) == 0
+    complete = {p.name: p.stat().st_size for p in reference.iterdir()}
     out = tmp_path / "moe"
     rng = random.Random(12)
     killed_mid_write = 0
     for _ in range(10):
-        proc = start_and_wait_for_staging(long_merge, out)
-        time.sleep(rng.uniform(0, 0.8 * write_time))
-        proc.kill()
-        proc.wait()
+        kill_at(long_merge, out, int(rng.uniform(0.02, 0.9) * weights))  # a random point of the write
+        if out.exists():  # the merge ended before the kill: then OUT must be the whole merge, never part of one
+            assert {p.name: p.stat().st_size for p in out.iterdir()} == complete
+            shutil.rmtree(out)
+            continue
         assert not looks_like_a_model(out), "a killed merge left a model-looking folder at OUT"
         killed_mid_write += bool(list(tmp_path.glob(".moe.partial-*")))
     assert killed_mid_write >= 8, f"only {killed_mid_write} of 10 kills landed while the merge wrote"
     done = studio_process("merge", long_merge, out)
     assert done.wait(timeout=300) == 0, done.stderr.read()
     assert "left by an interrupted merge" in done.stderr.read()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "timed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "reference"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
