@@ -103,7 +103,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                               f"{repr(meta)[:120]}.") from None
         info = TensorInfo(name, dtype, shape, path, data_start + start)
         if end - start != info.nbytes or data_start + end > size:
-            raise StudioError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; the file is "
+            raise StudioError(f"{path}: tensor {name[:80]!r} lies outside the file or has the wrong size; the file is "
                               f"truncated or corrupt. Download it again.")
         index[name] = info
     return index
@@ -213,8 +213,8 @@ def read_json(path: Path, what: str) -> dict:
     except (json.JSONDecodeError, RecursionError) as exc:
         raise StudioError(f"{path} is not valid JSON ({str(exc)[:200]}); {what}.") from None
     if not isinstance(data, dict):
-        raise StudioError(f"{path} holds a JSON {type(data).__name__}, not an object of settings such as "
-                          f"`hidden_size`; {what}.")
+        raise StudioError(f"{path} holds a JSON {JSON_KINDS.get(type(data).__name__, 'value')}, not an object of "
+                          f"settings such as `hidden_size`; {what}.")
     return data
 
 

@@ -255,7 +255,7 @@ EMBED = "model.embed_tokens.weight"
 # (id, which model is broken, how, phrase); {model} is the broken folder.
 MODEL_CASES = [
     ("config.json a list", "expert", _write("config.json", "[1, 2]"), "{model}/config.json holds a JSON list, not an"),
-    ("config.json a string", "base", _write("config.json", '"mistral"'), "config.json holds a JSON str, not an object"),
+    ("config.json a string", "base", _write("config.json", '"mistral"'), "config.json holds a JSON string, not an object"),
     ("config.json garbage", "expert", _write("config.json", "{hidden_size: 64"), "config.json is not valid JSON"),
     ("config.json empty", "base", _write("config.json", ""), "config.json is not valid JSON"),
     ("config.json latin-1", "expert", _write("config.json", b'{"x": "caf\xe9"}'), "config.json is not UTF-8 text"),
