@@ -21,7 +21,8 @@ from studio.gates import prompt_ids
 from studio.quantize import footprint, load_model, precision_named
 from studio.report import human_bytes
 from studio.routing import RouterCapture, expert_count, expert_labels
-from studio.sources import ModelRef, ModelSource, open_model
+from studio.moe_folder import open_moe_folder
+from studio.sources import ModelRef, ModelSource
 from studio.trace import RouterTrace
 
 # For tokenizers without a chat template: plain "Role: text" turns, and the next "User:" turn ends an answer.
@@ -212,7 +213,13 @@ def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "a
                           f"trust it, pass trust_remote_code (--trust-remote-code).") from None
     count = expert_count(config)
     tokenizer = _tokenizer(source, trust_remote_code)
-    loaded = load_model(source, config, chosen, device, trust_remote_code)
+    try:
+        loaded = load_model(source, config, chosen, device, trust_remote_code)
+    except (RuntimeError, OSError, ValueError) as exc:  # transformers' own report of weights that do not fit
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise StudioError(f"Model {model}: transformers cannot load its weights with its config.json ({first}). "
+                          f"The config does not match the weights, or a file is damaged; download the model "
+                          f"again.") from exc
     stop = () if tokenizer.chat_template else FALLBACK_STOP
     if not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_TEMPLATE
@@ -222,7 +229,7 @@ def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "a
 
 def _open(model: str, trust_remote_code: bool, tqdm_class: type | None) -> ModelSource:
     """The model's folder: local, or downloaded from the Hub with its merge config (and code, when trusted)."""
-    source = open_model(model, tqdm_class=tqdm_class)
+    source = open_moe_folder(model, tqdm_class=tqdm_class)
     ref = ModelRef.parse(model)
     if not ref.is_local:
         from huggingface_hub import snapshot_download

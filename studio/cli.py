@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -33,6 +35,17 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * SIZE_UNITS[unit])
 
 
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (a batch of 0 or -1 prompts cannot run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give 1 or more")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m studio", description="Build Mixture-of-Experts models "
                                      "from dense fine-tunes (mergekit-moe compatible).")
@@ -53,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                        help="copy the base tokenizer into the output (default on)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder when done")
-    merge.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass for hidden gates")
+    merge.add_argument("--batch-size", type=positive_int, default=16,
+                       help="prompts per forward pass for hidden gates (1 or more)")
     _common(merge)
 
     plan = commands.add_parser("plan", help="check a config's models and estimate sizes; writes nothing")
@@ -104,7 +118,7 @@ def _generation_flags(parser: argparse.ArgumentParser, temperature: float, max_n
                         help=f"0 is greedy (default {temperature})")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
                         help=f"answer length limit (default {max_new_tokens})")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off (default)")
     parser.add_argument("--stop", action="append", default=[], help="stop the answer at this text (repeatable)")
@@ -133,32 +147,81 @@ def _strip_ignored(argv: list[str]) -> tuple[list[str], list[str]]:
     return kept, notes
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: unwinds like Ctrl-C, so a merge removes its staging folder on every one."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Set by the signal handler; a merge polls it, so a signal whose KeyboardInterrupt some library swallowed
+# (an early Ctrl-C during imports) still stops the merge before anything is renamed into place.
+STOP = threading.Event()
+MAX_MESSAGE = 4000
+
+
+def _on_signal(signum: int, frame) -> None:
+    STOP.set()
+    raise Stopped(signum)
+
+
+def _catch_signals() -> dict:
+    """Install the handler; returns the previous handlers (main() called in-process puts them back)."""
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    signums = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    return {signum: signal.signal(signum, _on_signal) for signum in signums}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error exits 2 with one paragraph (the traceback only with -v)."""
     argv, notes = _strip_ignored(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     for note in notes:
         print(note, file=sys.stderr)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
+    previous = _catch_signals()
     try:
         return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "chat": _chat,
                 "route": _route, "preview": _preview}[args.command](args)
-    except StudioError as exc:
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"Interrupted ({signal.Signals(signum).name}); no output was left behind.", file=sys.stderr)
+        return 128 + signum
+    except Exception as exc:  # StudioError, and anything else: never a bare traceback
         if args.verbose:
             traceback.print_exc()
-        print(f"Error: {exc}", file=sys.stderr)
+        print(f"Error: {_paragraph(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("Interrupted; no output was left behind.", file=sys.stderr)
-        return 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _paragraph(exc: BaseException) -> str:
+    """One paragraph for any error: ours as written, another's with its type and a pointer to -v."""
+    if isinstance(exc, StudioError):
+        text = str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+        text += f" ({type(exc).__name__}). Run with -v for the traceback."
+    else:
+        text = f"unexpected {type(exc).__name__}: {exc}. Run with -v for the traceback."
+    text = re.sub(r"\n\s*\n", "\n", text.strip())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + " [...]"
 
 
 def _merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from studio.config import load_config
-    from studio.merge import MergeOptions, merge
+    from studio.devices import check_device
+    from studio.merge import CancelToken, MergeOptions, merge
 
     config = load_config(args.config)
+    check_device(args.device)
     options = MergeOptions(out_shard_size=args.out_shard_size, device=args.device, load_in_4bit=args.load_in_4bit,
                            load_in_8bit=args.load_in_8bit, random_seed=args.random_seed,
                            trust_remote_code=args.trust_remote_code,
@@ -175,7 +238,8 @@ def _merge(args: argparse.Namespace) -> int:
         bar.update(p.done - bar.n)
 
     try:
-        result = merge(config, args.out, options, progress=progress, log=lambda m: print(m, file=sys.stderr))
+        result = merge(config, args.out, options, progress=progress, cancel=CancelToken(STOP),
+                       log=lambda m: print(m, file=sys.stderr))
     finally:
         if bar is not None:
             bar.close()
@@ -205,8 +269,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _eval_routing(args: argparse.Namespace) -> int:
+    from studio import safe_yaml
     from studio.evaluate import evaluate_routing, load_prompts
 
+    try:  # the prompts file gets the config's limits (size, nesting, aliases, duplicate keys) before it is read
+        safe_yaml.load(safe_yaml.decode(Path(args.prompts).read_bytes(), args.prompts), args.prompts)
+    except OSError as exc:
+        raise StudioError(f"Cannot read the prompts file {args.prompts}: {exc.strerror}.") from None
     print(evaluate_routing(args.model, load_prompts(args.prompts), trust_remote_code=args.trust_remote_code).table())
     return 0
 
@@ -217,6 +286,9 @@ def _load_chat(args: argparse.Namespace):
     settings = ChatSettings(system_prompt=args.system, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                             repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed)
+    from studio.devices import check_device
+
+    check_device(args.device)
     print(f"Loading {args.model} at {args.precision} ...", file=sys.stderr)
     model = load_chat_model(args.model, args.precision, args.device, args.trust_remote_code)
     print(model.describe(), file=sys.stderr)
@@ -301,6 +373,9 @@ def _preview(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.gate_mode:
         config = config.model_validate({**config.model_dump(), "gate_mode": args.gate_mode})
+    from studio.devices import check_device
+
+    check_device(args.device)
     options = MergeOptions(device=args.device, trust_remote_code=args.trust_remote_code)
     log = (lambda m: print(m, file=sys.stderr)) if args.verbose else (lambda m: None)
     traces = preview_routing(config, args.prompt, options, log)

@@ -14,12 +14,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from studio import safe_yaml
 from studio.errors import StudioError
 from studio.gate_modes import ALIASES, MODES, gate_mode
 
 GATE_MODES = tuple(MODES)
 PROMPT_FORMATS = ("raw", "chat")
 DTYPES = ("bfloat16", "float16", "float32")
+# Router prompts are short; the hidden-state pass holds a square of a prompt's length (a 1 MB prompt asked for 93 GB).
+MAX_PROMPT_CHARS = 20_000
 
 # Keys that belong to other tools' configs, with what to tell the user instead of "unknown key".
 FOREIGN_KEYS = {
@@ -42,8 +45,9 @@ class Expert(_Strict):
     source_model: str = Field(min_length=1)
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
-    noise_scale: float | None = None
-    residual_scale: float | None = None
+    # Finite and bounded: NaN, Inf or 1e40 would be written into the experts without a word.
+    noise_scale: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    residual_scale: float | None = Field(default=None, ge=-100, le=100, allow_inf_nan=False)
     # The studio's own, read by `gate_mode: expert_text`: text files of this expert's domain to fit its router on,
     # instead of text the expert writes from its prompts. mergekit-moe does not know the key.
     calibration_text: list[str] | None = None
@@ -53,6 +57,14 @@ class Expert(_Strict):
     def _one_prompt_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("noise_scale", "residual_scale", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        # PyYAML reads `1e-3` (no dot) as a string, which mergekit accepts as a number, so strings stay allowed.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        return value
+
 
 class MoEConfig(_Strict):
     """A mergekit-moe configuration (the YAML given to `mergekit-moe` or `python -m studio merge`)."""
@@ -61,7 +73,7 @@ class MoEConfig(_Strict):
     architecture: str | None = None
     gate_mode: str = "hidden"
     dtype: str | None = None
-    experts_per_token: int = Field(default=2, ge=1)
+    experts_per_token: int = Field(default=2, ge=1, strict=True)  # strict: `true` is not 1
     # The studio's own: "chat" wraps every prompt in the base tokenizer's chat template, as a user turn, so the
     # routers are built from text shaped like real chats (mergekit uses the raw prompt after BOS).
     prompt_format: str = "raw"
@@ -73,7 +85,7 @@ class MoEConfig(_Strict):
     def _known_gate_mode(cls, value: str) -> str:
         value = ALIASES.get(value, value)
         if value not in GATE_MODES:
-            raise ValueError(f"unknown gate mode {value!r}{_suggest(value, GATE_MODES)}; "
+            raise ValueError(f"unknown gate mode {safe_yaml.excerpt(value)}{_suggest(value, GATE_MODES)}; "
                              f"choose one of {', '.join(GATE_MODES)}")
         return value
 
@@ -81,7 +93,7 @@ class MoEConfig(_Strict):
     @classmethod
     def _known_prompt_format(cls, value: str) -> str:
         if value not in PROMPT_FORMATS:
-            raise ValueError(f"unknown prompt format {value!r}{_suggest(value, PROMPT_FORMATS)}; "
+            raise ValueError(f"unknown prompt format {safe_yaml.excerpt(value)}{_suggest(value, PROMPT_FORMATS)}; "
                              f"choose one of {', '.join(PROMPT_FORMATS)}")
         return value
 
@@ -92,7 +104,8 @@ class MoEConfig(_Strict):
             return None
         value = value.removeprefix("torch.")
         if value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}{_suggest(value, DTYPES)}; choose one of {', '.join(DTYPES)}")
+            raise ValueError(f"unknown dtype {safe_yaml.excerpt(value)}{_suggest(value, DTYPES)}; "
+                             f"choose one of {', '.join(DTYPES)}")
         return value
 
     @property
@@ -107,6 +120,8 @@ class MoEConfig(_Strict):
 
 
 def _suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    if len(word) > 100:  # no key or mode is that long, and difflib is slow on long words
+        return ""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f" (did you mean `{close[0]}`?)" if close else ""
 
@@ -117,9 +132,9 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 
 def _describe(error: dict[str, Any]) -> str:
     loc = error["loc"]
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    where = safe_yaml.shorten("".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip("."))
     if error["type"] == "extra_forbidden":
-        key = str(loc[-1])
+        key = safe_yaml.shorten(str(loc[-1]))
         if key in FOREIGN_KEYS:
             return f"`{where}`: unknown key; {FOREIGN_KEYS[key]}."
         in_expert = len(loc) > 1 and loc[0] in ("experts", "shared_experts")
@@ -128,7 +143,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"`{where}`: required field is missing."
     message = error["msg"].removeprefix("Value error, ")
-    return f"`{where}`: {message} (got {error.get('input')!r})." if where else f"{message}."
+    return f"`{where}`: {message} (got {safe_yaml.excerpt(error.get('input'))})." if where else f"{message}."
 
 
 def parse_config(data: Any, source: str = "config") -> MoEConfig:
@@ -152,22 +167,22 @@ def validation_errors(data: dict) -> list[tuple[tuple[str | int, ...], str]]:
 
 
 def load_yaml(text: str, source: str = "config") -> MoEConfig:
-    """Parse YAML text into a config."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise StudioError(f"{source} is not valid YAML: {exc}") from None
-    return parse_config(data, source)
+    """Parse YAML text into a config (with limits on size, nesting and aliases; duplicate keys refused)."""
+    return parse_config(safe_yaml.load(text, source), source)
 
 
 def load_config(path: str | Path) -> MoEConfig:
     """Read a YAML config file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(safe_yaml.MAX_BYTES + 1)  # at most that: /dev/zero or a huge file is refused, not read
     except OSError as exc:
         raise StudioError(f"Cannot read config file {path}: {exc.strerror}.") from None
-    return load_yaml(text, str(path))
+    if len(data) > safe_yaml.MAX_BYTES:
+        raise StudioError(f"{path} is more than {safe_yaml.MAX_BYTES:,} bytes; a config is at most that. Is it the "
+                          f"right file?")
+    return load_yaml(safe_yaml.decode(data, str(path)), str(path))
 
 
 class _Dumper(yaml.SafeDumper):
@@ -202,6 +217,15 @@ def _prompt_key(expert: Expert) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(expert.positive_prompts or ()), tuple(expert.negative_prompts or ())
 
 
+def _prompts(config: MoEConfig):
+    """(location, prompt) for every prompt of the config."""
+    for group in ("experts", "shared_experts"):
+        for i, expert in enumerate(getattr(config, group) or []):
+            for kind in ("positive_prompts", "negative_prompts"):
+                for j, prompt in enumerate(getattr(expert, kind) or []):
+                    yield f"{group}[{i}].{kind}[{j}]", prompt
+
+
 def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tuple[list[str], list[str]]:
     """mergekit-moe's config rules, as (errors, warnings). Model files are checked elsewhere."""
     errors: list[str] = []
@@ -216,6 +240,11 @@ def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tup
     if len(shared) > 1:
         errors.append(f"`shared_experts` has {len(shared)} entries; at most one shared expert is supported.")
 
+    for where, prompt in _prompts(config):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            errors.append(f"`{where}` is {len(prompt):,} characters long; a router prompt is at most "
+                          f"{MAX_PROMPT_CHARS:,} (the hidden-state pass needs memory growing with the square of a "
+                          f"prompt's length). Use a shorter, typical piece of the domain.")
     mode = gate_mode(config.gate_mode)
     if mode.needs_prompts:
         for i, expert in enumerate(config.experts):

@@ -12,8 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from studio import safe_yaml
 from studio.config import MoEConfig, check_rules, validation_errors
 from studio.errors import StudioError
 
@@ -40,10 +39,7 @@ def text_to_prompts(text: str | None) -> list[str] | None:
 
 def parse_mapping(text: str) -> dict:
     """The editor's YAML as a mapping, or StudioError saying why it is not one."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise StudioError(f"The YAML does not parse: {exc}") from None
+    data = safe_yaml.load(text, "The YAML", "does not parse")  # the editor's text has the config file's limits
     if not isinstance(data, dict):
         raise StudioError("The YAML must be a mapping with `base_model` and `experts`.")
     return data

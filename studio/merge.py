@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import threading
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,23 +17,21 @@ from typing import Callable
 
 import torch
 
-from studio import card
+from studio import card, destination, integrity
 from studio.config import MoEConfig, check_rules, dump_yaml, experts_with_gates
+from studio.devices import check_device
 from studio.errors import Cancelled, StudioError
 from studio.gate_modes import gate_mode
 from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
-from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm
+from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm, read_json
 from studio.writer import shard_names, write_shard
-
-DISK_MARGIN = 64 * 2**20
-
 
 class CancelToken:
     """Set from any thread (a UI button, a signal handler); the merge stops at the next tensor."""
 
-    def __init__(self) -> None:
-        self._event = threading.Event()
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self._event = event or threading.Event()  # the CLI passes the event its signal handler sets
 
     def cancel(self) -> None:
         self._event.set()
@@ -90,6 +87,7 @@ def prepare(config: MoEConfig, options: MergeOptions, log: Callable[[str], None]
             progress: Callable[[Progress], None] | None = None) -> tuple[MergePlan, list[str]]:
     """Validate the config, open every model (reporting Hub downloads to `progress`) and plan the merge.
     Returns the plan and the warnings."""
+    check_device(options.device)
     errors, warnings = check_rules(config, options.allow_identical_experts)
     if errors:
         raise StudioError("The config breaks these rules:\n" + "\n".join(f"  - {e}" for e in errors))
@@ -102,37 +100,63 @@ def prepare(config: MoEConfig, options: MergeOptions, log: Callable[[str], None]
 def merge(config: MoEConfig, out: str | Path, options: MergeOptions | None = None,
           progress: Callable[[Progress], None] | None = None, cancel: CancelToken | None = None,
           log: Callable[[str], None] = print) -> MergeResult:
-    """Merge `config` into the folder `out`. Raises StudioError (Cancelled when cancelled)."""
+    """Merge `config` into the folder `out`. Raises StudioError (Cancelled when cancelled).
+
+    Every path is resolved first; the output is locked for the whole merge (a second merge to it is refused);
+    leftovers of killed merges in the same parent folder are removed."""
     options = options or MergeOptions()
     cancel = cancel or CancelToken()
     report = progress or (lambda p: None)
-    out = Path(out).expanduser().absolute()
-    _check_destination(out, options.overwrite)
-    report(Progress("open", 0, 1, "Opening models"))
-    plan, warnings = prepare(config, options, log=log, progress=report)
-    for warning in warnings:
-        log(f"Warning: {warning}")
-    _check_not_a_source(out, plan)
-    _check_disk_space(out, plan.total_bytes)
-    cancel.check()
-
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    stop = threading.Event()
-    gates = _start_gates(config, plan, options, cancel, stop, log)
-    try:
-        files = _write_all(plan, gates, staging, options, report, cancel)
-        _move_into_place(staging, out)
-    except BaseException:
-        stop.set()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for warning in _gate_warnings(config, gates.result()):
+    out = destination.resolve_output(out)
+    destination.check_destination(out, options.overwrite)
+    # Local models are known before anything is opened: refuse an output inside one before its parent is made.
+    local = [Path(ref).expanduser() for ref in config.model_refs() if Path(ref).expanduser().is_dir()]
+    destination.check_not_a_source(out, local)
+    with destination.OutputLock(out) as lock:
+        report(Progress("open", 0, 1, "Opening models"))
+        plan, warnings = prepare(config, options, log=log, progress=report)
+        for warning in warnings:
+            log(f"Warning: {warning}")
+        destination.check_not_a_source(out, [s.folder for s in integrity.plan_sources(plan)])
+        in_progress = destination.remove_stale(out.parent, lock, log)
+        destination.check_disk_space(out, plan.total_bytes, in_progress)
+        cancel.check()
+        files, gates = _build(config, plan, out, options, report, cancel, log)
+    for warning in _gate_warnings(config, gates):
         log(f"Warning: {warning}")
         warnings.append(warning)
     report(Progress("done", plan.total_bytes, plan.total_bytes, f"Merged into {out}"))
     log(f"Wrote {len(files)} files, {plan.total_bytes / 1e9:.2f} GB, to {out}")
     return MergeResult(out, plan, files, warnings)
+
+
+def _build(config: MoEConfig, plan: MergePlan, out: Path, options: MergeOptions, report: Callable[[Progress], None],
+           cancel: CancelToken, log: Callable[[str], None]) -> tuple[list[str], torch.Tensor]:
+    """Write into a staging folder, check it, rename it into place; on any failure or signal remove it."""
+    stamps = integrity.stamp_sources(plan)
+    staging = destination.new_staging(out)
+    stop = threading.Event()
+    gates = _start_gates(config, plan, options, cancel, stop, log)
+    try:
+        files = _write_all(plan, gates, staging, options, report, cancel)
+        routers = _gates_of(plan, gates)
+        integrity.check_sources_unchanged(stamps)
+        cancel.check()  # a signal whose KeyboardInterrupt was swallowed somewhere still stops the merge here
+        destination.move_into_place(staging, out, options.overwrite)
+    except OSError as exc:
+        stop.set()
+        shutil.rmtree(staging, ignore_errors=True)
+        integrity.check_sources_unchanged(stamps)  # a source deleted mid-merge is named as such, not as a write error
+        named = destination.disk_full_error(exc, out, plan.total_bytes)
+        if named:
+            raise named from exc
+        raise StudioError(f"Writing {out} failed: {exc.strerror or exc} ({exc.filename or staging}). Nothing was "
+                          f"left at {out}.") from exc
+    except BaseException:
+        stop.set()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files, routers
 
 
 def _start_gates(config: MoEConfig, plan: MergePlan, options: MergeOptions, cancel: CancelToken,
@@ -172,8 +196,9 @@ def _write_all(plan: MergePlan, gates: Future, folder: Path, options: MergeOptio
         for job in jobs:
             cancel.check()
             if gates.done() and gates.exception():
-                raise gates.exception()  # fail fast: do not write the rest first
-            yield _tensor_for(job, gates.result() if job.router_layer is not None else None, options.random_seed)
+                _gates_of(plan, gates)  # fail fast: do not write the rest first
+            yield _tensor_for(job, _gates_of(plan, gates) if job.router_layer is not None else None,
+                              options.random_seed)
 
     for name, jobs in zip(names, shards):
         entries = [(j.name, j.dtype, j.shape, j.nbytes) for j in jobs]
@@ -190,7 +215,33 @@ def _write_all(plan: MergePlan, gates: Future, folder: Path, options: MergeOptio
         _copy_tokenizer(plan.base, folder)
     (folder / "mergekit_moe_config.yml").write_text(dump_yaml(plan.config), encoding="utf-8")
     (folder / "README.md").write_text(card.model_card(plan), encoding="utf-8")
-    return sorted(p.name for p in folder.iterdir())
+    return sorted(p.name for p in folder.iterdir() if p.name != destination.MARKER)
+
+
+def _gates_of(plan: MergePlan, future: Future) -> torch.Tensor:
+    """The computed gates, checked to be finite as the routers will be written; a failure becomes a named error."""
+    try:
+        gates = future.result()
+    except StudioError:
+        raise
+    except Exception as exc:
+        raise _gate_failure(plan, exc) from exc
+    integrity.check_routers(gates, plan)
+    return gates
+
+
+def _gate_failure(plan: MergePlan, exc: Exception) -> StudioError:
+    """Name the usual cause of a failed gate computation, a base model with NaN or Inf weights (linear algebra
+    fails on them), or else say what failed."""
+    for name in plan.base.tensors:
+        try:
+            tensor = plan.base.read(name)
+        except StudioError:
+            break
+        job = TensorJob(name, tuple(tensor.shape), tensor.dtype, plan.base, name)
+        integrity.check_source_tensor(job, tensor)
+    return StudioError(f"Computing the routers from the base model ({plan.base.label}) failed: "
+                       f"{type(exc).__name__}: {exc}. Run with -v for the details; try another gate_mode.")
 
 
 def _tensor_for(job: TensorJob, gates: torch.Tensor | None, seed: int | None):
@@ -199,15 +250,18 @@ def _tensor_for(job: TensorJob, gates: torch.Tensor | None, seed: int | None):
         return gates[job.router_layer, job.router_row: job.router_row + job.shape[0]].to(job.dtype)
     if job.source is None:
         return torch.zeros(job.shape, dtype=job.dtype)
+    tensor = job.source.read(job.source_name)
+    integrity.check_source_tensor(job, tensor)
     if job.is_plain_copy:
         return job.source.info(job.source_name)
-    tensor = job.source.read(job.source_name)
     if job.noise_scale is not None:
         generator = torch.Generator().manual_seed(_noise_seed(seed, job.name))
         tensor = tensor.float() + job.noise_scale * torch.randn(tensor.shape, generator=generator)
     if job.scale is not None:
         tensor = tensor.float() * job.scale
-    return tensor.to(job.dtype)
+    tensor = tensor.to(job.dtype)
+    integrity.check_output_tensor(job, tensor)
+    return tensor
 
 
 def _noise_seed(seed: int | None, name: str) -> int:
@@ -220,7 +274,7 @@ def _noise_seed(seed: int | None, name: str) -> int:
 def _generation_config(base: ModelSource) -> dict:
     path = base.file("generation_config.json")
     if path:
-        return json.loads(path.read_text())
+        return read_json(path, "fix or delete the base model's generation_config.json")
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     return {k: base.config[k] for k in keys if base.config.get(k) is not None}
 
@@ -236,38 +290,3 @@ def _copy_tokenizer(base: ModelSource, folder: Path) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _check_destination(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise StudioError(f"Output {out} is a file; choose a folder path.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise StudioError(f"Output folder {out} already exists and is not empty. Choose another folder, or pass "
-                          f"--overwrite to replace it once the new merge is complete.")
-
-
-def _check_not_a_source(out: Path, plan: MergePlan) -> None:
-    folders = {plan.base.folder.absolute()} | {j.source.folder.absolute() for j in plan.jobs if j.source}
-    for folder in folders:
-        if out == folder or out in folder.parents:
-            raise StudioError(f"Output {out} would replace the model folder {folder}, which the merge reads. "
-                              f"Choose another output folder.")
-
-
-def _check_disk_space(out: Path, needed: int) -> None:
-    parent = next(p for p in [out, *out.parents] if p.exists())
-    free = shutil.disk_usage(parent).free
-    if free < needed + DISK_MARGIN:
-        raise StudioError(f"Not enough disk space for the output: it needs {needed / 1e9:.2f} GB, and {parent} has "
-                          f"{free / 1e9:.2f} GB free. Free some space or choose another output folder.")
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Swap the finished folder in; an old output (with --overwrite) is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

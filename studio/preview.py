@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from studio.chat import token_texts
-from studio.config import MoEConfig
+from studio.config import MAX_PROMPT_CHARS, MoEConfig
+from studio.errors import StudioError
 from studio.gates import compute_gates, load_tokenizer, prompt_encoder, streamed_moe
 from studio.merge import MergeOptions, prepare
 from studio.trace import RouterTrace
@@ -24,6 +25,10 @@ def preview_routing(config: MoEConfig, prompts: list[str], options: MergeOptions
                     log: Callable[[str], None] = print) -> list[RouterTrace]:
     """One trace per prompt, each prompt encoded as the gate prompts are (`prompt_format`)."""
     options = options or MergeOptions()
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > MAX_PROMPT_CHARS:  # the pass holds a square of the prompt's length
+            raise StudioError(f"Test prompt {i + 1} is {len(prompt):,} characters long; a prompt is at most "
+                              f"{MAX_PROMPT_CHARS:,} here. Use a shorter one.")
     plan = prepare(config, options, log)[0]
     gates = compute_gates(plan, options.gate_options(), log)
     router_dtype = next(job.dtype for job in plan.jobs if job.router_layer is not None)

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
 
 from studio.errors import StudioError
 from studio.trace import RouterTrace
@@ -24,23 +23,37 @@ ROUTER_NAME = re.compile(rf"layers\.(\d+)\.(?:.+\.)?(?:{'|'.join(ROUTER_NAMES)})
 
 
 def load_moe(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Model and tokenizer of a merged (or any Hub) MoE, on CPU, for analysis."""
+    """Model and tokenizer of a merged (or any Hub) MoE, on CPU, for analysis. The folder is opened and checked as
+    chat opens it (studio.moe_folder), so a broken model gets the same named error in every command."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    from studio.moe_folder import open_moe_folder
+
+    source = open_moe_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer
+        raise StudioError(f"Model {path}: its tokenizer cannot be loaded from {source.folder} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise StudioError(f"Model {path}: transformers cannot load it ({type(exc).__name__}: {str(exc)[:200]}). If it "
+                          f"ships its own code and you trust it, pass trust_remote_code (--trust-remote-code).") from exc
     return model.eval(), tokenizer
 
 
 def expert_labels(path: str | Path, count: int) -> list[str]:
     """Source-model names from the merge's mergekit_moe_config.yml, else "expert 0", "expert 1", ..."""
+    from studio import safe_yaml
+
     config_file = Path(path) / "mergekit_moe_config.yml"
-    if config_file.exists():
-        experts = (yaml.safe_load(config_file.read_text()) or {}).get("experts") or []
-        names = [str(e.get("source_model")) for e in experts]
-        if len(names) == count:
-            return names
-    return [f"expert {i}" for i in range(count)]
+    try:  # the labels only name the experts: a damaged file gives the default ones, not an error
+        data = safe_yaml.load(safe_yaml.decode(config_file.read_bytes(), str(config_file)), str(config_file))
+        names = [str(e.get("source_model")) for e in data.get("experts") or []]
+    except (OSError, StudioError, AttributeError, TypeError):
+        names = []
+    return names if len(names) == count else [f"expert {i}" for i in range(count)]
 
 
 def expert_count(config) -> int:

@@ -84,8 +84,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                               f"or corrupt. Download it again.")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise StudioError(f"{path} has a corrupt safetensors header; download the file again.") from None
+    if not isinstance(header, dict):
+        raise StudioError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an "
+                          f"object); download the file again.")
     data_start = 8 + header_len
     index = {}
     for name, meta in header.items():
@@ -96,10 +99,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in meta["shape"])
             start, end = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise StudioError(f"{path}: tensor {name!r} has an unreadable header entry {meta!r}.") from None
+            raise StudioError(f"{path}: tensor {name[:80]!r} has an unreadable header entry "
+                              f"{repr(meta)[:120]}.") from None
         info = TensorInfo(name, dtype, shape, path, data_start + start)
         if end - start != info.nbytes or data_start + end > size:
-            raise StudioError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; the file is "
+            raise StudioError(f"{path}: tensor {name[:80]!r} lies outside the file or has the wrong size; the file is "
                               f"truncated or corrupt. Download it again.")
         index[name] = info
     return index
@@ -112,10 +116,11 @@ def _weight_files(folder: Path) -> list[Path]:
         index_file = folder / index_name
         if index_file.exists():
             try:
-                weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise StudioError(f"{index_file} is not a valid shard index (no `weight_map`).") from None
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+                files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError):
+                raise StudioError(f"{index_file} is not a valid shard index (it needs a `weight_map` object of "
+                                  f"tensor names to file names).") from None
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise StudioError(f"{folder}: the shard index lists {', '.join(missing)}, which is not in the "
@@ -159,8 +164,7 @@ class ModelSource:
         if info.offset is None:
             state = self._bins.get(info.path)
             if state is None:
-                state = self._bins[info.path] = torch.load(info.path, map_location="cpu", mmap=True,
-                                                           weights_only=True)
+                state = self._bins[info.path] = load_bin(info.path)
             return state[name]
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(info.path, "rb", buffering=0) as f:
@@ -195,13 +199,54 @@ class ModelSource:
         return path if path.exists() else None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a model's file, or a StudioError naming the file and what to do."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StudioError(f"{path.parent} has no {path.name}; is it a Hugging Face model folder?") from None
-    except json.JSONDecodeError as exc:
-        raise StudioError(f"{path} is not valid JSON ({exc}); {what}.") from None
+    except IsADirectoryError:
+        raise StudioError(f"{path} is a folder, not a JSON file; {what}.") from None
+    except UnicodeDecodeError as exc:
+        raise StudioError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+                          f"{what}.") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise StudioError(f"{path} is not valid JSON ({str(exc)[:200]}); {what}.") from None
+    if not isinstance(data, dict):
+        raise StudioError(f"{path} holds a JSON {JSON_KINDS.get(type(data).__name__, 'value')}, not an object of "
+                          f"settings such as `hidden_size`; {what}.")
+    return data
+
+
+# config.json fields read as whole numbers; a string "192" or `true` would compare and compute wrongly.
+INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "head_dim", "num_local_experts", "num_experts_per_tok", "max_position_embeddings")
+
+
+STR_FIELDS = ("model_type", "torch_dtype", "dtype")
+OBJECT_FIELDS = ("rope_parameters", "rope_scaling")
+JSON_KINDS = {"str": "string", "dict": "object", "list": "list", "bool": "bool", "int": "int", "float": "float",
+              "NoneType": "null"}
+
+
+def check_model_config(path: Path, config: dict) -> None:
+    """Named errors for config.json fields of the wrong type (a JSON string where a number belongs)."""
+    def wrong(key: str, value, should: str) -> StudioError:
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."
+        return StudioError(f"{path}: `{key}` is {shown} (a JSON {JSON_KINDS.get(type(value).__name__, 'value')}), "
+                           f"but it must be {should}; fix the model's config.json.")
+
+    for key in INT_FIELDS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise wrong(key, value, "a whole number of 0 or more")
+    for key in STR_FIELDS:
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise wrong(key, config[key], "a string")
+    for key in OBJECT_FIELDS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise wrong(key, config[key], "an object (or null)")
 
 
 def index_folder(folder: Path) -> dict[str, TensorInfo]:
@@ -211,16 +256,52 @@ def index_folder(folder: Path) -> dict[str, TensorInfo]:
         if path.suffix == ".safetensors":
             index.update(read_safetensors_header(path))
         else:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state = load_bin(path)
             index.update({k: TensorInfo(k, v.dtype, tuple(v.shape), path, None) for k, v in state.items()})
     return index
 
 
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch checkpoint, memory-mapped, tensors only: a pickle that would run code is refused, by name."""
+    import pickle
+    import warnings
+    import zipfile
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before it refuses a file
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-zip format cannot be mapped
+    except pickle.UnpicklingError as exc:
+        called = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if called:
+            raise StudioError(f"{path} is a pickle that would run code when loaded (it calls `{called[1][:80]}`), "
+                              f"so it is refused. Use a safetensors copy of the model, or convert it with a tool you "
+                              f"trust.") from None
+        raise StudioError(f"{path} is not a readable PyTorch checkpoint (its pickle holds instructions a checkpoint "
+                          f"does not have); it is corrupt or not a checkpoint. Download it again.") from None
+    except (RuntimeError, ValueError, EOFError, OSError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
+        raise StudioError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:120]}); "
+                          f"it is corrupt, truncated or not a checkpoint. Download it again.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StudioError(f"{path} holds a {type(state).__name__}, not a mapping of tensor names to tensors; it is "
+                          f"not a model checkpoint.")
+    return state
+
+
 def open_local(ref: ModelRef, folder: Path) -> ModelSource:
+    if folder.exists() and not folder.is_dir():
+        raise StudioError(f"Model {ref.text!r}: {folder} is a file, not a model folder. Give the folder that holds "
+                          f"config.json and the weights.")
     if not folder.is_dir():
         raise StudioError(f"Model {ref.text!r}: folder {folder} does not exist. Check the path, or use a Hub id "
                           f"such as `mistralai/Mistral-7B-v0.1`.")
-    config = _read_json(folder / "config.json", "fix or re-download the model")
+    config = read_json(folder / "config.json", "fix or re-download the model")
+    check_model_config(folder / "config.json", config)
     return ModelSource(ref, folder, config, index_folder(folder))
 
 

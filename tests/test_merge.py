@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from studio.config import load_config, load_yaml
 from studio.errors import Cancelled, StudioError
+from studio.destination import mount_point
 from studio.gates import GateOptions, compute_gates
 from studio.merge import CancelToken, MergeOptions, merge
 from studio.sources import open_model
@@ -211,9 +213,12 @@ def test_interrupted_merge_leaves_nothing(mistral, tmp_path, how):
             else:
                 raise OSError(28, "No space left on device")
 
-    expected = {"cancel": Cancelled, "ctrl-c": KeyboardInterrupt, "error": OSError}[how]
-    with pytest.raises(expected):
+    expected = {"cancel": Cancelled, "ctrl-c": KeyboardInterrupt, "error": StudioError}[how]
+    with pytest.raises(expected) as info:
         merge(config, tmp_path / "out", MergeOptions(out_shard_size=100_000), progress=progress, cancel=token, **QUIET)
+    if how == "error":
+        assert f"failed: the disk is full on {mount_point(tmp_path)}." in str(info.value)
+        assert "needs 542,336 bytes (0.00 GB) of weights plus 64 MiB" in str(info.value)
     assert leftovers(tmp_path) == []
 
 
@@ -225,18 +230,26 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(mistral, tmp_pa
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(StudioError, match="already exists and is not empty.*--overwrite"):
         merge(config, out, **QUIET)
-    assert (out / "precious.txt").exists()
-    merge(config, out, MergeOptions(overwrite=True), **QUIET)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+    with pytest.raises(StudioError, match=r"is not an earlier merge \(it has no config.json, mergekit_moe_config.yml, "
+                                          r"weights\), so --overwrite will not replace it"):
+        merge(config, out, MergeOptions(overwrite=True), **QUIET)
+    assert leftovers(out) == ["precious.txt"]
+
+    (out / "precious.txt").unlink()
+    first = merge(config, out, MergeOptions(random_seed=1), **QUIET)
+    merge(config, out, MergeOptions(overwrite=True, random_seed=2), **QUIET)
+    assert leftovers(out) == sorted(first.files) and (out / "model.safetensors").exists()
     assert leftovers(tmp_path) == ["out"]
 
 
 def test_output_may_not_replace_a_source_model(mistral, tmp_path):
     base, experts = mistral
     config = config_of(moe_yaml(base, experts, gate_mode="random"))
-    with pytest.raises(StudioError, match="which the merge reads"):
+    with pytest.raises(StudioError, match="is not an earlier merge"):
         merge(config, experts[1], MergeOptions(overwrite=True), **QUIET)
-    assert (experts[1] / "model.safetensors").exists()
+    with pytest.raises(StudioError, match=r"lies inside the model folder .*base, which the merge reads"):
+        merge(config, base / "moe", **QUIET)
+    assert (experts[1] / "model.safetensors").exists() and not (base / "moe").exists()
 
 
 def test_disk_space_is_checked_first(mistral, tmp_path, monkeypatch):
@@ -246,7 +259,9 @@ def test_disk_space_is_checked_first(mistral, tmp_path, monkeypatch):
     config = config_of(moe_yaml(base, experts, gate_mode="random"))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(studio.merge.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    with pytest.raises(StudioError, match=r"Not enough disk space.*needs 0.00 GB.*has 0.00 GB free"):
+    with pytest.raises(StudioError, match=rf"Not enough disk space on {re.escape(str(mount_point(tmp_path)))} for .*out: the merge writes 542,336 bytes of "
+                                          r"weights \(0.00 GB\) and needs them plus 64 MiB for the other files free, "
+                                          r"67,651,200 bytes in all, but only 1,000 bytes \(0.00 GB\) are free"):
         merge(config, tmp_path / "out", **QUIET)
     assert leftovers(tmp_path) == []
 
