@@ -1,6 +1,6 @@
 """Chat benchmark: generation speed and memory, bf16 against 4-bit, router capture on against off.
 
-Models: the bundled zoo merged into a 4-expert Mixtral (assets/examples/zoo-4x.yml, ~5.5M parameters), and a
+Models: the bundled zoo merged into a 4-expert Mixtral (assets/examples/zoo-fragments.yml, ~5.5M parameters), and a
 synthetic ~300M-parameter Mixtral merged from a synthetic Mistral family (studio.synthetic.make_family; 4
 experts, hidden 1024, 8 layers; random gates and weights, so it writes random text and never stops early).
 
@@ -91,7 +91,7 @@ def build_models(root: Path, names: list[str]) -> dict[str, Path]:
             cwd = os.getcwd()
             os.chdir(REPO)  # the example config's paths are relative to the project folder
             try:
-                _merge(load_config(REPO / "assets/examples/zoo-4x.yml"), path)
+                _merge(load_config(REPO / "assets/examples/zoo-fragments.yml"), path)
             finally:
                 os.chdir(cwd)
         else:

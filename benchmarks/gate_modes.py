@@ -1,14 +1,18 @@
-"""Gate modes compared on the bundled zoo: does routing reach the right expert, and is the MoE better for it?
+"""Gate modes compared on the bundled zoo, with prompts written the way people write them.
 
-For each gate mode the zoo config (assets/examples/zoo-4x.yml, the same prompts every time) is merged, and
-the merged MoE is measured on text it never saw:
-  * routing: assets/zoo/eval-prompts.yml (25 held-out prompts per domain, none a positive prompt), per layer
-    the share of prompts whose tokens mostly reach the intended expert, and the share that do so in every layer;
-  * held-out loss per domain: the zoo's held-out corpus (the text of `python -m studio.zoo train`'s loss
-    table), mean next-token loss in nats, beside the dense base's;
+Configs: benchmarks/natural/*.yml, written by hand as the guides and model cards write them (whole sentences,
+questions and code lines; Beyonder-style bare keywords; Maixtchup-style role descriptions), at most 8 prompts
+per expert, none taken from the zoo's corpora. Each is merged once per gate mode and measured on what it never
+saw:
+  * routing: benchmarks/natural/eval-prompts.yml (12 natural held-out prompts per domain, written apart from
+    the configs): the share of prompts whose tokens mostly reach their expert in a majority of layers, and in
+    every layer;
+  * quality: the zoo's held-out text per domain (studio.quality): the MoE's loss and the share of the expert's
+    gain over the base that it recovers, (base - MoE) / (base - expert);
   * the time to merge, as a ratio to `hidden` in the same run.
 
-Usage: python benchmarks/gate_modes.py [--modes calibrated,hidden,hidden_avg,cheap_embed,random] [--seed 0]
+Usage: python benchmarks/gate_modes.py [--configs sentences,keywords,assistant] [--modes hidden,cheap_embed,
+       calibrated,expert_text] [--seed 0]
 """
 
 from __future__ import annotations
@@ -20,61 +24,61 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studio.config import load_config  # noqa: E402
 from studio.evaluate import evaluate_routing, load_prompts  # noqa: E402
 from studio.merge import MergeOptions, merge  # noqa: E402
-from studio.zoo.corpora import DOMAINS  # noqa: E402
-from studio.zoo.train import ZOO_DIR, Recipe, held_out_ids, held_out_loss  # noqa: E402
+from studio.quality import measure_quality  # noqa: E402
+
+NATURAL = ROOT / "benchmarks" / "natural"
 
 
-def losses(folder: Path, texts: dict[str, torch.Tensor]) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return {d: held_out_loss(model, ids, Recipe().seq) for d, ids in texts.items()}
+def measure(config_path: Path, mode: str, seed: int, prompts: dict) -> tuple[list[list[str]], float]:
+    config = load_config(config_path).model_copy(update={"gate_mode": mode})
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "moe"
+        start = time.perf_counter()
+        merge(config, out, MergeOptions(random_seed=seed), log=lambda message: None)
+        seconds = time.perf_counter() - start
+        routing = evaluate_routing(out, prompts)
+        quality = measure_quality(out, "zoo", max_tokens=10**9, log=lambda message: None)
+    rows = []
+    for k, domain in enumerate(quality.domains):
+        name = Path(domain.expert).name
+        rows.append([config_path.stem, mode, name, f"{routing.majority_of_layers[k]:.0%}",
+                     f"{routing.every_layer[k]:.0%}", f"{domain.moe:.3f}", f"{domain.base:.3f}",
+                     f"{domain.expert_alone:.3f}", f"**{domain.recovered:.0%}**"])
+    return rows, seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default="calibrated,hidden,hidden_avg,cheap_embed,random")
-    parser.add_argument("--seed", type=int, default=0, help="for the random gate mode")
+    parser.add_argument("--configs", default="sentences,keywords,assistant",
+                        help="names in benchmarks/natural/, or paths to other zoo configs")
+    parser.add_argument("--modes", default="hidden,cheap_embed,calibrated,expert_text")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
-    os.chdir(ROOT)  # the config's paths are relative to the project folder
-    config = load_config(ROOT / "assets" / "examples" / "zoo-4x.yml")
-    prompts = load_prompts(ZOO_DIR / "eval-prompts.yml")
-    texts = held_out_ids(AutoTokenizer.from_pretrained(ZOO_DIR / "base"))
-    base_loss = losses(ZOO_DIR / "base", texts)
+    os.chdir(ROOT)  # the configs' paths are relative to the project folder
+    prompts = load_prompts(NATURAL / "eval-prompts.yml")
     rows, seconds = [], {}
-    for mode in args.modes.split(","):
-        with tempfile.TemporaryDirectory() as folder:
-            out = Path(folder) / mode
-            start = time.perf_counter()
-            merge(config.model_copy(update={"gate_mode": mode}), out, MergeOptions(random_seed=args.seed),
-                  log=lambda message: None)
-            seconds[mode] = time.perf_counter() - start
-            report = evaluate_routing(out, prompts)
-            loss = losses(out, texts)
-        for k, domain in enumerate(DOMAINS):
-            every_layer = report.every_layer[k]
-            rows.append([mode, domain, *(f"{s:.0%}" for s in report.prompt_share[k]),
-                         f"**{every_layer:.0%}**", f"{report.majority_of_layers[k]:.0%}",
-                         f"{loss[domain]:.3f}", f"{base_loss[domain]:.3f}"])
-    layers = len(rows[0]) - 6
-    print("| gate mode | domain | " + " | ".join(f"L{l}" for l in range(layers)) +
-          " | every layer | majority of layers | MoE held-out loss | base loss |")
-    print("|---" * (layers + 6) + "|")
+    for name in args.configs.split(","):
+        path = Path(name) if name.endswith(".yml") else NATURAL / f"{name}.yml"
+        for mode in args.modes.split(","):
+            found, seconds[(path.stem, mode)] = measure(path, mode, args.seed, prompts)
+            rows += found
+            print(f"{path.stem} / {mode}: {seconds[(path.stem, mode)]:.1f} s", file=sys.stderr, flush=True)
+    print("| config | gate mode | domain | held-out prompts to their expert, majority of layers | every layer "
+          "| MoE loss | base | expert | expert's gain recovered |")
+    print("|---" * 9 + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    reference = seconds.get("hidden")
-    print("\nmerge time" + "".join(f", {m} {s:.1f} s" + (f" ({s / reference:.2f}x hidden)" if reference else "")
-                                  for m, s in seconds.items()))
+    for config in dict.fromkeys(c for c, _ in seconds):
+        reference = seconds.get((config, "hidden"))
+        print(f"\nmerge time, {config}: " + ", ".join(
+            f"{m} {s:.1f} s" + (f" ({s / reference:.1f}x hidden)" if reference else "")
+            for (c, m), s in seconds.items() if c == config))
 
 
 if __name__ == "__main__":

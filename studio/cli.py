@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     routing.add_argument("prompts", help="YAML mapping each expert (index or source model) to held-out prompts")
     _common(routing)
 
+    quality = commands.add_parser("quality", help="held-out loss of the MoE, its base and each expert per domain, "
+                                                  "and the share of each expert's gain the MoE keeps")
+    quality.add_argument("model", help="merged MoE folder (its mergekit_moe_config.yml names the base and experts)")
+    quality.add_argument("texts", help="YAML mapping each expert (index, source model or folder name) to held-out "
+                                       "texts (strings or {file: path}), or `zoo` for the bundled zoo's own")
+    quality.add_argument("--max-tokens", type=positive_int, default=16_384, help="tokens scored per domain")
+    _common(quality)
+
     chat = commands.add_parser("chat", help="chat with an MoE in the terminal; after each reply, the dominant "
                                             "expert of each layer")
     chat.add_argument("model", help="MoE folder or Hub id")
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
     previous = _catch_signals()
     try:
-        return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "chat": _chat,
+        return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "quality": _quality, "chat": _chat,
                 "route": _route, "preview": _preview}[args.command](args)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
@@ -277,6 +285,16 @@ def _eval_routing(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise StudioError(f"Cannot read the prompts file {args.prompts}: {exc.strerror}.") from None
     print(evaluate_routing(args.model, load_prompts(args.prompts), trust_remote_code=args.trust_remote_code).table())
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from studio.quality import load_texts, measure_quality
+
+    texts = "zoo" if args.texts == "zoo" else load_texts(args.texts)
+    report = measure_quality(args.model, texts, args.max_tokens, args.trust_remote_code,
+                             log=lambda m: print(m, file=sys.stderr))
+    print(report.table())
     return 0
 
 

@@ -1,17 +1,20 @@
 """`gate_mode: expert_text`: routers fitted on text written by the experts themselves.
 
 A handful of natural prompts per expert ("What is 15 + 27?", "Once upon a time...") is too little to fit a
-router on: the tokens of held-out text are unlike the prompts' few tokens. So each expert continues its own
-prompts, and the thousands of tokens it writes become the calibration text of its domain, with no data from
-the user. Sampling does not stop at an end-of-text token: after one, the expert starts a new text of the kind
-it knows best. Each token is drawn with contrast against the base (logits + CONTRAST * (expert - base), among
-tokens the expert itself finds plausible), so an expert writes what it knows *better than the base*: a math
-expert asked "What is 15 + 27?" goes on with arithmetic, not with the chat it also learnt from the base.
+router on: held-out text is made of other tokens than the prompts' few. So each expert continues each of its
+prompts a few times, and the thousands of tokens it writes become the calibration text of its domain, with no
+data from the user. Sampling does not stop at an end-of-text token: after one, the expert starts a new text.
 
-An expert may instead bring its own text (`calibration_text:` files in its config entry). Then every layer's
-router is fitted, through the routers below it, on where the merged model's routers look (studio/calibrate.py),
-with every token of an expert's text labelled with that expert, and keeps the fit's own probabilities: sure
-where the experts' texts are told apart, hesitant (two experts mixed) where they are not.
+Each token is drawn with contrast against the base (logits + CONTRAST * (expert - base), among the tokens the
+expert itself finds plausible), so an expert writes more of what it knows better than the base. A continuation
+can still drift into another domain (a math expert, after "What is 15 + 27?", may go on with the chat it also
+learnt): its advantage over the base (the mean log-probability ratio of its tokens) is then far below the
+expert's median, and it is dropped (`typical_pieces`). An expert may bring its own text instead
+(`calibration_text:` files in its config entry).
+
+Then, layer by layer through the merged model (studio/calibrate.py), each router is fitted where it will look,
+every token of an expert's text labelled with that expert, and keeps the fit's own probabilities: sure where the
+experts' texts are told apart, hesitant (two experts mixed) where they are not.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ L2 = 1e-2  # the router fit's penalty, on unit-RMS inputs
 WINDOW = 256  # tokens per piece of a given calibration text
 TYPICAL = 3.0  # a written text is kept when its advantage over the base is within this factor of the median
 SMALL_MODEL = 50_000_000  # parameters
-UNPROMPTED = 0.0  # share of the written tokens that start from BOS alone: the expert's own kind of text
 
 
 def text_key(expert: int, piece: int) -> tuple[str, int, int]:
@@ -168,17 +170,13 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
             log(f"Expert {index} ({expert.source_model}): {sum(map(len, pieces))} tokens of its calibration text")
         else:
             prompts = [encode(p) for p in expert.positive_prompts or []]
-            samples = samples_per_prompt(len(prompts), int(TOKENS_PER_EXPERT * (1 - UNPROMPTED)))
-            unprompted = samples_per_prompt(1, int(TOKENS_PER_EXPERT * UNPROMPTED)) if bos and UNPROMPTED else 0
+            samples = samples_per_prompt(len(prompts))
             log(f"Expert {index} ({expert.source_model}) writes {samples} continuations of each of its "
-                f"{len(prompts)} prompts and {unprompted} texts of its own, {NEW_TOKENS} tokens each")
+                f"{len(prompts)} prompts, {NEW_TOKENS} tokens each")
             same = source is base and base_model is not None
             writer = base_model if same else load_writer(source, device, trust_remote_code)
-            seed_here = (seed or 0) + index
-            pieces, advantages = write_text(writer, base_model, prompts, samples, seed=seed_here, check=check)
-            if unprompted:
-                more, more_advantages = write_text(writer, base_model, [bos], unprompted, seed=seed_here, check=check)
-                pieces, advantages = pieces + more, advantages + more_advantages
+            pieces, advantages = write_text(writer, base_model, prompts, samples, seed=(seed or 0) + index,
+                                            check=check)
             del writer
             kept = typical_pieces(advantages)
             log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "

@@ -55,7 +55,7 @@ def zoo_moe(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zoo") / "zoo-4x"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)  # the example config's paths are relative to the project folder
-        merge(load_config(ROOT / "assets" / "examples" / "zoo-4x.yml"), out, log=lambda m: None)
+        merge(load_config(ROOT / "assets" / "examples" / "zoo-fragments.yml"), out, log=lambda m: None)
     return out
 
 

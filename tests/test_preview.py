@@ -24,7 +24,7 @@ PROMPTS = ["def parse(line):\n    return line.split()", "35 - 25 = 10", "Once, t
 @pytest.fixture(scope="module")
 def zoo_config(monkeypatch_module):
     monkeypatch_module.chdir(ROOT)  # the example config's paths are relative to the project folder
-    return load_config(ROOT / "assets" / "examples" / "zoo-4x.yml")
+    return load_config(ROOT / "assets" / "examples" / "zoo-fragments.yml")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_preview_of_the_calibrated_zoo_routes_each_domain_to_its_expert(zoo_conf
 
 
 def test_preview_cli_prints_the_table(zoo_config, capsys):
-    assert main(["preview", "assets/examples/zoo-4x.yml", "12 + 7 = 19", "--gate-mode", "calibrated"]) == 0
+    assert main(["preview", "assets/examples/zoo-fragments.yml", "12 + 7 = 19", "--gate-mode", "calibrated"]) == 0
     out = capsys.readouterr().out
     assert "First-choice expert" in out and "assets/zoo/math" in out
 

@@ -27,7 +27,7 @@ def zoo_models():
 def zoo_moe(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.chdir(ROOT)  # the example config's paths are relative to the project folder
     out = tmp_path_factory.mktemp("zoo") / "zoo-4x"
-    merge(load_config(ROOT / "assets" / "examples" / "zoo-4x.yml"), out, log=lambda m: None)
+    merge(load_config(ROOT / "assets" / "examples" / "zoo-fragments.yml"), out, log=lambda m: None)
     return out
 
 
@@ -130,7 +130,7 @@ def test_merged_zoo_writes_a_python_body_after_a_def_header(moe_and_tokenizer, u
 def test_hidden_gates_route_most_held_out_prompts_of_each_domain_to_their_expert(zoo_moe, tmp_path, monkeypatch_module):
     prompts = load_prompts(ZOO_DIR / "eval-prompts.yml")
     hidden = evaluate_routing(zoo_moe, prompts)
-    config = load_config(ROOT / "assets" / "examples" / "zoo-4x.yml").model_copy(update={"gate_mode": "random"})
+    config = load_config(ROOT / "assets" / "examples" / "zoo-fragments.yml").model_copy(update={"gate_mode": "random"})
     merge(config, tmp_path / "random", MergeOptions(random_seed=0), log=lambda m: None)
     random = evaluate_routing(tmp_path / "random", prompts)
     mean = lambda report: sum(report.majority_of_layers) / len(report.majority_of_layers)  # noqa: E731
@@ -142,7 +142,7 @@ def test_hidden_gates_route_most_held_out_prompts_of_each_domain_to_their_expert
 @pytest.fixture(scope="module")
 def calibrated_moe(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.chdir(ROOT)
-    config = load_config(ROOT / "assets" / "examples" / "zoo-4x.yml").model_copy(update={"gate_mode": "calibrated"})
+    config = load_config(ROOT / "assets" / "examples" / "zoo-fragments.yml").model_copy(update={"gate_mode": "calibrated"})
     out = tmp_path_factory.mktemp("zoo") / "calibrated"
     merge(config, out, log=lambda m: None)
     return out

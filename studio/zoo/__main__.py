@@ -17,11 +17,11 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train the base and four experts (about 11 minutes on 2 cores)")
     train.add_argument("--out", type=Path, default=ZOO_DIR, help=f"where to save them (default {ZOO_DIR})")
-    commands.add_parser("prompts", help="score zoo-4x.yml's positive prompts on validation prompts; write the "
+    commands.add_parser("prompts", help="score zoo-fragments.yml's positive prompts on validation prompts; write the "
                                         "held-out evaluation prompts")
     args = parser.parse_args()
     if args.command == "prompts":
-        score_and_write(ROOT / "assets" / "examples" / "zoo-4x.yml", ZOO_DIR / "eval-prompts.yml")
+        score_and_write(ROOT / "assets" / "examples" / "zoo-fragments.yml", ZOO_DIR / "eval-prompts.yml")
         return
     losses = build_zoo(args.out)
     print("\nHeld-out loss per domain (lower is better):\n")

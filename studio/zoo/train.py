@@ -113,13 +113,11 @@ def train(model, data: list[torch.Tensor], steps: int, lr: float, recipe: Recipe
     model.eval()
 
 
-@torch.inference_mode()
 def held_out_loss(model, ids: torch.Tensor, seq: int = 128) -> float:
     """Mean next-token loss over consecutive windows of held-out text."""
-    usable = (len(ids) - 1) // seq * seq
-    inputs = ids[:usable].view(-1, seq)
-    losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in inputs.split(16)]
-    return sum(losses) / len(losses)
+    from studio.quality import mean_loss
+
+    return mean_loss(model, ids, seq)
 
 
 def build_zoo(out: Path = ZOO_DIR, recipe: Recipe = Recipe(), log: Callable[[str], None] = print) -> dict:
