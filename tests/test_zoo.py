@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from studio.config import load_config
 from studio.evaluate import evaluate_routing, load_prompts
 from studio.merge import MergeOptions, merge
+from studio.quality import measure_quality
 from studio.zoo.corpora import DOMAINS, code_only, code_text, corpus
 from studio.zoo.train import ZOO_DIR, Recipe, expert_data, held_out_ids, held_out_loss, windows
 
@@ -161,3 +162,29 @@ def test_calibrated_moe_has_a_lower_held_out_loss_than_hidden_on_every_domain(ca
     for domain, ids in held_out_ids(tokenizer, recipe).items():
         loss = {name: held_out_loss(model, ids, recipe.seq) for name, model in models.items()}
         assert loss["calibrated"] < loss["hidden"], f"{domain}: {loss}"
+
+
+@pytest.fixture(scope="module")
+def natural_moes(tmp_path_factory, monkeypatch_module):
+    """The studio's default zoo config (natural prompts, gate_mode: expert_text), and the same config under
+    mergekit's `hidden`."""
+    monkeypatch_module.chdir(ROOT)
+    config = load_config(ROOT / "assets" / "examples" / "zoo-4x.yml")
+    folder = tmp_path_factory.mktemp("natural")
+    for mode in ("expert_text", "hidden"):
+        merge(config.model_copy(update={"gate_mode": mode}), folder / mode, log=lambda m: None)
+    return folder
+
+
+def test_natural_prompts_reach_their_expert_under_expert_text(natural_moes):
+    prompts = load_prompts(ROOT / "benchmarks" / "natural" / "eval-prompts.yml")  # written apart from the config
+    report = evaluate_routing(natural_moes / "expert_text", prompts)
+    assert min(report.majority_of_layers) >= 0.75, report.table()
+
+
+def test_expert_text_keeps_more_of_each_experts_gain_than_hidden_and_beats_the_base(natural_moes):
+    text = measure_quality(natural_moes / "expert_text", "zoo", max_tokens=10**9, log=lambda m: None)
+    hidden = measure_quality(natural_moes / "hidden", "zoo", max_tokens=10**9, log=lambda m: None)
+    for ours, theirs in zip(text.domains, hidden.domains):
+        assert ours.moe < ours.base, text.table()
+        assert ours.recovered >= 0.5 and ours.recovered > theirs.recovered, f"{text.table()}\n{hidden.table()}"

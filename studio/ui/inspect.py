@@ -13,7 +13,8 @@ from studio.errors import StudioError
 from studio.evaluate import evaluate_routing, load_prompts
 from studio.form import prompts_to_text, text_to_prompts
 from studio.loaded import LoadedModel
-from studio.plots import compare_heatmaps, confusion_figure, token_text_html
+from studio.plots import compare_heatmaps, confusion_figure, quality_figure, token_text_html
+from studio.quality import QualityReport, load_texts, measure_quality
 from studio.trace import save_traces
 from studio.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_progress
 from studio.workspace import expert_prompts
@@ -53,6 +54,18 @@ class InspectTab:
             with gr.Column(scale=5, elem_classes="panel"):
                 self.confusion = gr.Plot(label="Confusion matrix", elem_id="inspect-confusion")
                 self.table = gr.Code(label="Per layer", language=None, elem_id="inspect-table")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, elem_classes="panel"):
+                gr.Markdown("### Quality: does the MoE keep its experts' gains?\nHeld-out loss of the base, the MoE "
+                            "and each expert alone on text of each expert's domain (YAML: expert name or index -> "
+                            "list of texts, each a string or `{file: path}`). Without a file: the zoo's own "
+                            "held-out text, for merges of the bundled zoo.")
+                self.quality_file = gr.File(label="Held-out texts (YAML)", file_types=[".yml", ".yaml"])
+                self.measure = gr.Button("Measure quality", variant="primary", elem_id="inspect-quality")
+            with gr.Column(scale=5, elem_classes="panel"):
+                self.quality_plot = gr.Plot(label="Loss per domain", elem_id="inspect-quality-figure")
+                self.quality_table = gr.Dataframe(headers=QualityReport.HEADERS, interactive=False,
+                                                  elem_id="inspect-quality-table")
         self.traces = gr.State([])
         self._wire()
 
@@ -113,6 +126,20 @@ class InspectTab:
         yield (f"Prompts routed to their expert in most layers: {summary}",
                confusion_figure(report.labels, report.intended, report.confusion), report.table())
 
+    def run_quality(self, model: str, precision: str, trust: bool, file):
+        del precision  # scored at full precision: the losses compare models, not quantizations
+        try:
+            if not model:
+                raise StudioError("Pick a merged model first.")
+            texts = load_texts(file) if file else "zoo"
+            yield "Scoring the MoE, its base and each expert on held-out text…", gr.skip(), gr.skip()
+            report = measure_quality(model, texts, trust_remote_code=trust, log=lambda m: None)
+        except Exception as exc:  # shown as a message
+            yield error_text(exc), gr.skip(), gr.skip()
+            return
+        summary = ", ".join(f"{Path(d.expert).name} {d.recovered:.0%}" for d in report.domains)
+        yield f"Share of each expert's gain the MoE keeps: {summary}", quality_figure(report), report.rows()
+
     def _wire(self) -> None:
         status = self.picker.status
         self.expert_button.click(self.fill_expert_prompts, self.picker.model, [self.prompts, status])
@@ -123,3 +150,5 @@ class InspectTab:
                          show_progress="hidden")
         self.evaluate.click(self.run_evaluate, [*self.picker.inputs, self.eval_file],
                             [status, self.confusion, self.table], show_progress="hidden", **MODEL_QUEUE)
+        self.measure.click(self.run_quality, [*self.picker.inputs, self.quality_file],
+                           [status, self.quality_plot, self.quality_table], show_progress="hidden", **MODEL_QUEUE)

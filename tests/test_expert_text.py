@@ -1,0 +1,97 @@
+"""gate_mode: expert_text: routers fitted on each expert's own text, written by the expert or given by the user."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from studio.config import check_rules, parse_config
+from studio.errors import StudioError
+from studio.expert_text import samples_per_prompt, typical_pieces, write_text, load_writer
+from studio.merge import merge
+from studio.routing import load_moe, router_probabilities
+from studio.sources import open_model
+
+from conftest import moe_yaml
+
+ALPHABETS = ["0123456789", "abcdefghij", "KLMNOPQRST", "+-*/=<>()[]"]
+
+
+def domain_text(alphabet: str, seed: int, words: int = 600) -> str:
+    """Words drawn from one alphabet only: which expert a token belongs to is known by construction."""
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(words))
+
+
+@pytest.fixture(scope="module")
+def text_moe(mistral, tmp_path_factory, tokenizer):
+    """A synthetic MoE whose four routers were fitted on four texts of disjoint alphabets."""
+    folder = tmp_path_factory.mktemp("text-moe")
+    base, experts = mistral
+    data = moe_yaml(base, experts, gate_mode="expert_text")
+    for k, expert in enumerate(data["experts"]):
+        path = folder / f"domain-{k}.txt"
+        path.write_text(domain_text(ALPHABETS[k], seed=k))
+        expert["calibration_text"] = [str(path)]
+    log = []
+    merge(parse_config(data), folder / "moe", log=log.append)
+    return folder / "moe", log
+
+
+def test_tokens_of_each_alphabet_go_to_their_expert_in_every_layer(text_moe, tokenizer):
+    model, _ = load_moe(text_moe[0])
+    for k, alphabet in enumerate(ALPHABETS):
+        ids = [tokenizer.bos_token_id] + tokenizer(domain_text(alphabet, seed=100 + k, words=80),
+                                                   add_special_tokens=False)["input_ids"]
+        top1 = router_probabilities(model, ids)[:, 1:].argmax(dim=-1)  # (layers, tokens), BOS left out
+        for layer, chosen in enumerate(top1):
+            assert (chosen == k).float().mean() >= 0.95, (k, layer, chosen.tolist())
+
+
+def test_the_log_names_each_experts_text_and_each_layers_fit(text_moe):
+    log = text_moe[1]
+    assert sum("tokens of its calibration text" in line for line in log) == 4
+    assert [line.split(":")[0] for line in log if line.startswith("Layer ")] == ["Layer 0", "Layer 1"]
+
+
+def test_typical_pieces_drop_texts_far_from_the_median_advantage():
+    assert typical_pieces([0.3, 0.35, 0.05, 0.4, 0.01, 2.0, 0.25]) == [0, 1, 3, 6]
+    assert typical_pieces([0.0, 0.0]) == [0, 1]  # no base to compare with: every text is kept
+    assert typical_pieces([]) == []
+
+
+def test_samples_per_prompt_spend_the_budget():
+    assert samples_per_prompt(6, budget=6144, new_tokens=192) == 6
+    assert samples_per_prompt(1, budget=100, new_tokens=192) == 1
+    assert samples_per_prompt(0, budget=100, new_tokens=10) == 10
+
+
+def test_an_expert_continues_each_prompt_past_its_end_of_text(mistral, tokenizer):
+    base, experts = mistral
+    writer, reference = load_writer(open_model(str(experts[0])), "cpu"), load_writer(open_model(str(base)), "cpu")
+    eos = tokenizer.eos_token_id
+    prompts = [[tokenizer.bos_token_id, 5, 6, eos], [tokenizer.bos_token_id, 7]]
+    texts, advantages = write_text(writer, reference, prompts, samples=3, new_tokens=20, seed=1)
+    assert [t[:len(prompts[i // 3])] for i, t in enumerate(texts)] == [p for p in prompts for _ in range(3)]
+    assert [len(t) for t in texts] == [24] * 3 + [22] * 3
+    assert len(advantages) == 6 and all(torch.isfinite(torch.tensor(advantages)))
+    again, _ = write_text(writer, reference, prompts, samples=3, new_tokens=20, seed=1)
+    assert again == texts  # reproducible for a seed
+
+
+def test_calibration_text_is_read_only_by_expert_text(mistral, tmp_path):
+    base, experts = mistral
+    data = moe_yaml(base, experts, gate_mode="calibrated")
+    data["experts"][1]["calibration_text"] = "notes.txt"
+    errors, _ = check_rules(parse_config(data))
+    assert any("`experts[1].calibration_text` is read only by `gate_mode: expert_text`" in e for e in errors)
+
+
+def test_a_missing_calibration_text_is_named(mistral, tmp_path):
+    base, experts = mistral
+    data = moe_yaml(base, experts, gate_mode="expert_text")
+    data["experts"][2]["calibration_text"] = [str(tmp_path / "missing.txt")]
+    with pytest.raises(StudioError, match=r"`experts\[2\].calibration_text` .*cannot read .*missing.txt"):
+        merge(parse_config(data), tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
