@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                        help="copy the base tokenizer into the output (default on)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder when done")
+    merge.add_argument("--quality-text", metavar="TEXTS",
+                       help="after the merge, score held-out texts (YAML as for `quality`, or `zoo`) with the base, "
+                            "each expert and the MoE; the table goes to the log and the model card")
     merge.add_argument("--batch-size", type=positive_int, default=16,
                        help="prompts per forward pass for hidden gates (1 or more)")
     _common(merge)
@@ -227,9 +230,12 @@ def _merge(args: argparse.Namespace) -> int:
     from studio.config import load_config
     from studio.devices import check_device
     from studio.merge import CancelToken, MergeOptions, merge
+    from studio.quality import load_texts
 
     config = load_config(args.config)
     check_device(args.device)
+    if args.quality_text and args.quality_text != "zoo":
+        load_texts(args.quality_text)  # a bad texts file is named before the merge, not after
     options = MergeOptions(out_shard_size=args.out_shard_size, device=args.device, load_in_4bit=args.load_in_4bit,
                            load_in_8bit=args.load_in_8bit, random_seed=args.random_seed,
                            trust_remote_code=args.trust_remote_code,
@@ -251,8 +257,22 @@ def _merge(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if args.quality_text:
+        _report_quality(result.out, args.quality_text, args.trust_remote_code)
     print(result.out)
     return 0
+
+
+def _report_quality(model: Path, texts: str, trust_remote_code: bool) -> None:
+    """Score the finished merge on held-out text; the table goes to stderr and into the model card."""
+    from studio.card import quality_section
+    from studio.quality import QualityReport, load_texts, measure_quality
+
+    report = measure_quality(model, "zoo" if texts == "zoo" else load_texts(texts),
+                             trust_remote_code=trust_remote_code, log=lambda m: print(m, file=sys.stderr))
+    print(report.table(), file=sys.stderr)
+    with open(Path(model) / "README.md", "a", encoding="utf-8") as card:
+        card.write(quality_section(report.rows(), QualityReport.HEADERS))
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -86,3 +86,28 @@ def test_quality_cli_prints_the_table(one_expert_moe, tmp_path, capsys):
 
 def test_quality_of_a_folder_without_a_merge_config_is_named(tmp_path):
     assert main(["quality", str(ZOO / "base"), "zoo"]) == 2
+
+
+def test_merge_reports_quality_in_its_log_and_model_card(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    config = tmp_path / "moe.yml"
+    config.write_text(yaml.safe_dump({"base_model": "assets/zoo/base", "gate_mode": "random", "experts": [
+        {"source_model": "assets/zoo/math"}, {"source_model": "assets/zoo/stories"}]}))
+    texts = tmp_path / "texts.yml"
+    texts.write_text(yaml.safe_dump({"math": ["12 + 7 = 19\n45 - 18 = 27\n" * 30], "stories": [STORY]}))
+    out = tmp_path / "out"
+    assert main(["merge", str(config), str(out), "--quality-text", str(texts), "--random-seed", "0"]) == 0
+    card = (out / "README.md").read_text()
+    assert "## Quality on held-out text" in card
+    rows = [line for line in card.splitlines() if line.startswith("| math ") or line.startswith("| stories ")]
+    assert len(rows) == 2
+    assert "expert's gain recovered" in capsys.readouterr().err
+
+
+def test_merge_names_a_bad_texts_file_before_merging(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    texts = tmp_path / "texts.yml"
+    texts.write_text("- not a mapping\n")
+    out = tmp_path / "out"
+    assert main(["merge", "assets/examples/zoo-fragments.yml", str(out), "--quality-text", str(texts)]) == 2
+    assert not out.exists()

@@ -20,6 +20,7 @@ from studio.config import load_config, parse_config
 from studio.jobs import MergeRunner
 from studio.merge import merge
 from studio.preview import preview_routing, summary_rows
+from studio.quality import measure_quality
 from studio.ui.app import build_app, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def test_page_opens_with_the_zoo_config(page_at: Page):
     assert data["base_model"] == "assets/zoo/base" and len(data["experts"]) == 4
     expect(field(page_at, "expert-picker")).to_have_value("0: assets/zoo/code")
     expect(field(page_at, "expert-source")).to_have_value("assets/zoo/code")
-    expect(field(page_at, "gate-mode")).to_have_value("hidden")
+    expect(field(page_at, "gate-mode")).to_have_value("expert_text")
     expect(page_at.locator("#finished-merges")).to_contain_text("zoo-4x")
 
 
@@ -169,8 +170,8 @@ def test_invalid_config_shows_its_message_next_to_the_field(page_at: Page, tmp_p
     wait_for_yaml(page_at, lambda d: d["experts_per_token"] == 9)
 
     text = page_at.evaluate(EDITOR_TEXT)
-    replace_editor_text(page_at, text.replace("gate_mode: hidden", "gate_mode: hiden"))
-    expect(page_at.locator("#msg-settings")).to_contain_text("did you mean hidden")
+    replace_editor_text(page_at, text.replace("gate_mode: expert_text", "gate_mode: expert_txt"))
+    expect(page_at.locator("#msg-settings")).to_contain_text("did you mean expert_text")
     replace_editor_text(page_at, "experts: [")
     expect(page_at.locator("#msg-config")).to_contain_text("The YAML does not parse")
     expect(field(page_at, "base-model")).to_have_value("assets/zoo/base")  # the form keeps its last good values
@@ -219,7 +220,7 @@ def test_preview_shows_the_routing_before_merging(page_at: Page):
     type_into(page_at, "preview-prompts", "\n---\n".join(prompts))
     expect(box).to_have_value("\n---\n".join(prompts))
     page_at.locator("#preview-button").click()
-    expect(page_at.locator("#preview-message")).to_contain_text("Preview of hidden gates for 2 prompt(s)",
+    expect(page_at.locator("#preview-message")).to_contain_text("Preview of expert_text gates for 2 prompt(s)",
                                                                 timeout=SLOW)
     table = page_at.locator("#preview-table")
     for row in summary_rows(prompts, expected):
@@ -233,6 +234,7 @@ def test_preview_shows_the_routing_before_merging(page_at: Page):
 def test_merges_queue_and_the_page_stays_responsive(page_at: Page, studio):
     workspace, runner = studio[1], studio[2]
     data = yaml.safe_load((ROOT / "assets" / "examples" / "zoo-4x.yml").read_text())
+    data["gate_mode"] = "hidden"
     for expert in data["experts"]:  # thousands of distinct prompts: a hidden-gate pass of minutes
         expert["positive_prompts"] = [f"{p} #{i}" for i in range(800) for p in expert["positive_prompts"]]
     busy = runner.start(parse_config(data), workspace / "long-merge")
@@ -313,7 +315,7 @@ def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
     picker.fill(model)
     picker.press("Enter")
     page_at.locator("#inspect-expert-prompts").click()
-    expect(field(page_at, "inspect-prompts")).to_have_value(re.compile("^def\n---\nimport\n---\n"))
+    expect(field(page_at, "inspect-prompts")).to_have_value(re.compile(r"^def add\(a, b\):\n    return a \+ b\n---\n"))
     field(page_at, "inspect-prompts").fill("import os\n---\n12 + 7 =\n---\nOnce upon a time")
     page_at.locator("#inspect-compare-button").click()
     expect(page_at.locator("#inspect-status")).to_contain_text("Compared 3 prompts", timeout=SLOW)
@@ -324,6 +326,18 @@ def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
     prompts = yaml.safe_load((ROOT / "assets" / "zoo" / "eval-prompts.yml").read_text())
     assert [sum(row) for row in confusion] == [len(v) * 4 for v in prompts.values()]  # every (prompt, layer) pair
     expect(page_at.locator("#inspect-table")).to_contain_text("Confusion over (prompt, layer) pairs")
+
+    page_at.locator("#inspect-quality").click()
+    expect(page_at.locator("#inspect-status")).to_contain_text("Share of each expert's gain", timeout=SLOW)
+    plot = page_at.locator("#inspect-quality-figure .js-plotly-plot")
+    expect(plot).to_have_count(1, timeout=SLOW)
+    bars = page_at.evaluate("() => document.querySelector('#inspect-quality-figure .js-plotly-plot').data"
+                            ".map(t => [t.name, t.y])")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)  # the merge config's zoo paths are relative to the project folder
+        expected = measure_quality(model, "zoo", log=lambda m: None)
+    assert dict(bars) == {"base": [d.base for d in expected.domains], "MoE": [d.moe for d in expected.domains],
+                          "expert alone": [d.expert_alone for d in expected.domains]}
     screenshot(page_at, "inspect")
 
 
