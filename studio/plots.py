@@ -168,20 +168,16 @@ def confusion_figure(labels: list[str], intended: list[int], confusion: list[lis
 
 
 def quality_figure(report: QualityReport) -> go.Figure:
-    """Per domain, the held-out loss of the base, the MoE and the expert alone (lower is better), with the share of
-    the expert's gain the MoE recovers above each group."""
-    names = [Path(d.expert).name for d in report.domains]
+    """Per domain, the held-out loss of the base, the MoE and the expert alone (lower is better); each domain's
+    label says the share of the expert's gain the MoE recovers."""
+    names = [f"{Path(d.expert).name}<br>recovered {'n/a' if d.recovered != d.recovered else f'{d.recovered:.0%}'}"
+             for d in report.domains]
     figure = go.Figure()
     for label, values, colour in (("base", [d.base for d in report.domains], "#9e9e9e"),
                                   ("MoE", [d.moe for d in report.domains], "#1f77b4"),
                                   ("expert alone", [d.expert_alone for d in report.domains], "#2ca02c")):
         figure.add_bar(name=label, x=names, y=values, marker_color=colour, text=[f"{v:.3f}" for v in values],
-                       textposition="outside", hovertemplate=f"{label}<br>%{{x}}: %{{y:.3f}} nats per token"
-                                                             "<extra></extra>")
-    for name, domain in zip(names, report.domains):
-        top = max(domain.base, domain.moe, domain.expert_alone)
-        share = "n/a" if domain.recovered != domain.recovered else f"{domain.recovered:.0%}"
-        figure.add_annotation(x=name, y=top * 1.12, text=f"recovered {share}", showarrow=False)
+                       textposition="outside", hovertemplate=f"{label}: %{{y:.3f}} nats per token<extra></extra>")
     figure.update_layout(barmode="group", title="Held-out loss per domain: base, MoE, expert alone",
                          yaxis_title="nats per token (lower is better)")
     return figure

@@ -163,3 +163,15 @@ def test_several_traces_export_to_one_json_and_one_csv(trace, tmp_path):
     assert len(rows) == 1 + 2 * per_trace
     assert {r[0] for r in rows[1:per_trace + 1]} == {"0"} and {r[0] for r in rows[per_trace + 1:]} == {"1"}
     assert rows[-1][1:] == next(csv.reader(other.to_csv().splitlines()[-1:]))
+
+
+def test_quality_figure_shows_each_loss_and_the_recovered_share():
+    from studio.plots import quality_figure
+    from studio.quality import DomainQuality, QualityReport
+
+    report = QualityReport([DomainQuality("assets/zoo/math", 100, 1.3, 1.0, 1.06),
+                            DomainQuality("assets/zoo/chat", 100, 0.33, 0.33, 0.32)])
+    figure = quality_figure(report)
+    assert [t.name for t in figure.data] == ["base", "MoE", "expert alone"]
+    assert [list(t.y) for t in figure.data] == [[1.3, 0.33], [1.06, 0.32], [1.0, 0.33]]
+    assert list(figure.data[0].x) == ["math<br>recovered 80%", "chat<br>recovered n/a"]
