@@ -108,36 +108,43 @@ def _calibrated(job: GateJob) -> torch.Tensor:
     encode = job.encoder(tokenizer)
     experts = job.plan.config.experts
     encoded = {p: encode(p) for p in _all_prompts(experts)}
+    moe = _merged_model(job, max(map(len, encoded.values())))
     job.log(f"Fitting calibrated routers on every token of {len(encoded)} prompts, layer by layer through the "
             f"merged model")
-    return _fit_through_the_moe(job, tokenizer, encoded, prompt_targets(experts))
+    return _fit_through(moe, job, tokenizer, encoded, prompt_targets(experts))
 
 
 def _expert_text(job: GateJob) -> torch.Tensor:
     tokenizer, plan, options = job.tokenizer(), job.plan, job.options
     encode = job.encoder(tokenizer)
     experts = plan.config.experts
+    prompts = _all_prompts(experts)
+    longest = max(len(encode(p)) for p in prompts) + max(expert_text.NEW_TOKENS, expert_text.WINDOW + 1)
+    moe = _merged_model(job, longest)  # before any text is written: a base it cannot run is named at once
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     texts = expert_text.expert_texts(
         experts, [plan.sources[e.source_model] for e in experts], plan.base, encode,
         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, _device(options.device),
         options.seed, options.trust_remote_code, job.log, job.check)
-    prompts = _all_prompts(experts)
     encoded = {**{p: encode(p) for p in prompts}, **texts}
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
     job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "
             f"by layer through the merged model")
-    return _fit_through_the_moe(job, tokenizer, encoded, targets, confidence=None, l2=expert_text.L2)
+    return _fit_through(moe, job, tokenizer, encoded, targets, confidence=None, l2=expert_text.L2)
 
 
-def _fit_through_the_moe(job: GateJob, tokenizer, encoded: dict, targets: dict, **fit) -> torch.Tensor:
-    options = job.options
-    if options.load_in_4bit or options.load_in_8bit:
+def _merged_model(job: GateJob, longest: int) -> StreamedMoE:
+    """The merged model for the fit, with sequences up to `longest` tokens; refused when it cannot be run."""
+    if job.options.load_in_4bit or job.options.load_in_8bit:
         raise StudioError(f"`gate_mode: {job.plan.config.gate_mode}` runs the merged model from its checkpoints in "
                           f"full precision; drop --load-in-4bit / --load-in-8bit (the pass holds one layer at a "
                           f"time anyway).")
-    moe = streamed_moe(job.plan, options.device, max(map(len, encoded.values())))
-    batches = list(_batches(encoded, options.batch_size, _pad_id(tokenizer)))
+    return streamed_moe(job.plan, job.options.device, longest)
+
+
+def _fit_through(moe: StreamedMoE, job: GateJob, tokenizer, encoded: dict, targets: dict, **fit) -> torch.Tensor:
+    """Routers fitted layer by layer through `moe` on the tokens of `encoded`, each sequence wanting its target."""
+    batches = list(_batches(encoded, job.options.batch_size, _pad_id(tokenizer)))
     ignored = [t for t in (tokenizer.bos_token_id,) if t is not None]
     return calibrated_gates(moe, batches, targets, ignored, job.log, job.check, **fit)
 

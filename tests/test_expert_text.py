@@ -95,3 +95,14 @@ def test_a_missing_calibration_text_is_named(mistral, tmp_path):
     with pytest.raises(StudioError, match=r"`experts\[2\].calibration_text` .*cannot read .*missing.txt"):
         merge(parse_config(data), tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_4bit_is_refused_before_any_text_is_written(mistral, tmp_path):
+    from studio.merge import MergeOptions
+
+    base, experts = mistral
+    log = []
+    with pytest.raises(StudioError, match="`gate_mode: expert_text` runs the merged model .* full precision"):
+        merge(parse_config(moe_yaml(base, experts, gate_mode="expert_text")), tmp_path / "out",
+              MergeOptions(load_in_4bit=True), log=log.append)
+    assert not any("writes" in line for line in log)
