@@ -516,7 +516,8 @@ PATH_CASES = [
     ("empty", lambda t: "", 'The output folder is empty ("")'),
     ("blank", lambda t: "   ", 'The output folder is empty ("")'),
     ("root", lambda t: "/", "it is the working folder" if Path.cwd() == Path("/") else "it holds the working folder"),
-    ("tmp", lambda t: "/tmp", "top-level folder of the system"),
+    ("tmp", lambda t: "/tmp", "it holds the working folder" if Path("/tmp") in Path.cwd().resolve().parents
+     else "top-level folder of the system"),  # a checkout under /tmp is named first
     ("usr", lambda t: "/usr", "top-level folder of the system"),
     ("a user's home", lambda t: "/home/somebody", "it is a user's home folder"),
     ("a file", lambda t: t / "file", "is a file; choose a folder path"),
