@@ -75,7 +75,8 @@ The routers are not trained: they come from the prompts above. Fine-tune the mod
 
 def quality_section(rows: list[list[str]], headers: list[str]) -> str:
     """A section for the card: the held-out loss of base, experts and MoE per domain (studio.quality's rows)."""
-    table = "\n".join("| " + " | ".join(_cell(c) for c in row) + " |" for row in [headers, ["---"] * len(headers), *rows])
+    lines = [headers, ["---"] * len(headers), *rows]
+    table = "\n".join("| " + " | ".join(_cell(c) for c in row) + " |" for row in lines)
     return ("\n## Quality on held-out text\n\nMean next-token loss (nats per token, lower is better) of the dense "
             "base, each expert alone and this MoE on held-out text of each expert's domain, and the share of the "
             "expert's gain over the base that the MoE recovers:\n\n" + table + "\n")

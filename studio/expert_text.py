@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from studio.config import Expert
+from studio.devices import check_device
 from studio.errors import StudioError
 from studio.sources import ModelSource
 
@@ -72,9 +73,7 @@ def load_writer(source: ModelSource, device: str, trust_remote_code: bool = Fals
     """A model that writes calibration text: bf16 on a GPU, float32 on the CPU unless that would not fit."""
     from transformers import AutoModelForCausalLM
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise StudioError("--device cuda was asked for, but this machine has no CUDA GPU that torch can use. "
-                          "Use --device cpu, or install a CUDA build of torch.")
+    check_device(device)
     on_gpu = device != "cpu" and torch.cuda.is_available()
     parameters = sum(i.nbytes // i.dtype.itemsize for i in source.tensors.values())
     dtype = torch.bfloat16 if on_gpu or parameters > 500_000_000 else torch.float32
@@ -161,8 +160,8 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
                  ) -> dict[tuple, list[int]]:
     """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts."""
     texts: dict[tuple, list[int]] = {}
-    writers = [i for i, e in enumerate(experts) if not e.calibration_text]
-    base_model = load_writer(base, device, trust_remote_code) if writers and CONTRAST else None
+    writes = any(not e.calibration_text for e in experts)
+    base_model = load_writer(base, device, trust_remote_code) if writes and CONTRAST else None
     for index, (expert, source) in enumerate(zip(experts, sources)):
         check()
         if expert.calibration_text:

@@ -18,6 +18,7 @@ class GateMode:
     # Rows are averages of prompt vectors (not fitted), so nearly parallel rows mean degenerate routing.
     averaged_rows: bool = False
     studio_only: bool = False  # mergekit-moe does not know it
+    whole_models: int = 0  # full models it holds in memory at once (expert_text: the base and the writing expert)
     summary: str = ""
 
 
@@ -32,7 +33,7 @@ MODES = {mode.name: mode for mode in (
     GateMode("uniform_random", False, "nothing", summary="nn.Linear's initialisation"),
     GateMode("calibrated", True, "merged", studio_only=True,
              summary="fitted on every token of the prompts, where the merged model's routers look"),
-    GateMode("expert_text", True, "merged", studio_only=True,
+    GateMode("expert_text", True, "merged", studio_only=True, whole_models=2,
              summary="fitted on text each expert writes from its prompts (or text you give), where the merged "
                      "model's routers look"),
 )}

@@ -29,6 +29,7 @@ import torch
 from studio import expert_text
 from studio.calibrate import calibrated_gates, prompt_targets
 from studio.config import Expert, experts_with_gates
+from studio.devices import check_device
 from studio.errors import StudioError
 from studio.gate_modes import MODES
 from studio.families import Family
@@ -89,7 +90,8 @@ def _random(job: GateJob) -> torch.Tensor:
 def _cheap_embed(job: GateJob) -> torch.Tensor:
     encode = job.encoder(job.tokenizer())
     plan = job.plan
-    rows = torch.stack([embedding_direction(e, encode, plan.base, plan.family) for e in experts_with_gates(plan.config)])
+    experts = experts_with_gates(plan.config)
+    rows = torch.stack([embedding_direction(e, encode, plan.base, plan.family) for e in experts])
     return rows.unsqueeze(0).expand(job.shape[0], -1, -1).contiguous()
 
 
@@ -252,9 +254,7 @@ def load_base_model(base: ModelSource, options: GateOptions):
     """The base model for the hidden-state pass, quantized when asked."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise StudioError("--device cuda was asked for, but this machine has no CUDA GPU that torch can use. "
-                          "Use --device cpu, or install a CUDA build of torch.")
+    check_device(options.device)
     quantization = None
     if options.load_in_4bit:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

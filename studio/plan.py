@@ -120,8 +120,7 @@ class MergePlan:
         if mode.runs in ("base", "merged"):
             streamed = why_not_streamable(self.base.config, 0) is None
             hidden_pass = max(base_layers.values(), default=0) * 4 if streamed else whole_base
-        if mode.name == "expert_text":
-            hidden_pass = max(hidden_pass, 2 * whole_base)
+        hidden_pass = max(hidden_pass, mode.whole_models * whole_base)
         return {
             "output": self.total_bytes,
             "bf16": self.parameters * 2,

@@ -34,7 +34,8 @@ def test_mean_loss_is_the_mean_next_token_cross_entropy():
     usable = (len(ids) - 1) // window * window
     with torch.inference_mode():
         logits = model(input_ids=ids[:usable].view(-1, window)).logits
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:usable].view(-1, window)[:, 1:].reshape(-1))
+    targets = ids[:usable].view(-1, window)[:, 1:]
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
     assert mean_loss(model, ids, window=window) == pytest.approx(expected.item(), rel=1e-5)
 
 
