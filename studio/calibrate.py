@@ -77,6 +77,22 @@ def fit_router(x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, co
     return router * _scale_for_confidence(x @ router.T, weights, confidence)
 
 
+def ridge_router(x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, confidence: float | None = CONFIDENCE,
+                 l2: float = L2) -> torch.Tensor:
+    """DUME's closed-form router (arXiv 2603.29765): the ridge regression of `targets` on `x`, each token counted
+    with its weight, scaled to the wanted mean top-1 probability (its raw outputs lie near 0 and 1, whose softmax
+    would mix the experts almost evenly). A baseline for `fit_router`, which fits the softmax itself."""
+    x = x.float()
+    rms = x.pow(2).mean().sqrt().clamp_min(1e-8)
+    unit, weights = x / rms, weights / weights.sum()
+    weighted = unit * weights[:, None]
+    gram = unit.T @ weighted + l2 * torch.eye(x.shape[1])
+    router = torch.linalg.solve(gram, weighted.T @ targets).T / rms
+    if confidence is None:
+        return router
+    return router * _scale_for_confidence(x @ router.T, weights, confidence)
+
+
 def _scale_for_confidence(logits: torch.Tensor, weights: torch.Tensor, confidence: float) -> float:
     """The factor on the logits whose softmax has the given weighted mean top-1 probability (bisection in log space)."""
 
@@ -95,26 +111,26 @@ def _scale_for_confidence(logits: torch.Tensor, weights: torch.Tensor, confidenc
 def calibrated_gates(moe: StreamedMoE, batches: list[tuple[list[Hashable], torch.Tensor, torch.Tensor]],
                      targets: dict[Hashable, torch.Tensor], ignored_ids: list[int], log: Callable[[str], None] = print,
                      check: Callable[[], None] = lambda: None, confidence: float | None = CONFIDENCE,
-                     l2: float = L2) -> torch.Tensor:
+                     l2: float = L2, fit: Callable[..., torch.Tensor] = fit_router) -> torch.Tensor:
     """G (layers, experts, hidden): each layer's router fitted on the router inputs of the sequences' tokens.
 
     `batches` holds (keys, ids, mask), left-padded, a key per sequence (a prompt, or a piece of calibration text);
     `targets` gives each key's wanted distribution over experts. Tokens in `ignored_ids` (BOS, the same in every
-    sequence) are left out of the fit. `confidence` and `l2` as in `fit_router`.
+    sequence) are left out of the fit. `fit` is `fit_router` or `ridge_router`; `confidence` and `l2` as there.
     """
     token_targets, token_weights, keep = _token_targets(batches, targets, ignored_ids)
     gates = []
 
-    def fit(layer: int, inputs: list[torch.Tensor]) -> torch.Tensor:
+    def fit_layer(layer: int, inputs: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat([states[mask.to(states.device)] for states, mask in zip(inputs, keep)]).cpu()
-        router = fit_router(x, token_targets, token_weights, confidence, l2=l2)
+        router = fit(x, token_targets, token_weights, confidence, l2=l2)
         accuracy = _accuracy(x @ router.T, token_targets)
         log(f"Layer {layer}: router fitted on {x.shape[0]} tokens; top-1 agrees with the intended expert on "
             f"{accuracy:.0%} of them")
         gates.append(router)
         return router
 
-    moe.run([moe.start(ids, mask) for _, ids, mask in batches], fit, check)
+    moe.run([moe.start(ids, mask) for _, ids, mask in batches], fit_layer, check)
     return torch.stack(gates)
 
 

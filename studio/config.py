@@ -264,7 +264,7 @@ def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tup
                       "give the shared expert no prompts (it then sees every token, ungated), or use "
                       "`gate_mode: hidden`.")
     texts = [i for i, e in enumerate(config.experts) if e.calibration_text]
-    if texts and mode.name != "expert_text":
+    if texts and not mode.reads_expert_text:
         errors.append(f"`experts[{texts[0]}].calibration_text` is read only by `gate_mode: expert_text`; set that "
                       f"mode, or remove the key.")
     if shared and len({bool(e.positive_prompts) for e in shared}) > 1:

@@ -19,6 +19,7 @@ class GateMode:
     averaged_rows: bool = False
     studio_only: bool = False  # mergekit-moe does not know it
     whole_models: int = 0  # full models it holds in memory at once (expert_text: the base and the writing expert)
+    reads_expert_text: bool = False  # fits on text the experts write (or their `calibration_text` files)
     summary: str = ""
 
 
@@ -33,9 +34,11 @@ MODES = {mode.name: mode for mode in (
     GateMode("uniform_random", False, "nothing", summary="nn.Linear's initialisation"),
     GateMode("calibrated", True, "merged", studio_only=True,
              summary="fitted on every token of the prompts, where the merged model's routers look"),
-    GateMode("expert_text", True, "merged", studio_only=True, whole_models=2,
+    GateMode("expert_text", True, "merged", studio_only=True, whole_models=2, reads_expert_text=True,
              summary="fitted on text each expert writes from its prompts (or text you give), where the merged "
                      "model's routers look"),
+    GateMode("expert_text_ridge", True, "merged", studio_only=True, whole_models=2, reads_expert_text=True,
+             summary="the same text, routers by DUME's closed-form ridge regression (a baseline for expert_text)"),
 )}
 ALIASES = {"hidden_last": "hidden"}
 

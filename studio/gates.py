@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from studio import expert_text
-from studio.calibrate import calibrated_gates, prompt_targets
+from studio.calibrate import CONFIDENCE, calibrated_gates, fit_router, prompt_targets, ridge_router
 from studio.config import Expert, experts_with_gates
 from studio.devices import check_device
 from studio.errors import StudioError
@@ -116,7 +116,8 @@ def _calibrated(job: GateJob) -> torch.Tensor:
     return _fit_through(moe, job, tokenizer, encoded, prompt_targets(experts))
 
 
-def _expert_text(job: GateJob) -> torch.Tensor:
+def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
+                 confidence: float | None = None) -> torch.Tensor:
     tokenizer, plan, options = job.tokenizer(), job.plan, job.options
     encode = job.encoder(tokenizer)
     experts = plan.config.experts
@@ -132,7 +133,12 @@ def _expert_text(job: GateJob) -> torch.Tensor:
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
     job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "
             f"by layer through the merged model")
-    return _fit_through(moe, job, tokenizer, encoded, targets, confidence=None, l2=expert_text.L2)
+    return _fit_through(moe, job, tokenizer, encoded, targets, confidence=confidence, l2=expert_text.L2, fit=fit)
+
+
+def _expert_text_ridge(job: GateJob) -> torch.Tensor:
+    # The ridge's raw outputs are nearly flat under a softmax: scaled like `calibrated`'s routers instead.
+    return _expert_text(job, ridge_router, CONFIDENCE)
 
 
 def _merged_model(job: GateJob, longest: int) -> StreamedMoE:
@@ -153,7 +159,7 @@ def _fit_through(moe: StreamedMoE, job: GateJob, tokenizer, encoded: dict, targe
 
 COMPUTE: dict[str, GateFunction] = {"hidden": _hidden, "hidden_avg": _hidden, "cheap_embed": _cheap_embed,
                                     "random": _random, "uniform_random": _random, "calibrated": _calibrated,
-                                    "expert_text": _expert_text}
+                                    "expert_text": _expert_text, "expert_text_ridge": _expert_text_ridge}
 assert set(COMPUTE) == set(MODES), "every gate mode in studio/gate_modes.py needs its function here"
 
 

@@ -5,7 +5,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from studio.calibrate import CONFIDENCE, fit_router, prompt_targets
+from studio.calibrate import CONFIDENCE, fit_router, prompt_targets, ridge_router
 from studio.config import Expert, load_yaml
 from studio.errors import StudioError
 from studio.gates import GateOptions, compute_gates, prompt_ids
@@ -43,6 +43,20 @@ def test_fit_separates_clusters_at_the_wanted_confidence():
     held_out = torch.arange(3).repeat(20)
     fresh = means[held_out] + 0.5 * torch.randn(60, 32)
     assert torch.equal((fresh @ router.T).argmax(dim=-1), held_out)
+
+
+def test_ridge_router_recovers_a_linear_map_and_separates_clusters():
+    torch.manual_seed(1)
+    x = torch.randn(200, 16)
+    mapping = torch.randn(16, 3)
+    exact = ridge_router(x, x @ mapping, torch.ones(200), confidence=None, l2=1e-9)
+    assert torch.allclose(exact, mapping.T, atol=1e-4)  # targets linear in x: the regression finds the map
+    means = torch.randn(3, 32) * 2
+    labels = torch.arange(3).repeat(40)
+    clusters = means[labels] + 0.5 * torch.randn(120, 32)
+    router = ridge_router(clusters, one_hot(labels, 3), torch.ones(120))
+    assert (clusters @ router.T).softmax(dim=-1).max(dim=-1).values.mean() == pytest.approx(CONFIDENCE, abs=1e-3)
+    assert torch.equal((clusters @ router.T).argmax(dim=-1), labels)
 
 
 def test_fit_works_under_a_callers_inference_mode():

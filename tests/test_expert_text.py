@@ -24,12 +24,13 @@ def domain_text(alphabet: str, seed: int, words: int = 600) -> str:
     return " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(words))
 
 
-@pytest.fixture(scope="module")
-def text_moe(mistral, tmp_path_factory, tokenizer):
-    """A synthetic MoE whose four routers were fitted on four texts of disjoint alphabets."""
+@pytest.fixture(scope="module", params=["expert_text", "expert_text_ridge"])
+def text_moe(mistral, tmp_path_factory, tokenizer, request):
+    """A synthetic MoE whose four routers were fitted on four texts of disjoint alphabets (by the softmax fit, and
+    by the closed-form ridge regression)."""
     folder = tmp_path_factory.mktemp("text-moe")
     base, experts = mistral
-    data = moe_yaml(base, experts, gate_mode="expert_text")
+    data = moe_yaml(base, experts, gate_mode=request.param)
     for k, expert in enumerate(data["experts"]):
         path = folder / f"domain-{k}.txt"
         path.write_text(domain_text(ALPHABETS[k], seed=k))
