@@ -250,7 +250,7 @@ def _tensor_for(job: TensorJob, gates: torch.Tensor | None, seed: int | None):
     if job.router_layer is not None:
         return gates[job.router_layer, job.router_row: job.router_row + job.shape[0]].to(job.dtype)
     if job.source is None:
-        return torch.zeros(job.shape, dtype=job.dtype)
+        return torch.full(job.shape, job.fill, dtype=job.dtype)
     tensor = job.source.read(job.source_name)
     integrity.check_source_tensor(job, tensor)
     if job.is_plain_copy:
