@@ -163,6 +163,14 @@ def test_qwen2_without_a_shared_expert_equals_the_dense_base(families, tmp_path)
     check_chat(out, 2, "4bit")
 
 
+def test_qwen2_idle_gate_is_the_smallest_float16_in_a_float16_output(families, tmp_path):
+    """float16 cannot hold 2**-48; its idle gate is 2**-24, still far from the 0 llama.cpp reads as NaN."""
+    base, experts = families["qwen2"]
+    merge(config_of(moe_yaml(base, experts, dtype="float16")), tmp_path / "moe", MergeOptions(random_seed=0), **QUIET)
+    gate = output_tensors(tmp_path / "moe")["model.layers.1.mlp.shared_expert_gate.weight"]
+    assert gate.dtype == torch.float16 and torch.equal(gate, torch.full((1, 64), 2.0 ** -24, dtype=torch.float16))
+
+
 def test_llama_into_qwen2_gets_zero_biases_its_head_and_an_ungated_shared_expert(families, tmp_path):
     """Half of the base MLP from the routed experts and half from an unprompted shared expert: the dense base."""
     base, _ = families["llama"]
