@@ -198,7 +198,8 @@ def held_out_texts(tokenizer) -> list[list[int]]:
     from studio.zoo.corpora import corpus
 
     bos = [tokenizer.bos_token_id]
-    return [bos + tokenizer(corpus(d, 4 * PPL_TOKENS * 4, 1, held_out=True),
+    chars = 16 * PPL_TOKENS  # more than enough: the zoo's tokens hold 3 to 4 characters
+    return [bos + tokenizer(corpus(d, chars, 1, held_out=True),
                             add_special_tokens=False)["input_ids"][:PPL_TOKENS] for d in DOMAINS]
 
 
@@ -337,7 +338,7 @@ def main() -> None:
         if args.only and variant.name not in args.only:
             continue
         rows.append(compare(variant, work, probe, llama, env, args.tokens, args.renormalise))
-        print(json.dumps({k: v for k, v in rows[-1].items()}), file=sys.stderr)
+        print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"llama.cpp from llama-cpp-python=={args.version} (commit {commit or 'unknown'}), CPU, f32 GGUF; "
           f"transformers float32; {args.tokens} greedy tokens after each of 4 prompts; perplexity on "
           f"{PPL_TOKENS} held-out tokens of each of 4 domains.\n")
