@@ -283,13 +283,15 @@ def _plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     errors, warnings = check_rules(config, args.allow_identical_experts)
+    for warning in warnings:
+        print(f"Warning: {warning}")
+    if errors:  # before any model is opened: these rules need no model file, and Hub models would be downloaded
+        raise StudioError("\n".join(errors))
     sources = open_models(config.model_refs(), fetch_weights=False)
     rows, misfits = compatibility(config, sources)
     print(compatibility_table(rows))
-    for warning in warnings:
-        print(f"Warning: {warning}")
-    if errors or misfits:
-        raise StudioError("\n".join(errors + misfits))
+    if misfits:
+        raise StudioError("\n".join(misfits))
     plan = make_plan(config, sources)
     print()
     print(estimates_table(plan))

@@ -23,10 +23,13 @@ PROMPT_FORMATS = ("raw", "chat")
 DTYPES = ("bfloat16", "float16", "float32")
 # Router prompts are short; the hidden-state pass holds a square of a prompt's length (a 1 MB prompt asked for 93 GB).
 MAX_PROMPT_CHARS = 20_000
+# Public guides write `merge_method: moe` in mergekit-moe configs; mergekit-moe reads no such key and merges them.
+MOE_MERGE_METHOD = "moe"
+MERGE_METHOD_NOTE = ("`merge_method: moe` is ignored, as mergekit-moe ignores it: an MoE config always makes an MoE "
+                     "merge (the line can go).")
 
 # Keys that belong to other tools' configs, with what to tell the user instead of "unknown key".
 FOREIGN_KEYS = {
-    "merge_method": "this looks like a mergekit-yaml config; MoE configs have base_model and experts",
     "models": "this looks like a mergekit-yaml config; MoE configs list experts under `experts:`",
     "slices": "this looks like a mergekit-yaml config; MoE configs list experts under `experts:`",
     "tokenizer_source": "MoE configs have no tokenizer field: the base model's tokenizer is always used",
@@ -79,6 +82,16 @@ class MoEConfig(_Strict):
     prompt_format: str = "raw"
     experts: list[Expert] = Field(min_length=1)
     shared_experts: list[Expert] | None = None
+    # Accepted only as `moe` (see MOE_MERGE_METHOD); kept so that the config is written back as it was given.
+    merge_method: str | None = None
+
+    @field_validator("merge_method")
+    @classmethod
+    def _moe_merge_method(cls, value: str | None) -> str | None:
+        if value is not None and value != MOE_MERGE_METHOD:
+            raise ValueError(f"this looks like a mergekit-yaml config (merge method {safe_yaml.excerpt(value)}); "
+                             f"MoE configs have base_model and experts, and no merge method but `moe`")
+        return value
 
     @field_validator("gate_mode")
     @classmethod
@@ -269,4 +282,15 @@ def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tup
                       f"mode, or remove the key.")
     if shared and len({bool(e.positive_prompts) for e in shared}) > 1:
         errors.append("Shared experts must all have prompts or all have none.")
+    errors += _missing_calibration_text(config)
+    if config.merge_method is not None:
+        warnings.append(MERGE_METHOD_NOTE)
     return errors, warnings
+
+
+def _missing_calibration_text(config: MoEConfig) -> list[str]:
+    """`calibration_text` files that are not there: named now, not after the models are downloaded."""
+    return [f"`experts[{i}].calibration_text` ({expert.source_model}): {name} is not a file. Give UTF-8 text files "
+            f"of this expert's domain."
+            for i, expert in enumerate(config.experts) for name in expert.calibration_text or []
+            if not Path(name).expanduser().is_file()]

@@ -25,6 +25,7 @@ from studio.gate_modes import gate_mode
 from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
 from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm, read_json
+from studio.tokenizer_files import write_portable_tokenizer_config
 from studio.writer import shard_names, write_shard
 
 class CancelToken:
@@ -249,7 +250,7 @@ def _tensor_for(job: TensorJob, gates: torch.Tensor | None, seed: int | None):
     if job.router_layer is not None:
         return gates[job.router_layer, job.router_row: job.router_row + job.shape[0]].to(job.dtype)
     if job.source is None:
-        return torch.zeros(job.shape, dtype=job.dtype)
+        return torch.full(job.shape, job.fill, dtype=job.dtype)
     tensor = job.source.read(job.source_name)
     integrity.check_source_tensor(job, tensor)
     if job.is_plain_copy:
@@ -280,12 +281,16 @@ def _generation_config(base: ModelSource) -> dict:
 
 
 def _copy_tokenizer(base: ModelSource, folder: Path) -> None:
-    """The base tokenizer's files, byte for byte (mergekit saves a modified, left-padding copy)."""
+    """The base tokenizer's files, byte for byte (mergekit saves a modified, left-padding copy); only a
+    tokenizer_config.json in transformers 5's own spelling is rewritten in the one 4.x reads too."""
     copied = [name for name in TOKENIZER_FILES if base.file(name)]
     if not copied:
         raise StudioError(f"base_model ({base.label}) has no tokenizer files; add them, or pass --no-copy-tokenizer.")
     for name in copied:
-        shutil.copyfile(base.file(name), folder / name)
+        if name == "tokenizer_config.json":
+            write_portable_tokenizer_config(base.file(name), folder / name)
+        else:
+            shutil.copyfile(base.file(name), folder / name)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -40,10 +40,10 @@ class ModelRow:
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: copied from a source tensor (maybe rescaled or noised), gate rows, or zeros.
+    """One output tensor: copied from a source tensor (maybe rescaled or noised), gate rows, or a constant.
 
     Gate rows are rows `router_row` onwards of layer `router_layer` of the computed gates; a job with neither a
-    source nor a router layer is all zeros.
+    source nor a router layer holds `fill` everywhere (zeros, unless it is an idle gate).
     """
 
     name: str
@@ -55,6 +55,7 @@ class TensorJob:
     router_row: int = 0
     noise_scale: float | None = None
     scale: float | None = None
+    fill: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -198,6 +199,8 @@ def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource,
         if family.is_mlp(name) or (tied and name == family.lm_head):
             continue
         layers.setdefault(layer_of(name), []).append(copy(name, info, base))
+    if tied and output.explicit_lm_head:  # the output unties the head: a copy of the embedding
+        layers.setdefault(None, []).append(copy(output.explicit_lm_head, base.info(family.embed), base))
     zeros_dtype = out_dtype or base.info(family.embed).dtype
     for name, shape in output.zero_tensors(base.config, config, set(base.tensors)).items():
         layers.setdefault(layer_of(name), []).append(TensorJob(name, shape, zeros_dtype))
@@ -216,12 +219,12 @@ def _jobs(config: MoEConfig, sources: dict[str, ModelSource], base: ModelSource,
                 info = _expert_tensor(source, dense[role], base.info(dense[role]), config, label)
                 block.append(copy(out_name, info, source, noise_scale=expert.noise_scale,
                                   scale=scale if role in family.output_roles and scale != 1.0 else None))
-        gate = output.shared_gate(layer) if config.shared_experts else None
+        gate = output.shared_gate(layer)
         if gate and shared_gated:
             routers.append(TensorJob(gate, (1, hidden), out_dtype or torch.float32, router_layer=layer,
                                      router_row=len(config.experts)))
-        elif gate:
-            block.append(TensorJob(gate, (1, hidden), zeros_dtype))
+        elif gate:  # an ungated shared expert, or the output's stand-in for none
+            block.append(TensorJob(gate, (1, hidden), zeros_dtype, fill=output.idle_gate_fill(zeros_dtype)))
     non_layer = layers.pop(None, [])
     head = [j for j in non_layer if "embed" in j.name]
     tail = [j for j in non_layer if "embed" not in j.name]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from studio.tokenizer_files import portable_tokenizer_config
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -45,11 +47,10 @@ def make_tokenizer(vocab_size: int = 384):
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
-    """Save so that transformers 4.x reads it too (5.x names its own backend class, which 4.x lacks)."""
+    """Save so that transformers 4.x reads it too (see studio.tokenizer_files)."""
     tokenizer.save_pretrained(folder)
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config = portable_tokenizer_config(json.loads(config_path.read_text()))
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -3,6 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from studio.cli import parse_size
 
 from conftest import moe_yaml
@@ -10,8 +13,8 @@ from conftest import moe_yaml
 ROOT = Path(__file__).parent.parent
 
 
-def studio(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def studio(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "studio", *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=300)
 
@@ -85,3 +88,46 @@ def test_plan_reports_misfits_with_both_values(mistral, llama_tied, write_config
     assert done.returncode == 2
     assert "model family is llama, but the base" in done.stderr
     assert "llama" in done.stdout  # the table is still shown
+
+
+# Configs that break a rule needing no model file, on Hub ids that are never fetched: opening one (offline) would
+# fail with "could not be fetched" instead of the rule.
+HUB_BASE = "studio-tests/never-published-base"
+RULE_BREAKERS = {
+    "identical experts": ({"experts": [{"source_model": "studio-tests/a", "positive_prompts": ["x"]},
+                                       {"source_model": "studio-tests/a", "positive_prompts": ["y"]}]},
+                          "identical experts are useless without training"),
+    "no prompts": ({"experts": [{"source_model": "studio-tests/a", "positive_prompts": ["x"]},
+                                {"source_model": "studio-tests/b"}]}, "has no `positive_prompts`"),
+    "same prompts": ({"experts": [{"source_model": "studio-tests/a", "positive_prompts": ["x"]},
+                                  {"source_model": "studio-tests/b", "positive_prompts": ["x"]}]},
+                     "Every expert has the same prompts"),
+    "missing calibration text": ({"gate_mode": "expert_text", "experts": [
+        {"source_model": "studio-tests/a", "positive_prompts": ["x"], "calibration_text": ["/nonexistent/a.txt"]},
+        {"source_model": "studio-tests/b", "positive_prompts": ["y"]}]}, "/nonexistent/a.txt is not a file"),
+}
+
+
+@pytest.mark.parametrize("name", RULE_BREAKERS)
+def test_rules_are_reported_before_any_model_is_opened(name, tmp_path, monkeypatch):
+    from studio.config import parse_config
+    from studio.errors import StudioError
+    from studio.merge import merge
+    from studio.ui.build import check_models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fields, rule = RULE_BREAKERS[name]
+    config = parse_config({"base_model": HUB_BASE, **fields})
+    log = []
+    with pytest.raises(StudioError, match=rule):
+        merge(config, tmp_path / "out", log=log.append)
+    assert log == [] and not (tmp_path / "out").exists()
+    _, _, message = check_models(yaml.safe_dump({"base_model": HUB_BASE, **fields}))
+    assert message.startswith("**The config breaks these rules:**") and rule in message
+
+
+def test_plan_reports_a_rule_before_any_model_is_opened(write_config):
+    fields, rule = RULE_BREAKERS["identical experts"]
+    done = studio("plan", write_config({"base_model": HUB_BASE, **fields}), env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and rule in done.stderr
+    assert "could not be fetched" not in done.stderr and done.stdout == ""

@@ -112,3 +112,31 @@ def test_rule_shared_experts_and_power_of_two_warning():
     errors, warnings = rules(text)
     assert any("at most one shared expert" in e for e in errors)
     assert any("3 experts is not a power of two" in w for w in warnings)
+
+
+# As public guides write it (mergekit-moe reads no merge method, so it merges this config as it is).
+GUIDE_WITH_MERGE_METHOD = """
+base_model: mistralai/Mistral-7B-Instruct-v0.2
+merge_method: moe
+gate_mode: hidden
+dtype: bfloat16
+experts:
+  - source_model: HuggingFaceH4/zephyr-7b-beta
+    positive_prompts: ["chat"]
+  - source_model: teknium/OpenHermes-2.5-Mistral-7B
+    positive_prompts: ["code"]
+"""
+
+
+def test_merge_method_moe_is_accepted_with_a_note():
+    config = load_yaml(GUIDE_WITH_MERGE_METHOD)
+    errors, warnings = check_rules(config)
+    assert errors == []
+    assert warnings == ["`merge_method: moe` is ignored, as mergekit-moe ignores it: an MoE config always makes an "
+                        "MoE merge (the line can go)."]
+    assert load_yaml(dump_yaml(config)) == config and "merge_method: moe" in dump_yaml(config)
+
+
+def test_another_merge_method_is_still_a_mergekit_yaml_config():
+    message = error_of(GUIDE_WITH_MERGE_METHOD.replace("merge_method: moe", "merge_method: ties"))
+    assert "`merge_method`: this looks like a mergekit-yaml config (merge method 'ties')" in message

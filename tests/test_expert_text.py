@@ -93,9 +93,11 @@ def test_a_missing_calibration_text_is_named(mistral, tmp_path):
     base, experts = mistral
     data = moe_yaml(base, experts, gate_mode="expert_text")
     data["experts"][2]["calibration_text"] = [str(tmp_path / "missing.txt")]
-    with pytest.raises(StudioError, match=r"`experts\[2\].calibration_text` .*cannot read .*missing.txt"):
-        merge(parse_config(data), tmp_path / "out", log=lambda m: None)
+    log = []
+    with pytest.raises(StudioError, match=r"`experts\[2\].calibration_text` .*missing.txt is not a file"):
+        merge(parse_config(data), tmp_path / "out", log=log.append)
     assert not (tmp_path / "out").exists()
+    assert log == [], "named before any model is opened"
 
 
 def test_4bit_is_refused_before_any_text_is_written(mistral, tmp_path):

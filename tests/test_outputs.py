@@ -150,33 +150,44 @@ def test_qwen2_without_a_shared_expert_equals_the_dense_base(families, tmp_path)
     out, result = same_as_base(families["qwen2"], tmp_path)
     assert result.plan.output.name == "Qwen MoE"
     written = output_tensors(out)
-    assert written["model.layers.0.mlp.shared_expert.down_proj.weight"].shape == (64, 0)
+    for role, shape in (("gate", (64, 64)), ("up", (64, 64)), ("down", (64, 64))):  # not width 0 (llama.cpp)
+        tensor = written[f"model.layers.0.mlp.shared_expert.{role}_proj.weight"]
+        assert tensor.shape == shape and not tensor.any()
+    # an idle gate, not 0: llama.cpp's sigmoid, silu(x)/x, is NaN at 0
+    assert torch.equal(written["model.layers.0.mlp.shared_expert_gate.weight"], torch.full((1, 64), 2.0 ** -48))
     model = load(out)
-    assert model.config.shared_expert_intermediate_size == 0
+    assert model.config.shared_expert_intermediate_size == 64 and model.config.norm_topk_prob is False
     torch.testing.assert_close(model(input_ids=torch.tensor([TEXT_IDS])).logits, dense_logits(base),
                                atol=1e-5, rtol=1e-5)
     check_runs(model, 2)
     check_chat(out, 2, "4bit")
 
 
-def test_llama_into_qwen2_gets_zero_biases_stays_tied_and_an_ungated_shared_expert(families, tmp_path):
+def test_qwen2_idle_gate_is_the_smallest_float16_in_a_float16_output(families, tmp_path):
+    """float16 cannot hold 2**-48; its idle gate is 2**-24, still far from the 0 llama.cpp reads as NaN."""
+    base, experts = families["qwen2"]
+    merge(config_of(moe_yaml(base, experts, dtype="float16")), tmp_path / "moe", MergeOptions(random_seed=0), **QUIET)
+    gate = output_tensors(tmp_path / "moe")["model.layers.1.mlp.shared_expert_gate.weight"]
+    assert gate.dtype == torch.float16 and torch.equal(gate, torch.full((1, 64), 2.0 ** -24, dtype=torch.float16))
+
+
+def test_llama_into_qwen2_gets_zero_biases_its_head_and_an_ungated_shared_expert(families, tmp_path):
     """Half of the base MLP from the routed experts and half from an unprompted shared expert: the dense base."""
     base, _ = families["llama"]
     shared = {"source_model": str(base), "residual_scale": 0.5}
     out, _ = same_as_base(families["llama"], tmp_path, shared, {"residual_scale": 0.5}, architecture="qwen")
-    written = output_tensors(out)
-    assert "lm_head.weight" not in written
+    written, dense = output_tensors(out), source_tensors(base)
+    assert torch.equal(written["lm_head.weight"], dense["model.embed_tokens.weight"])  # llama.cpp has no tied head
     # head_dim 32 with 4 query heads and 2 key/value heads (not hidden / heads = 16)
     assert written["model.layers.1.self_attn.q_proj.bias"].shape == (128,)
     assert written["model.layers.1.self_attn.k_proj.bias"].shape == (64,)
     assert not written["model.layers.1.self_attn.v_proj.bias"].any()
-    assert not written["model.layers.1.mlp.shared_expert_gate.weight"].any()  # sigmoid(0) = 1/2 ...
-    dense = source_tensors(base)
+    assert torch.equal(written["model.layers.1.mlp.shared_expert_gate.weight"],  # sigmoid(idle gate) = 1/2 ...
+                       torch.full((1, 64), 2.0 ** -48))
     assert torch.equal(written["model.layers.1.mlp.shared_expert.down_proj.weight"],  # ... made up for here
                        dense["model.layers.1.mlp.down_proj.weight"])
     model = load(out)
-    assert model.config.tie_word_embeddings
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert not model.config.tie_word_embeddings
     torch.testing.assert_close(model(input_ids=torch.tensor([TEXT_IDS])).logits, dense_logits(base),
                                atol=1e-5, rtol=1e-5)
     check_runs(model, 2)
@@ -315,10 +326,25 @@ def test_deepseek_of_halves_of_the_base_mlp_equals_the_tied_llama(families, tmp_
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     torch.testing.assert_close(model(input_ids=torch.tensor([TEXT_IDS])).logits, dense_logits(base),
                                atol=1e-5, rtol=1e-5)
+    assert model.config.norm_topk_prob is False  # as llama.cpp's deepseek graph, which never renormalises
     with pytest.raises(StudioError, match=r"fits these models:\n  - DeepSeek MoE: has an ungated shared expert, and "
                                           r"the config gives it prompts$"):
         merged(families["llama"], tmp_path / "prompted", {"source_model": str(base), "positive_prompts": ["x"]},
                architecture="deepseek")
+
+
+def test_deepseek_without_a_shared_expert_gets_one_of_zeros(families, tmp_path):
+    """llama.cpp's deepseek graph always runs a shared expert, and its converter cannot read `n_shared_experts: null`."""
+    base, _ = families["llama"]
+    out, _ = same_as_base(families["llama"], tmp_path, architecture="deepseek")
+    assert json.loads((out / "config.json").read_text())["n_shared_experts"] == 1
+    written = output_tensors(out)
+    for role, shape in (("gate", (128, 64)), ("up", (128, 64)), ("down", (64, 128))):
+        tensor = written[f"model.layers.1.mlp.shared_experts.{role}_proj.weight"]
+        assert tensor.shape == shape and not tensor.any()
+    model = load(out, trust_remote_code=True)
+    torch.testing.assert_close(model(input_ids=torch.tensor([TEXT_IDS])).logits, dense_logits(base),
+                               atol=1e-5, rtol=1e-5)
 
 
 # Runs under transformers 4.x (.venv-tf4): the Qwen outputs are transformers' own classes there too.

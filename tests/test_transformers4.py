@@ -39,6 +39,8 @@ PROMPTS = [["def add(a, b):", "import os"], ["12 + 7 =", "3 * 4 ="], ["Once upon
 INPUT_IDS = [[1, 17, 42, 99, 200, 7, 300, 5, 383, 64], [1, 250, 3, 3, 120, 77, 18, 260, 11, 2]]
 ATOL = 1e-4
 TEXT = "def add(a, b):\n    return a + b"
+CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>")
+CHAT_TEXT = "<|user|>\nWhat is 12 + 7?</s>\n<|assistant|>\n19</s>"
 
 # Runs under .venv-tf4/bin/python: loads each output with transformers 4.x and reports what it found.
 TF4_SCRIPT = r"""
@@ -74,6 +76,12 @@ for name, folder in job["outputs"].items():
         "logits": logits.tolist(),
         "token_ids": AutoTokenizer.from_pretrained(folder)(job["text"])["input_ids"],
     }
+results["tokenizers"] = {}
+for name, folder in job["tokenizers"].items():
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(job["chat_text"])["input_ids"]
+    results["tokenizers"][name] = {"ids": ids, "special": sorted(tokenizer.all_special_tokens),
+                                   "decoded": tokenizer.decode(ids, skip_special_tokens=True)}
 Path(job["result"]).write_text(json.dumps(results))
 """
 
@@ -118,11 +126,29 @@ def merged(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def tf4(merged, tmp_path_factory) -> dict:
+def tokenizer_folders(tmp_path_factory) -> dict[str, Path]:
+    """The zoo's tokenizer, and a merge of a base whose tokenizer transformers 5 saved in its own spelling."""
+    from studio.synthetic import train_bpe_tokenizer
+    from studio.synthetic import CORPUS
+
+    folder = tmp_path_factory.mktemp("tf4-tokenizers")
+    tokenizer = train_bpe_tokenizer(CORPUS * 4, 384, extra_special_tokens=CHAT_TOKENS)
+    base, experts = make_family(folder / "src", 2, dtype=torch.float32, tokenizer=tokenizer)
+    tokenizer.save_pretrained(base)  # transformers 5's own files: extra_special_tokens as a list
+    saved = json.loads((base / "tokenizer_config.json").read_text())
+    assert saved["extra_special_tokens"] == list(CHAT_TOKENS) and saved["tokenizer_class"] == "TokenizersBackend"
+    config = parse_config({"base_model": str(base), "gate_mode": "random", "dtype": "float32",
+                           "experts": [{"source_model": str(e)} for e in experts]})
+    out = merge(config, folder / "out", MergeOptions(random_seed=0), log=lambda _: None).out
+    return {"zoo": ROOT / "assets" / "zoo" / "base", "merge_of_a_v5_tokenizer": out}
+
+
+@pytest.fixture(scope="module")
+def tf4(merged, tokenizer_folders, tmp_path_factory) -> dict:
     """What transformers 4.x made of every output: one subprocess for all of them."""
     result = tmp_path_factory.mktemp("tf4-result") / "result.json"
     job = {"outputs": {k: str(v) for k, v in merged.items()}, "input_ids": INPUT_IDS, "result": str(result),
-           "text": TEXT}
+           "text": TEXT, "tokenizers": {k: str(v) for k, v in tokenizer_folders.items()}, "chat_text": CHAT_TEXT}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([str(tf4_python()), "-c", TF4_SCRIPT, json.dumps(job)], capture_output=True, text=True,
@@ -202,3 +228,15 @@ def test_transformers_4_and_5_compute_the_same_logits(request, name):
 def test_transformers_4_and_5_read_the_copied_tokenizer_alike(request, name):
     four = tf4_results(request)["outputs"][name]["token_ids"]
     assert four == request.getfixturevalue("tf5")[name]["token_ids"] and len(four) > 3
+
+
+@pytest.mark.parametrize("name", ["zoo", "merge_of_a_v5_tokenizer"])
+def test_transformers_4_and_5_read_tokenizers_with_extra_special_tokens_alike(request, name):
+    from transformers import AutoTokenizer
+
+    four = tf4_results(request)["tokenizers"][name]
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue("tokenizer_folders")[name])
+    ids = tokenizer(CHAT_TEXT)["input_ids"]
+    assert four["ids"] == ids
+    assert set(CHAT_TOKENS) <= set(four["special"]) and four["special"] == sorted(tokenizer.all_special_tokens)
+    assert four["decoded"] == tokenizer.decode(ids, skip_special_tokens=True) == "\nWhat is 12 + 7?\n\n19"

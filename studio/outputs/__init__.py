@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from studio.config import MoEConfig
 from studio.errors import StudioError
 
@@ -37,6 +39,9 @@ class OutputArch:
     ungated_shared_scale: float = 1.0
     # Modeling code (in studio/outputs/modeling) copied next to the weights; loading then needs trust_remote_code.
     code_files: tuple[str, ...] = ()
+    # The name of an output head written even when the base ties it to the embedding (a copy of the embedding),
+    # for outputs whose llama.cpp graph has no tied head; empty when a tied base stays tied.
+    explicit_lm_head: str = ""
 
     def why_not(self, inputs: MergeInputs) -> str | None:
         """Why these inputs cannot become this output, or None if they can."""
@@ -70,6 +75,10 @@ class OutputArch:
     def shared_gate(self, layer: int) -> str | None:
         """The (1, hidden) gate of the shared expert of `layer`, for outputs whose shared expert is gated."""
         return None
+
+    def idle_gate_fill(self, dtype: torch.dtype) -> float:
+        """The value of every element of a shared-expert gate that no prompt made (outputs with `shared_gate`)."""
+        return 0.0
 
     def zero_tensors(self, base_config: dict, config: MoEConfig, base_names: set[str]) -> dict[str, tuple[int, ...]]:
         """Tensors of this output that no input has, written as zeros: name -> shape."""

@@ -14,6 +14,6 @@ class Qwen3MoE(ExpertList):
 
     def moe_config(self, base_config: dict, config: MoEConfig, dtype: str | None) -> dict:
         out = base_fields(base_config, dtype)
-        out.update(qwen_moe_fields(base_config, config))
+        out.update(qwen_moe_fields(base_config, config, renormalize=True))  # llama.cpp's qwen3moe graph does too
         out.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
         return out

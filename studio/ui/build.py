@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio import form
-from studio.config import DTYPES, GATE_MODES, PROMPT_FORMATS, load_yaml, to_yaml
+from studio.config import DTYPES, GATE_MODES, PROMPT_FORMATS, check_rules, load_yaml, to_yaml
 from studio.errors import StudioError
 from studio.hub import push_to_hub
 from studio.jobs import MergeJob, MergeRunner
@@ -33,10 +33,14 @@ def presets() -> dict[str, str]:
     return {p.stem: p.read_text(encoding="utf-8") for p in sorted(EXAMPLES.glob("*.yml"))}
 
 
-def check_models(yaml_text: str) -> tuple[list[list[str]], list[list[str]], str]:
-    """Compatibility table, estimates and a message, for the YAML in the editor."""
+def check_models(yaml_text: str, allow_identical_experts: bool = False) -> tuple[list[list[str]], list[list[str]], str]:
+    """Compatibility table, estimates and a message, for the YAML in the editor; the config's own rules first,
+    so that a broken config is named before any Hub model is fetched."""
     try:
         config = load_yaml(yaml_text)
+        errors = check_rules(config, allow_identical_experts)[0]
+        if errors:
+            return [], [], "**The config breaks these rules:**\n" + "\n".join(f"- {e}" for e in errors)
         sources = open_models(config.model_refs(), fetch_weights=False)
         rows, misfits = compatibility(config, sources)
         if misfits:
@@ -352,7 +356,7 @@ class BuildTab:
                            [self.upload, self.identical], whole)
         self.editor.change(self.save_download, self.editor, self.download, show_progress="hidden")
 
-        self.check.click(check_models, self.editor, [self.compat, self.estimates, self.check_message])
+        self.check.click(check_models, [self.editor, self.identical], [self.compat, self.estimates, self.check_message])
         self.preview_button.click(self.preview, [self.editor, self.preview_prompts, self.trust],
                                   [self.preview_table, self.preview_figure, self.preview_tokens, self.preview_message])
         # concurrency_limit=None: the runner queues merges itself and says so in the log.

@@ -2,12 +2,25 @@
 (needs transformers 5): Mixtral's router over a list of dense MLPs."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 
 class Router(MixtralTopKRouter):
-    """Mixtral's router: (tokens, hidden) -> (logits, top-k weights renormalized to sum to 1, top-k experts)."""
+    """Mixtral's router: (tokens, hidden) -> (logits, top-k weights, top-k experts); the weights are the softmax
+    probabilities, renormalised to sum to 1 unless the config says `norm_topk_prob: false`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.norm_topk_prob = getattr(config, "norm_topk_prob", True)
+
+    def forward(self, hidden_states: torch.Tensor):
+        logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+        weights, chosen = torch.topk(torch.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights, chosen
 
 
 class RoutedExperts(nn.Module):
