@@ -14,7 +14,7 @@ from pathlib import Path
 from studio.errors import StudioError
 from studio.integrity import nonfinite_count
 from studio.families import family_of
-from studio.routing import EXPERT_COUNT_KEYS, TOP_K_KEYS
+from studio.moe_layouts import EXPERT_COUNT_KEYS, TOP_K_KEYS
 from studio.sources import ModelSource, open_model, read_json
 # A router's weight: `...layers.N.<block>.gate.weight` (Mixtral, Qwen-MoE, DeepSeek, Phi MoE) or `.router.weight`;
 # not a shared expert's one-row gate, nor an MLP's gate_proj.

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from studio.errors import StudioError
-from studio.routing import expert_count
+from studio.moe_layouts import expert_count, model_class
 from studio.sources import ModelSource
 
 # Quantizing in slices bounds the quantizer's scratch memory (bitsandbytes' CPU path needs ~7x its input, about
@@ -179,10 +179,12 @@ def device_map(device: str, quantized: bool) -> tuple[str | dict, dict]:
 def load_model(source: ModelSource, config, precision: Precision, device: str, trust_remote_code: bool):
     """The model of `source` at `precision` on `device`, streamed from its checkpoint; eval mode."""
     import transformers
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
+    from transformers import BitsAndBytesConfig, GenerationConfig
 
+    loader = model_class(config, trust_remote_code)
     with torch.device("meta"):  # the architecture without weights: its class and module names
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = loader.from_config(config, trust_remote_code=trust_remote_code) if hasattr(loader, "from_config") \
+            else loader._from_config(config)
     where, offload = device_map(device, precision.bnb is not None)
     kwargs = {"dtype": precision.dtype, "device_map": where}
     if precision.bnb:
@@ -190,8 +192,7 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
                                                            llm_int8_skip_modules=unquantized_modules(skeleton))
     if int(transformers.__version__.split(".")[0]) < 5:
         # 4.x keeps experts as nn.Linear modules, which bitsandbytes quantizes itself.
-        return AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=trust_remote_code,
-                                                    **kwargs).eval()
+        return loader.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs).eval()
     with freed_memory_returned_at_once(), quantized_experts(precision.experts, expert_count(config)):
         model = type(skeleton).from_pretrained(None, config=config, state_dict=_LazyStateDict(source), **kwargs)
     if source.file("generation_config.json"):  # from_pretrained reads it only when given the folder
