@@ -38,12 +38,18 @@ class RouterLayout:
     renormalize: bool | None = None
     extra_outputs: tuple[str | int, ...] = ()  # config keys holding counts of extra router columns, or counts
     extra_label: str = "extra {i}"
+    extra_rows: tuple[str | int, ...] = ()  # router weight rows beyond the outputs (Inkling's shared-expert gammas)
     names: tuple[str, ...] = ("gate", "router")
     unsupported: str = ""  # why the family's routing cannot be read as probabilities over experts
 
 
-SIGMOID = RouterLayout(scoring="sigmoid")
+# Families whose router scores each expert by the sigmoid of its logit (DeepSeek-V3 and its descendants).
+SIGMOID_FAMILIES = ("axk1", "axk2", "bailing_hybrid", "beam", "deepseek_v3", "deepseek_v32", "dots1", "dots3_note_text",
+                    "exaone_moe", "flint", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "hy_v3", "hy_v4", "inkling2_text",
+                    "kimi_linear", "kolibri1", "laguna", "lfm2_moe", "mimo_v2_flash", "minimax_m2",
+                    "minimax_m3_vl_text", "nemotron_h", "solar_open")
 LAYOUTS: dict[str, RouterLayout] = {
+    **{model_type: RouterLayout(scoring="sigmoid") for model_type in SIGMOID_FAMILIES},
     "llama4_text": RouterLayout(scoring="sigmoid", logits_output=1, renormalize=False),
     "gemma4_text": RouterLayout(scoring="probabilities"),
     "jetmoe": RouterLayout(logits_output=-1, renormalize=True),
@@ -51,18 +57,24 @@ LAYOUTS: dict[str, RouterLayout] = {
                                      "not experts, so there are no probabilities over experts to show"),
     "longcat_flash": RouterLayout(extra_outputs=("zero_expert_num",), extra_label="zero expert {i}"),
     "zaya": RouterLayout(extra_outputs=(1,), extra_label="skip expert"),
+    "inkling_text": RouterLayout(scoring="sigmoid", extra_rows=("n_shared_experts",)),
 }
 DEFAULT = RouterLayout()
 
 
 def text_config(config):
     """The config of the model that routes: a multimodal wrapper's `text_config`, else the config itself."""
+    if isinstance(config, dict):
+        return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
 
 
 def layout_of(config) -> RouterLayout:
-    return LAYOUTS.get(getattr(text_config(config), "model_type", None), DEFAULT)
+    """The family's router layout; `config` is a transformers config or config.json's dict."""
+    config = text_config(config)
+    return LAYOUTS.get(config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None),
+                       DEFAULT)
 
 
 def config_value(config, keys: tuple[str, ...]) -> int | None:
@@ -89,8 +101,16 @@ def expert_count(config) -> int:
 def extra_labels(config) -> list[str]:
     """Names of the router's outputs after the routed experts (zero or skip experts), in order."""
     layout = layout_of(config)
-    total = sum(key if isinstance(key, int) else config_value(config, (key,)) or 0 for key in layout.extra_outputs)
-    return [layout.extra_label.format(i=i) for i in range(total)]
+    return [layout.extra_label.format(i=i) for i in range(_count(config, layout.extra_outputs))]
+
+
+def _count(config, keys: tuple[str | int, ...]) -> int:
+    return sum(key if isinstance(key, int) else config_value(config, (key,)) or 0 for key in keys)
+
+
+def router_rows(config) -> int:
+    """Rows of each router's weight in the checkpoint: its outputs, and rows used otherwise."""
+    return router_width(config) + _count(config, layout_of(config).extra_rows)
 
 
 def router_width(config) -> int:

@@ -35,7 +35,7 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "mo
 # What a family needs beyond TINY (its own names for the shape, or values its validators insist on).
 EXTRA: dict[str, dict] = {
     "dbrx": {"d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
-             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+             "attn_config": {"kv_n_heads": 4, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": EXPERTS, "moe_top_k": 2}},
     "dots1": {"n_routed_experts": EXPERTS, "n_shared_experts": 1},
     "gemma4_text": {"enable_moe_block": True, "num_experts": EXPERTS, "top_k_experts": 2,
@@ -47,6 +47,8 @@ EXTRA: dict[str, dict] = {
     "flint": {"mlp_only_layers": [0], "layer_types": ["full_attention", "sliding_attention"]},
     "granitemoehybrid": {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16,
                          "layer_types": ["mamba", "attention"]},
+    "mimo_v2_flash": {"head_dim": 12},
+    "mistral4": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "longcat_flash": {"num_layers": 2, "ffn_hidden_size": 32, "expert_ffn_hidden_size": 16, "zero_expert_num": 2},
     "lfm2_moe": {"num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
     "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 16},

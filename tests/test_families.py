@@ -1,0 +1,114 @@
+"""Chat and routing read every MoE family transformers ships, from tiny checkpoints in their published layouts.
+
+For each family (tests/moe_families.py) the model is loaded as chat loads it, at fp32, bf16 and 4-bit, and one
+forward is recorded twice: by RouterCapture, and by hooks of this test on the experts module of each MoE layer,
+which is called with the experts the model really runs and their weights. The trace must name exactly those
+experts with exactly those weights, and its probabilities must be the ones those weights come from: the chosen
+experts' weights are a constant multiple of their probabilities (renormalised, scaled, or as they are).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from moe_families import family_names, build_family
+from studio.chat import load_chat_model
+from studio.errors import StudioError
+from studio.moe_layouts import layout_of
+from studio.routing import RouterCapture
+
+IDS = [1, 17, 42, 99, 200, 7, 300, 5, 383, 64, 2, 11]
+# Families whose routing cannot be read as probabilities over experts, and the error that says why.
+UNSUPPORTED = {"doge": "product keys"}
+# Weights that are not a constant multiple of the probabilities: Gemma 4 scales each expert by its own factor,
+# ZAYA gives its skip expert weight 0, PhiMoE weighs by its sparsemixer (a softmax over the logits left in range).
+PER_EXPERT_WEIGHTS = {"gemma4_text", "zaya", "phimoe"}
+# Families whose experts module is not called with the choice: the model runs the top k of its logits.
+CHOICE_BY_TOP_K = {"llama4_text", "jetmoe"}
+READABLE = [name for name in family_names() if name not in UNSUPPORTED]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+
+    def checkpoint(family: str):
+        if family not in built:
+            built[family] = build_family(family, root / family)
+        return built[family]
+
+    return checkpoint
+
+
+def experts_run(model) -> dict[int, list]:
+    """Hooks on every `layers.N...experts` module: the (experts, weights) it is called with, per layer."""
+    runs: dict[int, list] = {}
+    for name, module in model.named_modules():
+        match = re.search(r"layers\.(\d+)\.(?:.+\.)?experts$", name)
+        if match and not isinstance(module, torch.nn.ModuleList):
+            def record(module, args, kwargs, layer=int(match[1])):
+                tensors = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
+                indices = [t for t in tensors if not t.is_floating_point()]
+                weights = [t for t in tensors if t.is_floating_point()]
+                if indices and weights:
+                    runs.setdefault(layer, []).append((indices[0].reshape(len(IDS), -1).long(),
+                                                       weights[0].reshape(len(IDS), -1).float()))
+            module.register_forward_pre_hook(record, with_kwargs=True)
+    return runs
+
+
+def recorded(family: str, folder, precision: str):
+    chat = load_chat_model(folder, precision, "cpu")
+    runs = experts_run(chat.model)
+    with torch.no_grad(), RouterCapture(chat.model) as capture:
+        chat.model(input_ids=torch.tensor([IDS]), use_cache=False)
+    return chat, capture.trace(IDS, [str(i) for i in IDS], 5, chat.labels), runs
+
+
+def by_expert(experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = experts.argsort(dim=-1, stable=True)
+    return experts.gather(-1, order), weights.gather(-1, order)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "4bit"])
+@pytest.mark.parametrize("family", READABLE)
+def test_trace_names_the_experts_the_model_runs(checkpoints, family, precision):
+    chat, trace, runs = recorded(family, checkpoints(family), precision)
+    assert trace.probabilities.shape[1:] == (len(IDS), len(chat.labels))
+    for position, layer in enumerate(trace.layers):
+        experts, weights = by_expert(trace.experts[position], trace.weights[position])
+        if family in CHOICE_BY_TOP_K:
+            top = trace.probabilities[position].topk(trace.top_k, dim=-1).indices.sort(dim=-1).values
+            assert torch.equal(experts, top), (family, layer)
+        else:
+            assert len(runs[layer]) == 1, (family, layer)
+            run_experts, run_weights = by_expert(*runs[layer][0])
+            assert torch.equal(experts, run_experts), (family, layer)
+            torch.testing.assert_close(weights, run_weights, atol=1e-5, rtol=0)
+        if family not in PER_EXPERT_WEIGHTS:
+            chosen = trace.probabilities[position].gather(-1, experts)
+            ratio = weights / chosen
+            torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), atol=0, rtol=1e-4 if precision == "fp32"
+                                       else 2e-2)
+        if layout_of(chat.model.config).scoring == "softmax":
+            sums = trace.probabilities[position].sum(dim=-1)
+            torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+@pytest.mark.parametrize("family", READABLE)
+def test_every_fused_expert_tensor_is_quantized_in_4bit(checkpoints, family):
+    chat = load_chat_model(checkpoints(family), "4bit", "cpu")
+    fused = [name for name, param in chat.model.named_parameters()
+             if param.dim() == 3 and ".experts." in name and param.is_floating_point()]
+    assert not fused, fused
+
+
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_unreadable_routing_is_a_named_error(checkpoints, family):
+    chat = load_chat_model(checkpoints(family), "fp32", "cpu")
+    with pytest.raises(StudioError, match=f"{family}.*{UNSUPPORTED[family]}"):
+        RouterCapture(chat.model)
