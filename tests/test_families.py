@@ -48,7 +48,7 @@ def experts_run(model) -> dict[int, list]:
     """Hooks on every `layers.N...experts` module: the (experts, weights) it is called with, per layer."""
     runs: dict[int, list] = {}
     for name, module in model.named_modules():
-        match = re.search(r"layers\.(\d+)\.(?:.+\.)?experts$", name)
+        match = re.search(r"(?:layers|blocks)\.(\d+)\.(?:.+\.)?experts$", name)
         if match and not isinstance(module, torch.nn.ModuleList):
             def record(module, args, kwargs, layer=int(match[1])):
                 tensors = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
