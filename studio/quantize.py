@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from studio.errors import StudioError
-from studio.moe_layouts import expert_count, model_class
+from studio.moe_layouts import expert_count, model_class, router_width
 from studio.sources import ModelSource
 
 # Quantizing in slices bounds the quantizer's scratch memory (bitsandbytes' CPU path needs ~7x its input, about
@@ -35,6 +35,7 @@ from studio.sources import ModelSource
 SLICE_MAX, SLICE_MIN = 1 << 20, 1 << 12
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 CPU_ROW_BLOCK = 32  # bitsandbytes' CPU 4-bit kernel packs weight rows in blocks of this many
+CPU_IN_BLOCK = 64  # and reads each row in quantization blocks of this many values
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
     if int(transformers.__version__.split(".")[0]) < 5:
         # 4.x keeps experts as nn.Linear modules, which bitsandbytes quantizes itself.
         return loader.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs).eval()
-    with freed_memory_returned_at_once(), quantized_experts(precision.experts, expert_count(config)):
+    with freed_memory_returned_at_once(), quantized_experts(precision.experts, {expert_count(config), router_width(config)}):
         model = type(skeleton).from_pretrained(None, config=config, state_dict=_LazyStateDict(source), **kwargs)
     if source.file("generation_config.json"):  # from_pretrained reads it only when given the folder
         model.generation_config = GenerationConfig.from_pretrained(source.folder)
@@ -204,11 +205,14 @@ def unquantized_modules(skeleton: nn.Module) -> list[str]:
     """Linear layers bitsandbytes must leave alone: the output embedding (as transformers does by default), and
     layers whose outputs do not fill whole CPU-kernel blocks of 32 rows, such as Qwen2-MoE's one-output
     shared-expert gate, or that are empty, such as the zero-width shared expert of a Qwen2-MoE merged without
-    one (bitsandbytes' CPU path fails on them; they are tiny anyway)."""
+    one, or that read a number of values bitsandbytes' CPU kernel cannot block (not a multiple of 64: the small
+    projections of state-space and per-layer-input layers), since bitsandbytes' CPU path fails on them; they are
+    tiny anyway."""
     output = skeleton.get_output_embeddings()
     return [name for name, module in skeleton.named_modules()
             if module is output or (isinstance(module, nn.Linear)
-                                    and (module.out_features % CPU_ROW_BLOCK or not module.weight.numel()))]
+                                    and (module.out_features % CPU_ROW_BLOCK or module.in_features % CPU_IN_BLOCK
+                                         or not module.weight.numel()))]
 
 
 @contextmanager
@@ -260,10 +264,11 @@ class _LazyStateDict(dict):
 
 
 @contextmanager
-def quantized_experts(quantize: Callable | None, experts: int) -> Iterator[None]:
+def quantized_experts(quantize: Callable | None, experts: int | set[int]) -> Iterator[None]:
     """While transformers loads a model in this thread, quantize each fused expert tensor as it is set.
 
-    An expert tensor is a floating 3-D parameter whose first dimension is the expert count. torch calls the
+    An expert tensor is a floating 3-D parameter whose first dimension is the expert count (or one of the counts:
+    LongCat's fused gate and up projections include its zero experts). torch calls the
     registration hook with each new parameter; it returns the quantized data in its place, and the
     parametrization that dequantizes it is attached once loading is done (transformers checks parameters by
     name until then).
@@ -271,12 +276,13 @@ def quantized_experts(quantize: Callable | None, experts: int) -> Iterator[None]
     if quantize is None:
         yield
         return
+    counts = {experts} if isinstance(experts, int) else experts
     thread = threading.get_ident()
     pending: list[tuple[nn.Module, str, nn.Module]] = []
 
     def hook(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
         if (threading.get_ident() != thread or param is None or param.is_meta or param.dim() != 3
-                or param.shape[0] != experts or not param.is_floating_point()):
+                or param.shape[0] not in counts or not param.is_floating_point()):
             return None
         data, dequantize = quantize(param.data, name)
         pending.append((module, name, dequantize))

@@ -2,7 +2,7 @@
 
 The families are found in the installed transformers (every causal-LM config class that speaks of experts, and
 the multimodal wrappers in which some MoEs are published); each is built from its own config class with a tiny
-shape (2 layers, hidden 32, 4 experts), saved with `save_pretrained` and the synthetic tokenizer. What a family
+shape (2 layers, hidden 64, 4 experts), saved with `save_pretrained` and the synthetic tokenizer. What a family
 needs beyond the common tiny shape is data below, not code.
 """
 
@@ -19,14 +19,15 @@ import torch
 from studio.synthetic import make_tokenizer, save_tokenizer
 
 EXPERTS = 4
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 32, "moe_intermediate_size": 16,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8, "vocab_size": 384,
+# bitsandbytes' CPU 4-bit kernel needs every quantized linear layer to read a multiple of 64 values.
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 64, "moe_intermediate_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 384,
         "max_position_embeddings": 128, "num_experts_per_tok": 2, "tie_word_embeddings": False,
-        "shared_expert_intermediate_size": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "shared_expert_intermediate_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
         # multi-head latent attention, sparse-attention indexers, linear attention, per-layer inputs
-        "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
-        "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8, "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8, "linear_head_dim": 8, "vocab_size_per_layer_input": 384,
+        "kv_lora_rank": 64, "q_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "linear_head_dim": 16, "vocab_size_per_layer_input": 384,
         "hidden_size_per_layer_input": 8,
         # one dense layer, then one MoE layer, where a family has both; one expert group
         "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "num_expert_group": 1,
@@ -34,9 +35,9 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 32, "moe
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 # What a family needs beyond TINY (its own names for the shape, or values its validators insist on).
 EXTRA: dict[str, dict] = {
-    "dbrx": {"d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
              "attn_config": {"kv_n_heads": 4, "rope_theta": 10000.0, "clip_qkv": 8.0},
-             "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": EXPERTS, "moe_top_k": 2}},
+             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": EXPERTS, "moe_top_k": 2}},
     "dots1": {"n_routed_experts": EXPERTS, "n_shared_experts": 1},
     "gemma4_text": {"enable_moe_block": True, "num_experts": EXPERTS, "top_k_experts": 2,
                     "layer_types": ["sliding_attention", "full_attention"]},
@@ -45,27 +46,27 @@ EXTRA: dict[str, dict] = {
     "beam": {"mlp_layer_types": ["dense", "sparse"], "layer_types": ["sliding_attention", "full_attention"]},
     "doge": {"is_moe": True},
     "flint": {"mlp_only_layers": [0], "layer_types": ["full_attention", "sliding_attention"]},
-    "granitemoehybrid": {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16,
+    "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16,
                          "layer_types": ["mamba", "attention"]},
     "mimo_v2_flash": {"head_dim": 12, "layer_types": ["full_attention", "sliding_attention"],
                       "mlp_layer_types": ["dense", "sparse"]},
-    "mistral4": {"head_dim": 16, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0,
+    "mistral4": {"head_dim": 32, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0,
                                      "original_max_position_embeddings": 128, "llama_4_scaling_beta": 0.1,
                                      "max_position_embeddings": 128}},
-    "longcat_flash": {"num_layers": 2, "ffn_hidden_size": 32, "expert_ffn_hidden_size": 16, "zero_expert_num": 2},
+    "longcat_flash": {"num_layers": 2, "ffn_hidden_size": 64, "expert_ffn_hidden_size": 64, "zero_expert_num": 2},
     "lfm2_moe": {"num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
-    "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 16},
+    "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 64},
 }
 # Families published as a multimodal `...ForConditionalGeneration` whose `text_config` holds the MoE: the wrapper's
 # model type, and a tiny vision tower of its own names.
 WRAPPED = {
     "llama4_text": ("llama4", {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
                                "intermediate_size": 32, "vision_output_dim": 32, "image_size": 28, "patch_size": 14,
-                               "projector_input_dim": 32, "projector_output_dim": 32}),
+                               "projector_input_dim": 64, "projector_output_dim": 64}),
     "gemma4_text": ("gemma4", {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,
                                "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8}),
     "qwen3_5_moe_text": ("qwen3_5_moe", {"depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 4,
-                                         "out_hidden_size": 32}),
+                                         "out_hidden_size": 64}),
 }
 # Causal LMs that transformers' causal-LM auto mapping leaves out, and their class.
 EXTRA_CAUSAL_LMS = {"mistral4": "Mistral4ForCausalLM"}
