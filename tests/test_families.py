@@ -28,7 +28,10 @@ UNSUPPORTED = {"doge": "product keys"}
 PER_EXPERT_WEIGHTS = {"gemma4_text", "zaya", "phimoe"}
 # Families whose experts module is not called with the choice: the model runs the top k of its logits.
 CHOICE_BY_TOP_K = {"llama4_text", "jetmoe"}
-READABLE = [name for name in family_names() if name not in UNSUPPORTED]
+# Families no tiny checkpoint of which runs a forward in transformers itself (its attention shapes do not fit a
+# small config), so there is nothing to compare with.
+NOT_BUILT = {"mimo_v2_flash"}
+READABLE = [name for name in family_names() if name not in UNSUPPORTED and name not in NOT_BUILT]
 
 
 @pytest.fixture(scope="module")
