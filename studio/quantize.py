@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from studio import mxfp4
 from studio.errors import StudioError
 from studio.moe_layouts import expert_count, model_class, router_width
 from studio.sources import ModelSource
@@ -182,6 +183,8 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
     import transformers
     from transformers import BitsAndBytesConfig, GenerationConfig
 
+    if mxfp4.is_mxfp4(config):  # its experts are dequantised as they are read (_LazyStateDict)
+        config = mxfp4.without_mxfp4(config)
     loader = model_class(config, trust_remote_code)
     with torch.device("meta"):  # the architecture without weights: its class and module names
         skeleton = loader.from_config(config, trust_remote_code=trust_remote_code) if hasattr(loader, "from_config") \
@@ -254,10 +257,14 @@ class _LazyTensor:
 
 
 class _LazyStateDict(dict):
-    """Every tensor of a checkpoint, unread. transformers deep-copies its arguments; this one is shared."""
+    """Every tensor of a checkpoint, unread (MXFP4 blocks and scales as the tensor they pack). transformers
+    deep-copies its arguments; this one is shared."""
 
     def __init__(self, source: ModelSource):
         super().__init__({name: _LazyTensor(source, name) for name in source.tensors})
+        for name, (blocks, scales) in mxfp4.packed_pairs(source.tensors).items():
+            del self[blocks], self[scales]
+            self[name] = mxfp4.PackedTensor(source.read, blocks, scales)
 
     def __deepcopy__(self, memo) -> "_LazyStateDict":
         return self

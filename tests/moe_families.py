@@ -121,18 +121,51 @@ def build_family(model_type: str, folder: Path, seed: int = 0) -> Path:
     model = model_class.from_config(config) if model_class is auto else model_class(config)
     _spread_routing(model)
     model.save_pretrained(folder)
+    if model_type in PUBLISHED_AS:
+        PUBLISHED_AS[model_type](folder)
     save_tokenizer(make_tokenizer(), folder)
     return folder
 
 
 def _spread_routing(model: torch.nn.Module) -> None:
-    """Random routers of a tiny model are nearly flat and its routing biases zero: scale routers up and give
-    biases values, so that probabilities differ clearly and a bias changes which experts are chosen."""
+    """A fresh model's routing biases are zero: give them values, so that a trace that left them out of the choice
+    of experts would name other experts than the model runs."""
     with torch.no_grad():
-        for name, tensor in model.named_parameters():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if re.search(r"(e_score_correction_bias|expert_bias)$", name):
                 tensor.copy_(torch.linspace(-0.5, 0.5, tensor.numel()).reshape(tensor.shape))
 
 
 def saved_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+def mxfp4_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transformers (experts, columns, rows) tensor as published MXFP4 blocks and scales: each block of 32 values
+    along the columns at the nearest E2M1 value of the block's power-of-two range."""
+    from studio.mxfp4 import FP4_VALUES, SCALE_BIAS
+
+    published = weight.float().transpose(1, 2)
+    groups = published.reshape(*published.shape[:-1], -1, 32)
+    exponents = torch.ceil(torch.log2(groups.abs().amax(dim=-1).clamp_min(2.0 ** -126) / 6)).clamp(-SCALE_BIAS, 127)
+    scaled = groups / torch.exp2(exponents)[..., None]
+    codes = (scaled[..., None] - torch.tensor(FP4_VALUES)).abs().argmin(dim=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8), (exponents + SCALE_BIAS).to(torch.uint8)
+
+
+def publish_in_mxfp4(folder: Path) -> None:
+    """Rewrite a saved gpt-oss as OpenAI publishes it: fused experts in MXFP4, the rest as it was."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    for name in [n for n in weights if re.search(r"experts\.(gate_up_proj|down_proj)$", n)]:
+        weights[f"{name}_blocks"], weights[f"{name}_scales"] = mxfp4_pack(weights.pop(name))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = saved_config(folder)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# Families published in a layout of their own, and what rewrites a saved checkpoint into it.
+PUBLISHED_AS = {"gpt_oss": publish_in_mxfp4}

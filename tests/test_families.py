@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from moe_families import family_names, build_family
+from moe_families import build_family, family_names, saved_config
 from studio.chat import load_chat_model
 from studio.errors import StudioError
 from studio.moe_layouts import layout_of
@@ -115,3 +115,43 @@ def test_unreadable_routing_is_a_named_error(checkpoints, family):
     chat = load_chat_model(checkpoints(family), "fp32", "cpu")
     with pytest.raises(StudioError, match=f"{family}.*{UNSUPPORTED[family]}"):
         RouterCapture(chat.model)
+
+
+def test_trace_lists_the_chosen_experts_best_first(checkpoints):
+    _, trace, _ = recorded("deepseek_v3", checkpoints("deepseek_v3"), "fp32")
+    assert torch.equal(trace.weights, trace.weights.sort(dim=-1, descending=True).values)
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantised_as_transformers_dequantises_them(checkpoints):
+    """The published layout keeps gpt-oss's experts as MXFP4 blocks and scales; transformers dequantises them on
+    the CPU itself, and chat's streamed loading must give exactly the same bf16 experts."""
+    from transformers import AutoModelForCausalLM
+
+    folder = checkpoints("gpt_oss")
+    assert saved_config(folder)["quantization_config"]["quant_method"] == "mxfp4"
+    own = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    chat = load_chat_model(folder, "bf16", "cpu")
+    for layer, expected in zip(chat.model.model.layers, own.model.layers):
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(getattr(layer.mlp.experts, name), getattr(expected.mlp.experts, name)), name
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "dbrx", "longcat_flash", "gpt_oss", "deepseek_v3"])
+def test_eval_routing_reads_the_family(checkpoints, family):
+    from studio.evaluate import evaluate_routing
+
+    report = evaluate_routing(checkpoints(family), {0: ["def add(a, b):", "import os"], 1: ["12 + 7 = 19"]})
+    chat = load_chat_model(checkpoints(family), "fp32", "cpu")
+    assert report.labels == chat.labels
+    layers = len(report.same_expert_rate)
+    assert [sum(row) for row in report.confusion] == [2 * layers, 1 * layers]
+
+
+def test_route_names_a_family_whose_routing_cannot_be_read(checkpoints, tmp_path, capsys):
+    from studio.cli import main
+
+    code = main(["route", str(checkpoints("doge")), "hello", "--precision", "fp32", "--device", "cpu",
+                 "--max-new-tokens", "2", "--html", str(tmp_path / "route.html")])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "doge" in error and "product keys" in error and "Traceback" not in error
