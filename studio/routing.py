@@ -90,7 +90,7 @@ def find_routers(model) -> dict[int, torch.nn.Module]:
     count, layout = expert_count(model.config), layout_of(model.config)
     if layout.unsupported:
         raise StudioError(f"{type(model).__name__} ({text_config(model.config).model_type}): routing cannot be "
-                          f"recorded: {layout.unsupported}. Chat works without the routing view (capture off).")
+                          f"recorded: {layout.unsupported}.")
     names = layout.names
     routers: dict[int, torch.nn.Module] = {}
     for name, module in model.named_modules():

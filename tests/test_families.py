@@ -10,12 +10,14 @@ experts' weights are a constant multiple of their probabilities (renormalised, s
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
 
 from moe_families import build_family, family_names, saved_config
-from studio.chat import load_chat_model
+from studio.chat import ChatSettings, load_chat_model
 from studio.errors import StudioError
 from studio.moe_layouts import layout_of
 from studio.routing import RouterCapture
@@ -28,10 +30,10 @@ UNSUPPORTED = {"doge": "product keys"}
 PER_EXPERT_WEIGHTS = {"gemma4_text", "zaya", "phimoe"}
 # Families whose experts module is not called with the choice: the model runs the top k of its logits.
 CHOICE_BY_TOP_K = {"llama4_text", "jetmoe"}
-# Families no tiny checkpoint of which runs a forward in transformers itself (its attention shapes do not fit a
-# small config), so there is nothing to compare with.
-NOT_BUILT = {"mimo_v2_flash"}
-READABLE = [name for name in family_names() if name not in UNSUPPORTED and name not in NOT_BUILT]
+READABLE = [name for name in family_names() if name not in UNSUPPORTED]
+# A two-layer Qwen4-Exp has no attention layer (only its indexed-attention layers hold a cache that counts tokens),
+# and transformers' own generate stops at that; its routing is checked on a plain forward above.
+NO_GENERATION = {"qwen4_exp_text"}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,24 @@ def checkpoints(tmp_path_factory):
     return checkpoint
 
 
-def experts_run(model) -> dict[int, list]:
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+    """The chat model of a family at a precision, loaded once for the tests of this module."""
+    models = {}
+
+    def load(family: str, precision: str):
+        if (family, precision) not in models:
+            models[family, precision] = load_chat_model(checkpoints(family), precision, "cpu")
+        return models[family, precision]
+
+    return load
+
+
+@contextmanager
+def experts_run(model) -> Iterator[dict[int, list]]:
     """Hooks on every `layers.N...experts` module: the (experts, weights) it is called with, per layer."""
     runs: dict[int, list] = {}
+    handles = []
     for name, module in model.named_modules():
         match = re.search(r"(?:layers|blocks)\.(\d+)\.(?:.+\.)?experts$", name)
         if match and not isinstance(module, torch.nn.ModuleList):
@@ -60,16 +77,18 @@ def experts_run(model) -> dict[int, list]:
                 if indices and weights:
                     runs.setdefault(layer, []).append((indices[0].reshape(len(IDS), -1).long(),
                                                        weights[0].reshape(len(IDS), -1).float()))
-            module.register_forward_pre_hook(record, with_kwargs=True)
-    return runs
+            handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        yield runs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def recorded(family: str, folder, precision: str):
-    chat = load_chat_model(folder, precision, "cpu")
-    runs = experts_run(chat.model)
-    with torch.no_grad(), RouterCapture(chat.model) as capture:
+def recorded(chat):
+    with torch.no_grad(), experts_run(chat.model) as runs, RouterCapture(chat.model) as capture:
         chat.model(input_ids=torch.tensor([IDS]), use_cache=False)
-    return chat, capture.trace(IDS, [str(i) for i in IDS], 5, chat.labels), runs
+    return capture.trace(IDS, [str(i) for i in IDS], 5, chat.labels), runs
 
 
 def by_expert(experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +98,9 @@ def by_expert(experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tenso
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "4bit"])
 @pytest.mark.parametrize("family", READABLE)
-def test_trace_names_the_experts_the_model_runs(checkpoints, family, precision):
-    chat, trace, runs = recorded(family, checkpoints(family), precision)
+def test_trace_names_the_experts_the_model_runs(loaded, family, precision):
+    chat = loaded(family, precision)
+    trace, runs = recorded(chat)
     assert trace.probabilities.shape[1:] == (len(IDS), len(chat.labels))
     for position, layer in enumerate(trace.layers):
         experts, weights = by_expert(trace.experts[position], trace.weights[position])
@@ -103,26 +123,34 @@ def test_trace_names_the_experts_the_model_runs(checkpoints, family, precision):
 
 
 @pytest.mark.parametrize("family", READABLE)
-def test_every_fused_expert_tensor_is_quantized_in_4bit(checkpoints, family):
-    chat = load_chat_model(checkpoints(family), "4bit", "cpu")
+def test_every_fused_expert_tensor_is_quantized_in_4bit(loaded, family):
+    chat = loaded(family, "4bit")
     fused = [name for name, param in chat.model.named_parameters()
              if param.dim() == 3 and ".experts." in name and param.is_floating_point()]
     assert not fused, fused
 
 
 @pytest.mark.parametrize("family", sorted(UNSUPPORTED))
-def test_unreadable_routing_is_a_named_error(checkpoints, family):
-    chat = load_chat_model(checkpoints(family), "fp32", "cpu")
+def test_unreadable_routing_is_a_named_error(loaded, family):
+    chat = loaded(family, "fp32")
     with pytest.raises(StudioError, match=f"{family}.*{UNSUPPORTED[family]}"):
         RouterCapture(chat.model)
 
 
-def test_trace_lists_the_chosen_experts_best_first(checkpoints):
-    _, trace, _ = recorded("deepseek_v3", checkpoints("deepseek_v3"), "fp32")
+@pytest.mark.parametrize("family", [name for name in READABLE if name not in NO_GENERATION])
+def test_chat_answers_and_records_its_routing_in_4bit(loaded, family):
+    chat = loaded(family, "4bit")
+    reply = chat.reply([{"role": "user", "content": "hello"}], ChatSettings(temperature=0, max_new_tokens=2))
+    assert reply.new_tokens == 2
+    assert reply.trace.probabilities.shape[1:] == (len(reply.trace.tokens), len(chat.labels))
+
+
+def test_trace_lists_the_chosen_experts_best_first(loaded):
+    trace, _ = recorded(loaded("deepseek_v3", "fp32"))
     assert torch.equal(trace.weights, trace.weights.sort(dim=-1, descending=True).values)
 
 
-def test_gpt_oss_mxfp4_experts_are_dequantised_as_transformers_dequantises_them(checkpoints):
+def test_gpt_oss_mxfp4_experts_are_dequantised_as_transformers_dequantises_them(checkpoints, loaded):
     """The published layout keeps gpt-oss's experts as MXFP4 blocks and scales; transformers dequantises them on
     the CPU itself, and chat's streamed loading must give exactly the same bf16 experts."""
     from transformers import AutoModelForCausalLM
@@ -130,18 +158,18 @@ def test_gpt_oss_mxfp4_experts_are_dequantised_as_transformers_dequantises_them(
     folder = checkpoints("gpt_oss")
     assert saved_config(folder)["quantization_config"]["quant_method"] == "mxfp4"
     own = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    chat = load_chat_model(folder, "bf16", "cpu")
+    chat = loaded("gpt_oss", "bf16")
     for layer, expected in zip(chat.model.model.layers, own.model.layers):
         for name in ("gate_up_proj", "down_proj"):
             assert torch.equal(getattr(layer.mlp.experts, name), getattr(expected.mlp.experts, name)), name
 
 
 @pytest.mark.parametrize("family", ["llama4_text", "dbrx", "longcat_flash", "gpt_oss", "deepseek_v3"])
-def test_eval_routing_reads_the_family(checkpoints, family):
+def test_eval_routing_reads_the_family(checkpoints, loaded, family):
     from studio.evaluate import evaluate_routing
 
     report = evaluate_routing(checkpoints(family), {0: ["def add(a, b):", "import os"], 1: ["12 + 7 = 19"]})
-    chat = load_chat_model(checkpoints(family), "fp32", "cpu")
+    chat = loaded(family, "fp32")
     assert report.labels == chat.labels
     layers = len(report.same_expert_rate)
     assert [sum(row) for row in report.confusion] == [2 * layers, 1 * layers]
