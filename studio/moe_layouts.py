@@ -4,13 +4,17 @@ Most families are read by the defaults: the router is the module called `gate` o
 layer, its first output is the logits, the probabilities are their softmax, and the experts the model runs are
 the `(indices, weights)` its `experts` module is called with (so routing biases and grouped choices are
 included as the model applies them). What differs is listed per model type: where the expert count is, how the
-router scores experts (sigmoid, or probabilities already), which output holds the logits, and router outputs
-that are not experts (LongCat's zero experts, ZAYA's skip expert). Multimodal wrappers route their text model.
+router scores experts (sigmoid, or probabilities already), which output holds the logits, routers that score keys
+rather than experts (Doge), and router outputs that are not experts (LongCat's zero experts, ZAYA's skip
+expert). Multimodal wrappers route their text model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import isqrt
+
+import torch
 
 from studio.errors import StudioError
 
@@ -20,6 +24,34 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "mo
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "top_k_experts", "num_experts_per_token", "moe_k",
               "ffn_config.moe_top_k")
 SCORINGS = ("softmax", "sigmoid", "probabilities")
+
+
+class ProductKeys:
+    """Doge's router scores 2 x sqrt(experts) keys per token: expert i * sqrt(experts) + j scores key i of the first
+    half plus key j of the second, and the model picks its experts among all of them by that sum. The halves are
+    split as the model splits them: a view of the router's whole output as (2, tokens, keys), which pairs the
+    first half of the tokens with the second when several tokens go through at once, as in the model."""
+
+    @staticmethod
+    def width(experts: int) -> int:
+        return 2 * isqrt(experts)
+
+    @staticmethod
+    def expert_logits(output: torch.Tensor) -> torch.Tensor:
+        halves = output.reshape(2, -1, output.shape[-1] // 2)
+        return (halves[0][:, :, None] + halves[1][:, None, :]).flatten(1)
+
+
+class OneLogitPerExpert:
+    """The usual router: one logit per expert."""
+
+    @staticmethod
+    def width(experts: int) -> int:
+        return experts
+
+    @staticmethod
+    def expert_logits(output: torch.Tensor) -> torch.Tensor:
+        return output
 
 
 @dataclass(frozen=True)
@@ -40,7 +72,7 @@ class RouterLayout:
     extra_label: str = "extra {i}"
     extra_rows: tuple[str | int, ...] = ()  # router weight rows beyond the outputs (Inkling's shared-expert gammas)
     names: tuple[str, ...] = ("gate", "router")
-    unsupported: str = ""  # why the family's routing cannot be read as probabilities over experts
+    logits: type = OneLogitPerExpert  # how the router's output gives one logit per expert
 
 
 # Families whose router scores each expert by the sigmoid of its logit (DeepSeek-V3 and its descendants).
@@ -53,8 +85,7 @@ LAYOUTS: dict[str, RouterLayout] = {
     "llama4_text": RouterLayout(scoring="sigmoid", logits_output=1, renormalize=False),
     "gemma4_text": RouterLayout(scoring="probabilities"),
     "jetmoe": RouterLayout(logits_output=-1, renormalize=True),
-    "doge": RouterLayout(unsupported="its router scores product keys (two halves of sqrt(experts) logits each), "
-                                     "not experts, so there are no probabilities over experts to show"),
+    "doge": RouterLayout(names=("router_gate",), renormalize=True, logits=ProductKeys),
     "longcat_flash": RouterLayout(extra_outputs=("zero_expert_num",), extra_label="zero expert {i}"),
     "zaya": RouterLayout(extra_outputs=(1,), extra_label="skip expert"),
     "inkling_text": RouterLayout(scoring="sigmoid", extra_rows=("n_shared_experts",)),

@@ -88,14 +88,11 @@ def find_routers(model) -> dict[int, torch.nn.Module]:
     router) inside `layers.N`, with an output per expert. Dense layers, and gates of one output (Qwen2-MoE's
     shared-expert gate), have none."""
     count, layout = expert_count(model.config), layout_of(model.config)
-    if layout.unsupported:
-        raise StudioError(f"{type(model).__name__} ({text_config(model.config).model_type}): routing cannot be "
-                          f"recorded: {layout.unsupported}.")
-    names = layout.names
+    names, width = layout.names, layout.logits.width(count)
     routers: dict[int, torch.nn.Module] = {}
     for name, module in model.named_modules():
         match = ROUTER_NAME.search(name)
-        if match and match[2] in names and (_outputs(module) or 0) >= count and ".experts." not in name:
+        if match and match[2] in names and (_outputs(module) or 0) >= width and ".experts." not in name:
             routers.setdefault(int(match[1]), module)
     if not routers:
         raise StudioError(f"No router found in {type(model).__name__} ({getattr(model.config, 'model_type', '?')}): "
@@ -211,6 +208,8 @@ class RouterCapture:
         """A router's output as (its logits, or probabilities for routers that give them; the outputs after)."""
         position = self.layout.logits_output % len(output) if isinstance(output, tuple) else 0
         logits, rest = (output[position], output[position + 1:]) if isinstance(output, tuple) else (output, ())
+        if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+            logits = self.layout.logits.expert_logits(logits)
         if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape[-1] == self.experts):
             raise StudioError(f"Layer {layer}'s router does not return its logits first (it returns "
                               f"{type(output).__name__}); its routing cannot be recorded.")

@@ -92,32 +92,35 @@ def family_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def tiny_config(model_type: str):
-    """The family's config class with the tiny shape: only the keys it knows, 4 experts wherever it counts them."""
+def tiny_config(model_type: str, **changes):
+    """The family's config class with the tiny shape: only the keys it knows, 4 experts wherever it counts them
+    (and `changes`)."""
     from transformers import AutoConfig
 
     config_class = type(AutoConfig.for_model(model_type))
     default = config_class()
     values = {key: value for key, value in TINY.items() if key in default.to_dict()}
     values |= {key: EXPERTS for key in EXPERT_COUNT_KEYS if isinstance(default.to_dict().get(key), int)}
-    return config_class(**values | EXTRA.get(model_type, {}))
+    return config_class(**values | EXTRA.get(model_type, {}) | changes)
 
 
-def published_config(model_type: str):
+def published_config(model_type: str, **changes):
     """The config as the family is published: the wrapper around it for WRAPPED families."""
     if model_type not in WRAPPED:
-        return tiny_config(model_type)
+        return tiny_config(model_type, **changes)
     from transformers import AutoConfig
 
     wrapper, vision = WRAPPED[model_type]
-    return type(AutoConfig.for_model(wrapper))(text_config=tiny_config(model_type).to_dict(), vision_config=vision)
+    return type(AutoConfig.for_model(wrapper))(text_config=tiny_config(model_type, **changes).to_dict(),
+                                               vision_config=vision)
 
 
-def build_family(model_type: str, folder: Path, seed: int = 0) -> Path:
-    """A tiny random checkpoint of the family in `folder`, saved as transformers saves it, with a tokenizer."""
+def build_family(model_type: str, folder: Path, seed: int = 0, **changes) -> Path:
+    """A tiny random checkpoint of the family in `folder`, saved as transformers saves it, with a tokenizer;
+    `changes` are config values of the family's text model."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = published_config(model_type)
+    config = published_config(model_type, **changes)
     torch.manual_seed(seed)
     import transformers
 
