@@ -1,10 +1,10 @@
 """Does routing send each domain to its expert? Measured on held-out prompts, layer by layer.
 
-For every prompt and layer, each token's first-choice expert is read from the experts the model runs. Reported per intended expert:
-the share of tokens, and of prompts (majority over the prompt's tokens), that reach it in each layer; the
-share of prompts that reach it in a majority of layers; a confusion matrix over (prompt, layer) pairs; and,
-per layer, how often consecutive tokens keep the same top-1 expert against the random baseline (Mixtral
-paper, Table 5).
+For every prompt and layer, each token's first-choice expert is read from the experts the model runs. Reported
+per intended expert: the share of tokens, and of prompts (majority over the prompt's tokens), that reach it in
+each layer; the share of prompts that reach it in a majority of layers; a confusion matrix over (prompt, layer)
+pairs; and, per layer, how often consecutive tokens keep the same top-1 expert against the random baseline
+(Mixtral paper, Table 5).
 """
 
 from __future__ import annotations

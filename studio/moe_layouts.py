@@ -23,7 +23,6 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "mo
                      "ffn_config.moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "top_k_experts", "num_experts_per_token", "moe_k",
               "ffn_config.moe_top_k")
-SCORINGS = ("softmax", "sigmoid", "probabilities")
 
 
 class ProductKeys:
@@ -61,8 +60,9 @@ class RouterLayout:
     scoring: what turns the logits into the model's probabilities (softmax, sigmoid, or none: "probabilities"
     when the router already returns them). logits_output: which of the router's outputs holds them.
     renormalize: whether the chosen weights are rescaled to sum to 1, for families whose experts module is not
-    called with the choice (Llama 4 weighs by the sigmoid itself). extra_outputs: names of router outputs after
-    the routed experts, from the config.
+    called with the choice (Llama 4 weighs by the sigmoid itself). extra_outputs and extra_label: router outputs
+    after the routed experts and their names. extra_rows: router weight rows that are not outputs. names: what
+    the MoE block calls its router. logits: how the router's output gives one logit per expert.
     """
 
     scoring: str = "softmax"
@@ -72,14 +72,14 @@ class RouterLayout:
     extra_label: str = "extra {i}"
     extra_rows: tuple[str | int, ...] = ()  # router weight rows beyond the outputs (Inkling's shared-expert gammas)
     names: tuple[str, ...] = ("gate", "router")
-    logits: type = OneLogitPerExpert  # how the router's output gives one logit per expert
+    logits: type = OneLogitPerExpert
 
 
 # Families whose router scores each expert by the sigmoid of its logit (DeepSeek-V3 and its descendants).
-SIGMOID_FAMILIES = ("axk1", "axk2", "bailing_hybrid", "beam", "deepseek_v3", "deepseek_v32", "dots1", "dots3_note_text",
-                    "exaone_moe", "flint", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "hy_v3", "hy_v4", "inkling2_text",
-                    "kimi_linear", "kolibri1", "laguna", "lfm2_moe", "mimo_v2_flash", "minimax_m2",
-                    "minimax_m3_vl_text", "nemotron_h", "solar_open")
+SIGMOID_FAMILIES = ("axk1", "axk2", "bailing_hybrid", "beam", "deepseek_v3", "deepseek_v32", "dots1",
+                    "dots3_note_text", "exaone_moe", "flint", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "hy_v3",
+                    "hy_v4", "inkling2_text", "kimi_linear", "kolibri1", "laguna", "lfm2_moe", "mimo_v2_flash",
+                    "minimax_m2", "minimax_m3_vl_text", "nemotron_h", "solar_open")
 LAYOUTS: dict[str, RouterLayout] = {
     **{model_type: RouterLayout(scoring="sigmoid") for model_type in SIGMOID_FAMILIES},
     "llama4_text": RouterLayout(scoring="sigmoid", logits_output=1, renormalize=False),

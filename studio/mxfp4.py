@@ -4,8 +4,8 @@ Each fused expert tensor `X` is stored as `X_blocks` (uint8, two 4-bit E2M1 valu
 32 values) and `X_scales` (uint8, the power of two of each block, biased by 127), in the layout (experts, rows,
 columns) that transformers transposes into its own (experts, columns, rows). Every such value times its power of
 two is exact in bf16, so dequantising here loses nothing, and the studio then loads the model as any other: at bf16
-or fp32, or quantized again to its 4-bit NF4 experts (bitsandbytes cannot take MXFP4 weights as they are). On the
-CPU this is the only way to run these experts; MXFP4 kernels need a recent GPU and triton.
+or fp32, or quantized again to its 4-bit NF4 experts (bitsandbytes cannot take MXFP4 weights as they are). The
+experts are always dequantised here: MXFP4 kernels need a recent GPU and triton.
 """
 
 from __future__ import annotations

@@ -197,7 +197,8 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
     if int(transformers.__version__.split(".")[0]) < 5:
         # 4.x keeps experts as nn.Linear modules, which bitsandbytes quantizes itself.
         return loader.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs).eval()
-    with freed_memory_returned_at_once(), quantized_experts(precision.experts, {expert_count(config), router_width(config)}):
+    expert_counts = {expert_count(config), router_width(config)}
+    with freed_memory_returned_at_once(), quantized_experts(precision.experts, expert_counts):
         model = type(skeleton).from_pretrained(None, config=config, state_dict=_LazyStateDict(source), **kwargs)
     if source.file("generation_config.json"):  # from_pretrained reads it only when given the folder
         model.generation_config = GenerationConfig.from_pretrained(source.folder)

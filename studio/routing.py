@@ -40,8 +40,9 @@ def load_moe(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_
         model = model_class(config, trust_remote_code).from_pretrained(source.folder, dtype=dtype,
                                                                         trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise StudioError(f"Model {path}: transformers cannot load it ({type(exc).__name__}: {str(exc)[:200]}). If it "
-                          f"ships its own code and you trust it, pass trust_remote_code (--trust-remote-code).") from exc
+        raise StudioError(f"Model {path}: transformers cannot load it ({type(exc).__name__}: {str(exc)[:200]}). If "
+                          f"it ships its own code and you trust it, pass trust_remote_code (--trust-remote-code).") \
+            from exc
     return model.eval(), tokenizer
 
 
