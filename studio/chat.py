@@ -20,7 +20,8 @@ from studio.errors import StudioError
 from studio.gates import prompt_ids
 from studio.quantize import footprint, load_model, precision_named
 from studio.report import human_bytes
-from studio.routing import RouterCapture, expert_count, router_labels
+from studio.moe_layouts import expert_count
+from studio.routing import RouterCapture, router_labels
 from studio.moe_folder import open_moe_folder
 from studio.sources import ModelRef, ModelSource
 from studio.trace import RouterTrace
