@@ -20,7 +20,8 @@ from studio.errors import StudioError
 from studio.gates import prompt_ids
 from studio.quantize import footprint, load_model, precision_named
 from studio.report import human_bytes
-from studio.routing import RouterCapture, expert_count, expert_labels
+from studio.moe_layouts import expert_count
+from studio.routing import RouterCapture, router_labels
 from studio.moe_folder import open_moe_folder
 from studio.sources import ModelRef, ModelSource
 from studio.trace import RouterTrace
@@ -211,7 +212,7 @@ def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "a
     except ValueError as exc:  # unknown model type: remote code that was not allowed, or a newer transformers
         raise StudioError(f"Model {model}: transformers cannot build it ({exc}). If it ships its own code and you "
                           f"trust it, pass trust_remote_code (--trust-remote-code).") from None
-    count = expert_count(config)
+    expert_count(config)  # a named error for a model without experts, before anything is loaded
     tokenizer = _tokenizer(source, trust_remote_code)
     try:
         loaded = load_model(source, config, chosen, device, trust_remote_code)
@@ -223,7 +224,7 @@ def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "a
     stop = () if tokenizer.chat_template else FALLBACK_STOP
     if not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_TEMPLATE
-    return ChatModel(loaded, tokenizer, source.label, chosen.name, expert_labels(source.folder, count),
+    return ChatModel(loaded, tokenizer, source.label, chosen.name, router_labels(source.folder, config),
                      footprint(loaded), stop)
 
 

@@ -1,10 +1,10 @@
 """Does routing send each domain to its expert? Measured on held-out prompts, layer by layer.
 
-For every prompt and layer, each token's top-1 expert is read from the router. Reported per intended expert:
-the share of tokens, and of prompts (majority over the prompt's tokens), that reach it in each layer; the
-share of prompts that reach it in a majority of layers; a confusion matrix over (prompt, layer) pairs; and,
-per layer, how often consecutive tokens keep the same top-1 expert against the random baseline (Mixtral
-paper, Table 5).
+For every prompt and layer, each token's first-choice expert is read from the experts the model runs. Reported
+per intended expert: the share of tokens, and of prompts (majority over the prompt's tokens), that reach it in
+each layer; the share of prompts that reach it in a majority of layers; a confusion matrix over (prompt, layer)
+pairs; and, per layer, how often consecutive tokens keep the same top-1 expert against the random baseline
+(Mixtral paper, Table 5).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import yaml
 
 from studio.errors import StudioError
 from studio.report import format_table
-from studio.routing import expert_labels, load_moe, num_experts, router_probabilities
+from studio.routing import load_moe, num_experts, route_sequence, router_labels
 
 
 @dataclass
@@ -78,7 +78,7 @@ def evaluate_routing(model_or_path, prompts: dict[int | str, list[str]], tokeniz
     `trust_remote_code`) or an already loaded model."""
     if isinstance(model_or_path, (str, Path)):
         model, tokenizer = load_moe(model_or_path, trust_remote_code=trust_remote_code)
-        labels = labels or expert_labels(model_or_path, num_experts(model))
+        labels = labels or router_labels(model_or_path, model.config)
     else:
         model = model_or_path
     labels = labels or [f"expert {i}" for i in range(num_experts(model))]
@@ -106,8 +106,8 @@ def evaluate_routing(model_or_path, prompts: dict[int | str, list[str]], tokeniz
 
 
 def _top1(model, tokenizer, text: str) -> torch.Tensor:
-    """(layers, tokens) top-1 expert of each prompt token, the prompt encoded as the gates were (BOS + text)."""
+    """(layers, tokens) first-choice expert of each prompt token (of those the model runs, the one of largest
+    weight), the prompt encoded as the gates were (BOS + text)."""
     bos = tokenizer.bos_token or ""
     ids = tokenizer(bos + text, add_special_tokens=False)["input_ids"]
-    probs = router_probabilities(model, ids)
-    return probs[:, 1 if bos else 0:].argmax(dim=-1)
+    return route_sequence(model, ids).top1()[:, 1 if bos else 0:]

@@ -14,7 +14,7 @@ from pathlib import Path
 from studio.errors import StudioError
 from studio.integrity import nonfinite_count
 from studio.families import family_of
-from studio.routing import EXPERT_COUNT_KEYS, TOP_K_KEYS
+from studio.moe_layouts import EXPERT_COUNT_KEYS, TOP_K_KEYS, router_rows
 from studio.sources import ModelSource, open_model, read_json
 # A router's weight: `...layers.N.<block>.gate.weight` (Mixtral, Qwen-MoE, DeepSeek, Phi MoE) or `.router.weight`;
 # not a shared expert's one-row gate, nor an MLP's gate_proj.
@@ -69,7 +69,7 @@ def check_config_matches_weights(source: ModelSource) -> None:
     for name, info in sorted(routers.items()):
         if len(info.shape) != 2:
             continue
-        if info.shape[0] != count:
+        if info.shape[0] not in (count, router_rows(source.config)):
             raise StudioError(f"Model {source.label}: config.json says {key} = {count}, but the router {name} in "
                               f"{info.path.name} has {info.shape[0]} rows (one per expert): the config does not "
                               f"match the weights. Fix config.json, or download the model again.")

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from studio import mxfp4
 from studio.errors import StudioError
-from studio.routing import expert_count
+from studio.moe_layouts import expert_count, model_class, router_width
 from studio.sources import ModelSource
 
 # Quantizing in slices bounds the quantizer's scratch memory (bitsandbytes' CPU path needs ~7x its input, about
@@ -35,6 +36,7 @@ from studio.sources import ModelSource
 SLICE_MAX, SLICE_MIN = 1 << 20, 1 << 12
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 CPU_ROW_BLOCK = 32  # bitsandbytes' CPU 4-bit kernel packs weight rows in blocks of this many
+CPU_IN_BLOCK = 64  # and reads each row in quantization blocks of this many values
 
 
 @dataclass(frozen=True)
@@ -179,10 +181,14 @@ def device_map(device: str, quantized: bool) -> tuple[str | dict, dict]:
 def load_model(source: ModelSource, config, precision: Precision, device: str, trust_remote_code: bool):
     """The model of `source` at `precision` on `device`, streamed from its checkpoint; eval mode."""
     import transformers
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
+    from transformers import BitsAndBytesConfig, GenerationConfig
 
+    if mxfp4.is_mxfp4(config):  # its experts are dequantised as they are read (_LazyStateDict)
+        config = mxfp4.without_mxfp4(config)
+    loader = model_class(config, trust_remote_code)
     with torch.device("meta"):  # the architecture without weights: its class and module names
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = loader.from_config(config, trust_remote_code=trust_remote_code) if hasattr(loader, "from_config") \
+            else loader._from_config(config)
     where, offload = device_map(device, precision.bnb is not None)
     kwargs = {"dtype": precision.dtype, "device_map": where}
     if precision.bnb:
@@ -190,9 +196,9 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
                                                            llm_int8_skip_modules=unquantized_modules(skeleton))
     if int(transformers.__version__.split(".")[0]) < 5:
         # 4.x keeps experts as nn.Linear modules, which bitsandbytes quantizes itself.
-        return AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=trust_remote_code,
-                                                    **kwargs).eval()
-    with freed_memory_returned_at_once(), quantized_experts(precision.experts, expert_count(config)):
+        return loader.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs).eval()
+    expert_counts = {expert_count(config), router_width(config)}
+    with freed_memory_returned_at_once(), quantized_experts(precision.experts, expert_counts):
         model = type(skeleton).from_pretrained(None, config=config, state_dict=_LazyStateDict(source), **kwargs)
     if source.file("generation_config.json"):  # from_pretrained reads it only when given the folder
         model.generation_config = GenerationConfig.from_pretrained(source.folder)
@@ -203,11 +209,14 @@ def unquantized_modules(skeleton: nn.Module) -> list[str]:
     """Linear layers bitsandbytes must leave alone: the output embedding (as transformers does by default), and
     layers whose outputs do not fill whole CPU-kernel blocks of 32 rows, such as Qwen2-MoE's one-output
     shared-expert gate, or that are empty, such as the zero-width shared expert of a Qwen2-MoE merged without
-    one (bitsandbytes' CPU path fails on them; they are tiny anyway)."""
+    one, or that read a number of values bitsandbytes' CPU kernel cannot block (not a multiple of 64: the small
+    projections of state-space and per-layer-input layers), since bitsandbytes' CPU path fails on them; they are
+    tiny anyway."""
     output = skeleton.get_output_embeddings()
     return [name for name, module in skeleton.named_modules()
             if module is output or (isinstance(module, nn.Linear)
-                                    and (module.out_features % CPU_ROW_BLOCK or not module.weight.numel()))]
+                                    and (module.out_features % CPU_ROW_BLOCK or module.in_features % CPU_IN_BLOCK
+                                         or not module.weight.numel()))]
 
 
 @contextmanager
@@ -249,20 +258,25 @@ class _LazyTensor:
 
 
 class _LazyStateDict(dict):
-    """Every tensor of a checkpoint, unread. transformers deep-copies its arguments; this one is shared."""
+    """Every tensor of a checkpoint, unread (MXFP4 blocks and scales as the tensor they pack). transformers
+    deep-copies its arguments; this one is shared."""
 
     def __init__(self, source: ModelSource):
         super().__init__({name: _LazyTensor(source, name) for name in source.tensors})
+        for name, (blocks, scales) in mxfp4.packed_pairs(source.tensors).items():
+            del self[blocks], self[scales]
+            self[name] = mxfp4.PackedTensor(source.read, blocks, scales)
 
     def __deepcopy__(self, memo) -> "_LazyStateDict":
         return self
 
 
 @contextmanager
-def quantized_experts(quantize: Callable | None, experts: int) -> Iterator[None]:
+def quantized_experts(quantize: Callable | None, experts: int | set[int]) -> Iterator[None]:
     """While transformers loads a model in this thread, quantize each fused expert tensor as it is set.
 
-    An expert tensor is a floating 3-D parameter whose first dimension is the expert count. torch calls the
+    An expert tensor is a floating 3-D parameter whose first dimension is the expert count (or one of the counts:
+    LongCat's fused gate and up projections include its zero experts). torch calls the
     registration hook with each new parameter; it returns the quantized data in its place, and the
     parametrization that dequantizes it is attached once loading is done (transformers checks parameters by
     name until then).
@@ -270,12 +284,13 @@ def quantized_experts(quantize: Callable | None, experts: int) -> Iterator[None]
     if quantize is None:
         yield
         return
+    counts = {experts} if isinstance(experts, int) else experts
     thread = threading.get_ident()
     pending: list[tuple[nn.Module, str, nn.Module]] = []
 
     def hook(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
         if (threading.get_ident() != thread or param is None or param.is_meta or param.dim() != 3
-                or param.shape[0] != experts or not param.is_floating_point()):
+                or param.shape[0] not in counts or not param.is_floating_point()):
             return None
         data, dequantize = quantize(param.data, name)
         pending.append((module, name, dequantize))

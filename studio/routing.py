@@ -1,7 +1,9 @@
-"""Router scores of a loaded MoE model: for every token and layer, the softmax over experts.
+"""Router scores of a loaded MoE model: for every token and layer, the probabilities over experts and the choice.
 
-Two ways in: `router_probabilities` runs one plain forward with `output_router_logits`; `RouterCapture` hooks
-every router while the model generates, for the prompt and each new token, and makes a RouterTrace.
+`RouterCapture` hooks every router while the model runs (a plain forward, or generation: the prompt, then each
+new token) and makes a RouterTrace: the probabilities as the model defines them (softmax or sigmoid of the
+router's logits, studio.moe_layouts says which) and the experts the model runs, read where its experts module
+is called, so that routing biases and grouped choices count as they do in the model.
 """
 
 from __future__ import annotations
@@ -12,20 +14,18 @@ from pathlib import Path
 import torch
 
 from studio.errors import StudioError
+from studio.moe_layouts import TOP_K_KEYS, config_value, expert_count, extra_labels, layout_of, model_class, \
+    router_width, text_config
 from studio.trace import RouterTrace
 
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "top_k_experts")
-ROUTER_NAMES = ("gate", "router")  # what MoE blocks call their router: Mixtral, Qwen-MoE, OLMoE, DeepSeek, gpt-oss
-# Routers whose first output is already the softmax over experts, not logits (and so is `out.router_logits`).
-PROBABILITY_ROUTERS = ("Gemma4TextRouter",)
-ROUTER_NAME = re.compile(rf"layers\.(\d+)\.(?:.+\.)?(?:{'|'.join(ROUTER_NAMES)})$")
+# A module inside decoder layer N (`layers.N`, DBRX's `blocks.N`), and its own name.
+ROUTER_NAME = re.compile(r"\b(?:layers|blocks)\.(\d+)\.(?:.+\.)?(\w+)$")
 
 
 def load_moe(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Model and tokenizer of a merged (or any Hub) MoE, on CPU, for analysis. The folder is opened and checked as
     chat opens it (studio.moe_folder), so a broken model gets the same named error in every command."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from studio.moe_folder import open_moe_folder
 
@@ -36,10 +36,13 @@ def load_moe(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_
         raise StudioError(f"Model {path}: its tokenizer cannot be loaded from {source.folder} "
                           f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+        model = model_class(config, trust_remote_code).from_pretrained(source.folder, dtype=dtype,
+                                                                        trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise StudioError(f"Model {path}: transformers cannot load it ({type(exc).__name__}: {str(exc)[:200]}). If it "
-                          f"ships its own code and you trust it, pass trust_remote_code (--trust-remote-code).") from exc
+        raise StudioError(f"Model {path}: transformers cannot load it ({type(exc).__name__}: {str(exc)[:200]}). If "
+                          f"it ships its own code and you trust it, pass trust_remote_code (--trust-remote-code).") \
+            from exc
     return model.eval(), tokenizer
 
 
@@ -56,82 +59,105 @@ def expert_labels(path: str | Path, count: int) -> list[str]:
     return names if len(names) == count else [f"expert {i}" for i in range(count)]
 
 
-def expert_count(config) -> int:
-    """Routed experts per MoE layer, from a transformers config."""
-    count = _config_value(config, EXPERT_COUNT_KEYS, 0)
-    if count:
-        return count
-    raise StudioError(f"{getattr(config, 'model_type', 'This model')} is not a Mixture-of-Experts model (its config "
-                      f"has none of {', '.join(EXPERT_COUNT_KEYS)}). Pick an MoE model, such as a merge.")
+def router_labels(path: str | Path, config) -> list[str]:
+    """One name per router output: the experts (expert_labels), then any zero or skip experts."""
+    return expert_labels(path, expert_count(config)) + extra_labels(config)
 
 
 def num_experts(model) -> int:
-    return expert_count(model.config)
+    """Outputs of each router of a loaded model (routed experts, and zero or skip experts where it has them)."""
+    return router_width(model.config)
 
 
 @torch.inference_mode()
+def route_sequence(model, input_ids: list[int], labels: list[str] | None = None) -> RouterTrace:
+    """The RouterTrace of one plain forward over `input_ids` (no generation)."""
+    labels = labels or [f"expert {i}" for i in range(num_experts(model))]
+    device = model.get_input_embeddings().weight.device
+    with RouterCapture(model) as capture:
+        model(input_ids=torch.tensor([input_ids], device=device), use_cache=False)
+    return capture.trace(input_ids, [str(i) for i in input_ids], len(input_ids), labels)
+
+
 def router_probabilities(model, input_ids: list[int]) -> torch.Tensor:
-    """(layers, tokens, experts): softmax of each MoE layer's router logits for one sequence."""
-    out = model(input_ids=torch.tensor([input_ids]), output_router_logits=True, use_cache=False)
-    scores = [layer.float() for layer in out.router_logits if layer is not None]
-    normalise = not gives_probabilities(find_routers(model))
-    return torch.stack([s.softmax(dim=-1) if normalise else s for s in scores]).reshape(len(scores), len(input_ids), -1)
-
-
-def gives_probabilities(routers: dict[int, torch.nn.Module]) -> bool:
-    """True when the routers return the softmax itself (PROBABILITY_ROUTERS), not logits."""
-    return any(type(router).__name__ in PROBABILITY_ROUTERS for router in routers.values())
+    """(layers, tokens, experts): each MoE layer's router probabilities for one sequence."""
+    return route_sequence(model, input_ids).probabilities
 
 
 def find_routers(model) -> dict[int, torch.nn.Module]:
-    """Each MoE layer's router, by decoder-layer index: a module called gate or router (ROUTER_NAMES) inside
-    `layers.N` with one output per expert. Dense layers, and gates of one output (Qwen2-MoE's shared-expert
-    gate), have none."""
-    count = num_experts(model)
+    """Each MoE layer's router, by decoder-layer index: a module with one of the family's router names (gate,
+    router) inside `layers.N`, with an output per expert. Dense layers, and gates of one output (Qwen2-MoE's
+    shared-expert gate), have none."""
+    count, layout = expert_count(model.config), layout_of(model.config)
+    names, width = layout.names, layout.logits.width(count)
     routers: dict[int, torch.nn.Module] = {}
     for name, module in model.named_modules():
         match = ROUTER_NAME.search(name)
-        if match and _outputs(module) == count:
+        if match and match[2] in names and (_outputs(module) or 0) >= width and ".experts." not in name:
             routers.setdefault(int(match[1]), module)
     if not routers:
-        raise StudioError(f"No router found in {type(model).__name__}: no module named "
-                          f"{' or '.join(ROUTER_NAMES)} with {count} outputs inside its layers.")
+        raise StudioError(f"No router found in {type(model).__name__} ({getattr(model.config, 'model_type', '?')}): "
+                          f"no module named {' or '.join(names)} with {count} outputs inside its layers. Its "
+                          f"routing cannot be recorded.")
     return dict(sorted(routers.items()))
 
 
 def _outputs(module: torch.nn.Module) -> int | None:
-    """Output width of a router (nn.Linear, a quantized Linear, a module holding an (experts, hidden) weight, or
-    one whose projection is its `proj` child, as Gemma 4's)."""
+    """Output width of a router: an nn.Linear (or a quantized one), a module holding an (experts, hidden) weight,
+    or a module whose projection is its last linear child (Gemma 4's `proj`, Hunyuan's `wg`, LongCat's
+    `classifier`, ZAYA's MLP)."""
     if getattr(module, "out_features", None):
         return module.out_features
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         return weight.shape[0]
-    projection = getattr(module, "proj", None)
-    return _outputs(projection) if isinstance(projection, torch.nn.Module) else None
+    widths = [child.out_features for child in module.modules() if getattr(child, "out_features", None)]
+    return widths[-1] if widths else None
+
+
+def _experts_modules(model, routers: dict[int, torch.nn.Module]) -> dict[int, torch.nn.Module]:
+    """Each router's sibling `experts` module, which the MoE block calls with the chosen experts and weights."""
+    names = {module: name for name, module in model.named_modules()}
+    modules = dict(model.named_modules())
+    found = {}
+    for layer, router in routers.items():
+        sibling = modules.get(names[router].rpartition(".")[0] + ".experts")
+        if sibling is not None and not isinstance(sibling, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            found[layer] = sibling
+    return found
 
 
 class RouterCapture:
-    """Forward hooks on every router while active: each call's logits (and the model's own top-k, when the router
-    returns it) are kept as they come, and turned into probabilities only when the trace is built, so capture
-    adds almost nothing to a generation step.
+    """Forward hooks on every router, and on the experts module beside it, while active: each call's outputs are
+    kept as they come, and turned into probabilities only when the trace is built, so capture adds almost
+    nothing to a generation step.
 
     A router fires once for the prompt (tokens, experts), then once per generated token (1, experts). Its output
-    is a tuple `(logits, top-k weights, top-k experts)` in transformers 5 (the convention of nearly every MoE
-    there) and the logits tensor in 4.x.
+    is a tuple whose first item is the logits in transformers 5 (the convention of nearly every MoE there;
+    studio.moe_layouts lists the others), and the logits tensor in 4.x. The experts module is called with
+    (hidden states, chosen experts, their weights): the choice the model runs. Where it is not (Llama 4, and
+    transformers 4.x), the router's own choice is used, or the top k of the probabilities.
     """
 
     def __init__(self, model):
+        config = text_config(model.config)
+        self.layout = layout_of(config)
         self.routers = find_routers(model)
-        self.experts = num_experts(model)
-        self.top_k = _config_value(model.config, TOP_K_KEYS, 2)
-        self.renormalize = bool(getattr(model.config, "norm_topk_prob", True))  # Mixtral renormalizes
-        self.probabilities_first = gives_probabilities(self.routers)
+        self.experts = router_width(config)
+        self.top_k = config_value(config, TOP_K_KEYS) or 2
+        renormalize = getattr(config, "norm_topk_prob", True) if self.layout.renormalize is None \
+            else self.layout.renormalize
+        self.renormalize = bool(renormalize)  # Mixtral renormalizes
         self.calls: dict[int, list] = {layer: [] for layer in self.routers}
+        self.runs: dict[int, list] = {layer: [] for layer in self.routers}
+        self._experts_modules = _experts_modules(model, self.routers)
         self._handles: list = []
 
     def __enter__(self) -> "RouterCapture":
-        self._handles = [router.register_forward_hook(self._recorder(layer)) for layer, router in self.routers.items()]
+        self._handles = [router.register_forward_hook(self._recorder(self.calls[layer]))
+                         for layer, router in self.routers.items()]
+        self._handles += [module.register_forward_pre_hook(self._run_recorder(self.runs[layer]), with_kwargs=True)
+                          for layer, module in self._experts_modules.items()]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -139,11 +165,21 @@ class RouterCapture:
             handle.remove()
         self._handles = []
 
-    def _recorder(self, layer: int):
-        calls = self.calls[layer]
-
+    @staticmethod
+    def _recorder(calls: list):
         def record(module, args, output) -> None:
             calls.append(output)
+
+        return record
+
+    @staticmethod
+    def _run_recorder(runs: list):
+        def record(module, args, kwargs) -> None:
+            tensors = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor)]
+            indices = next((t for t in tensors if not t.is_floating_point()), None)
+            weights = next((t for t in tensors if t.is_floating_point()), None)
+            if indices is not None and weights is not None:
+                runs.append((weights.detach(), indices.detach()))
 
         return record
 
@@ -156,25 +192,43 @@ class RouterCapture:
             if logits.shape[0] != len(token_ids):
                 raise StudioError(f"Layer {layer}'s router saw {logits.shape[0]} tokens for a sequence of "
                                   f"{len(token_ids)}; routing is recorded for one sequence at a time.")
-            probs = logits if self.probabilities_first else logits.softmax(dim=-1)
-            chosen = self._model_choices(calls) or self._top_k(probs)
+            probs = self._probabilities(logits)
+            chosen = self._experts_run(layer, logits.shape[0]) or self._model_choices(calls) or self._top_k(probs)
+            order = chosen[0].argsort(dim=-1, descending=True, stable=True)  # best first
             probabilities.append(probs)
-            weights.append(chosen[0])
-            experts.append(chosen[1])
+            weights.append(chosen[0].gather(-1, order))
+            experts.append(chosen[1].gather(-1, order))
         return RouterTrace(tokens, token_ids, prompt_length, labels, list(self.routers), torch.stack(probabilities),
                            torch.stack(experts), torch.stack(weights))
 
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        scoring = {"softmax": lambda x: x.softmax(dim=-1), "sigmoid": torch.sigmoid, "probabilities": lambda x: x}
+        return scoring[self.layout.scoring](logits)
+
     def _logits_first(self, layer: int, output) -> tuple[torch.Tensor, tuple]:
-        """A router's output as (its first output: logits, or probabilities for PROBABILITY_ROUTERS; what follows)."""
-        logits, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        """A router's output as (its logits, or probabilities for routers that give them; the outputs after)."""
+        position = self.layout.logits_output % len(output) if isinstance(output, tuple) else 0
+        logits, rest = (output[position], output[position + 1:]) if isinstance(output, tuple) else (output, ())
+        if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+            logits = self.layout.logits.expert_logits(logits)
         if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.shape[-1] == self.experts):
             raise StudioError(f"Layer {layer}'s router does not return its logits first (it returns "
                               f"{type(output).__name__}); its routing cannot be recorded.")
         return logits, rest
 
+    def _experts_run(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weights and experts the experts module was called with, when it was called once per router call."""
+        runs = self.runs[layer]
+        if not runs or len(runs) != len(self.calls[layer]):
+            return None
+        weights = torch.cat([w.reshape(-1, w.shape[-1]) for w, _ in runs]).float().cpu()
+        experts = torch.cat([e.reshape(-1, e.shape[-1]) for _, e in runs]).long().cpu()
+        return (weights, experts) if weights.shape == experts.shape and experts.shape[0] == tokens else None
+
     def _model_choices(self, calls) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The weights and experts the model itself used, when every call returned them."""
-        if not all(len(rest) == 2 and not rest[1].is_floating_point() for _, rest in calls):
+        """The weights and experts the router itself returned, when every call returned them."""
+        if not all(len(rest) >= 2 and isinstance(rest[1], torch.Tensor) and not rest[1].is_floating_point()
+                   for _, rest in calls):
             return None
         weights = torch.cat([rest[0].reshape(-1, rest[0].shape[-1]) for _, rest in calls]).float().cpu()
         experts = torch.cat([rest[1].reshape(-1, rest[1].shape[-1]) for _, rest in calls]).long().cpu()
@@ -185,10 +239,3 @@ class RouterCapture:
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, experts
-
-
-def _config_value(config, keys: tuple[str, ...], default: int) -> int:
-    for key in keys:
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    return default
