@@ -268,8 +268,6 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     where, offload = device_map(device, precision.bnb is not None)
     kwargs = {"dtype": precision.dtype, "device_map": where}
-    if precision.experts:  # the forward that runs routed experts one by one, reading each expert's matrix
-        kwargs["experts_implementation"] = "eager"
     if precision.bnb:
         kwargs["quantization_config"] = BitsAndBytesConfig(**precision.bnb, **offload,
                                                            llm_int8_skip_modules=unquantized_modules(skeleton))
@@ -277,6 +275,8 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
         # 4.x keeps experts as nn.Linear modules, which bitsandbytes quantizes itself.
         return AutoModelForCausalLM.from_pretrained(source.folder, trust_remote_code=trust_remote_code,
                                                     **kwargs).eval()
+    if precision.experts:  # the forward that runs routed experts one by one, reading each expert's matrix
+        kwargs["experts_implementation"] = "eager"
     with freed_memory_returned_at_once(), quantized_experts(precision.experts, expert_count(config)):
         model = type(skeleton).from_pretrained(None, config=config, state_dict=_LazyStateDict(source), **kwargs)
     if source.file("generation_config.json"):  # from_pretrained reads it only when given the folder
