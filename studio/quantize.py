@@ -46,7 +46,7 @@ class Precision:
     name: str
     dtype: torch.dtype
     bnb: dict | None = None
-    experts: Callable[[torch.Tensor, str], tuple[torch.Tensor, nn.Module]] | None = None
+    experts: Callable[[torch.Tensor, str], tuple[torch.Tensor, ExpertCodec]] | None = None
 
 
 class ExpertCodec(nn.Module):
@@ -82,10 +82,7 @@ class ExpertWeights:
 
     def __init__(self, codec: ExpertCodec, data: torch.Tensor):
         self.codec, self.data = codec, data
-        self.shape, self.dtype, self.device = codec.shape, codec.dtype, data.device
-
-    def __len__(self) -> int:
-        return self.shape[0]
+        self.shape, self.dtype = codec.shape, codec.dtype
 
     def __getitem__(self, expert) -> "QuantizedMatrix":
         if isinstance(expert, torch.Tensor) and expert.numel() == 1:
@@ -110,7 +107,7 @@ class QuantizedMatrix:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2 and isinstance(args[1], cls) and not isinstance(args[0], cls):
+        if func is F.linear and isinstance(args[1], cls):
             x, weight, bias = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("bias"))
             out = weight.codec.linear(x, weight.data, weight.expert)
             return out if bias is None else out + bias
