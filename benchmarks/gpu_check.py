@@ -80,7 +80,7 @@ def merge_on_device(root: Path, name: str, args: argparse.Namespace) -> tuple[Pa
 
 def chat_checks(model: Model, results: dict) -> list[Check]:
     """The targets of one model, from its bf16, 4bit and bnb4 results (a missing result fails its checks)."""
-    ours, bf16, bnb = (results.get((model, p)) for p in PRECISIONS)
+    bf16, ours, bnb = (results.get((model, p)) for p in PRECISIONS)
     speed = ours["off"] / bf16["off"] if ours and bf16 else None
     versus_bnb = ours["off"] / bnb["off"] if ours and bnb else None
     size = ours["footprint"] / bf16["footprint"] if ours and bf16 else None

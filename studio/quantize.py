@@ -155,12 +155,12 @@ class Nf4(ExpertCodec):
         """Rearrange `data` in place for bitsandbytes' fused CPU kernel, where this machine has it and the shape
         fits it (rows in blocks of 32, quantization blocks within rows, weights stored [out, in]). The kernel
         reads scales per (block of columns, row) in bf16, as bitsandbytes' own 4-bit layers on the CPU do."""
-        from bitsandbytes.functional import QuantState, has_avx512bf16
+        from bitsandbytes.functional import QuantState
 
         rows, cols = self.shape[1:]
         blocksize = self.quant_state.blocksize
         if (transposed or data.device.type != "cpu" or rows % CPU_ROW_BLOCK or cols % blocksize
-                or not has_avx512bf16()):
+                or not _fused_cpu_kernel()):
             return
         for expert in range(self.shape[0]):
             part = self.expert_data(data, expert)
@@ -171,6 +171,13 @@ class Nf4(ExpertCodec):
                                       blocksize=blocksize, quant_type=self.quant_state.quant_type,
                                       dtype=torch.bfloat16)
         self.experts = [self._expert_state(absmax, e, packing_format_for_cpu=True) for e in range(self.shape[0])]
+
+
+def _fused_cpu_kernel() -> bool:
+    """Whether bitsandbytes has its fused 4-bit kernel for this CPU (AVX512-BF16; bitsandbytes 0.48 and later)."""
+    from bitsandbytes import functional
+
+    return bool(getattr(functional, "has_avx512bf16", lambda: False)())
 
 
 def _cpu_kernel_order(codes: torch.Tensor) -> torch.Tensor:

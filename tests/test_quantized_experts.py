@@ -7,7 +7,10 @@ Models: the bundled zoo merged into a Mixtral, and tiny random Mixtral, Qwen2-Mo
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +114,12 @@ def test_experts_use_the_fused_cpu_kernel_where_there_is_one(zoo_moe):
             codec = module.parametrizations[role][0]
             assert all(state.packing_format_for_cpu for state in codec.experts)
             assert codec.quant_state.absmax.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the check runs in full (minutes)")
+def test_the_gpu_check_says_plainly_that_there_is_no_gpu():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py")], capture_output=True,
+                          text=True, cwd=root, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "No CUDA GPU" in proc.stdout and "--device cpu" in proc.stdout
