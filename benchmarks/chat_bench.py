@@ -42,7 +42,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PROMPTS = {"zoo": "Once upon a time", "synthetic": "Tell me a story.", "synthetic8": "Tell me a story."}  # raw text: BOS + text, no template
+# raw text: BOS + text, no template
+PROMPTS = {"zoo": "Once upon a time", "synthetic": "Tell me a story.", "synthetic8": "Tell me a story."}
 # Experts hold ~93% of the weights, as in real MoEs (Mixtral 8x7B: 96%); the vocabulary is the synthetic
 # tokenizer's. Embeddings and the output layer stay at bf16 in 4-bit (transformers' default), so a model where
 # they weigh more has a higher 4-bit ratio.

@@ -124,14 +124,14 @@ class Nf4(ExpertCodec):
         self.quant_state = state
         self.experts = [self._expert_state(state.absmax, e) for e in range(self.shape[0])]
 
-    def _expert_state(self, absmax: torch.Tensor, expert: int, **layout):
+    def _expert_state(self, absmax: torch.Tensor, expert: int, packed: bool = False):
         from bitsandbytes.functional import QuantState
 
         blocks = -(-self.shape[1] * self.shape[2] // self.quant_state.blocksize)
         state = QuantState(absmax=absmax[expert * blocks:(expert + 1) * blocks], shape=self.shape[1:],
                            code=self.quant_state.code, blocksize=self.quant_state.blocksize,
                            quant_type=self.quant_state.quant_type, dtype=self.quant_state.dtype)
-        state.__dict__.update(layout)
+        state.packing_format_for_cpu = packed  # bitsandbytes' matmul_4bit picks its fused CPU kernel by this
         return state
 
     def expert_data(self, data: torch.Tensor, expert: int) -> torch.Tensor:
@@ -146,7 +146,7 @@ class Nf4(ExpertCodec):
     def dequantize(self, data: torch.Tensor, expert: int) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
-        if getattr(self.experts[expert], "packing_format_for_cpu", False):
+        if self.experts[expert].packing_format_for_cpu:
             raise StudioError(f"The experts forward of this model uses its {self.role} other than as a linear "
                               f"layer, which 4-bit experts on the CPU do not support; load it at 8bit or bf16.")
         return dequantize_4bit(self.expert_data(data, expert), self.experts[expert])
@@ -170,7 +170,7 @@ class Nf4(ExpertCodec):
         self.quant_state = QuantState(absmax=absmax, shape=self.shape, code=self.quant_state.code,
                                       blocksize=blocksize, quant_type=self.quant_state.quant_type,
                                       dtype=torch.bfloat16)
-        self.experts = [self._expert_state(absmax, e, packing_format_for_cpu=True) for e in range(self.shape[0])]
+        self.experts = [self._expert_state(absmax, e, packed=True) for e in range(self.shape[0])]
 
 
 def _fused_cpu_kernel() -> bool:
@@ -308,8 +308,9 @@ def freed_memory_returned_at_once() -> Iterator[None]:
     tensors freed while a checkpoint streams then stay resident: the loading peak would grow with the model
     instead of with one layer. During generation the heap is what we want: where 4-bit experts are dequantized
     (no fused kernel), each routed expert is a fresh buffer at every step, and fresh mappings for them cost page
-    faults every time (4x slower, measured on CPU). glibc cannot be put back into its adaptive mode, so the 32 MiB ceiling of that mode is set, with a
-    trim threshold that keeps freed heap memory for reuse. Nothing happens without glibc.
+    faults every time (4x slower, measured on CPU). glibc cannot be put back into its adaptive mode, so the
+    32 MiB ceiling of that mode is set, with a trim threshold that keeps freed heap memory for reuse. Nothing
+    happens without glibc.
     """
     mallopt = _glibc_mallopt()
     if mallopt:
