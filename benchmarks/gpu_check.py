@@ -1,7 +1,7 @@
 """GPU check: merging on the GPU, then 4-bit chat speed and footprint against bf16 and transformers + bitsandbytes.
 
 One unattended run on a machine with a CUDA GPU, from a fresh venv with the project's requirements
-(`pip install -r requirements.txt`); about 5 minutes on an H200. It
+(`pip install -r requirements.txt`); sized for about 8 minutes on an H200. It
   1. builds the synthetic Mistral families of benchmarks/chat_bench.py (4 fine-tunes, and 8 fine-tunes half as
      wide) and merges each with `python -m studio merge CONFIG OUT --device cuda`, hidden-state gates, so
      that the hidden-state pass runs on the GPU;
