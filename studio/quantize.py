@@ -6,8 +6,9 @@ streamed: every checkpoint tensor is read into memory of its own when transforme
 map, whose pages would count as resident until the end), and a fused expert tensor is quantized the moment
 transformers sets it on its module, one layer at a time. Attention and other linear layers go through
 bitsandbytes as usual. The model in full precision never exists, so the peak while loading stays near the
-final footprint plus one layer's experts. While generating, each layer's experts are dequantized into one
-reused buffer (one layer's experts at full precision per generating thread).
+final footprint plus one layer's experts. While generating, only the experts that tokens are routed to are
+used, one at a time, each multiplied in its quantized form (ExpertCodec): no expert tensor of a layer is ever
+rebuilt at full size.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from studio import mxfp4
@@ -46,75 +48,160 @@ class Precision:
     name: str
     dtype: torch.dtype
     bnb: dict | None = None
-    experts: Callable[[torch.Tensor, str], tuple[torch.Tensor, nn.Module]] | None = None
+    experts: Callable[[torch.Tensor, str], tuple[torch.Tensor, ExpertCodec]] | None = None
 
 
-class Dequantize(nn.Module):
-    """Parametrization of a quantized expert tensor: full-precision weights in a scratch buffer.
+class ExpertCodec(nn.Module):
+    """Parametrization of a quantized fused expert tensor [experts, out, in]: the experts module reads an
+    ExpertWeights view of its data, which hands each expert's matrix to the forward still quantized.
 
-    Every layer dequantizes into the same buffer (one per thread, parameter name, shape and dtype), reused from
-    step to step: a fresh tensor this large is a fresh memory mapping, page-faulted at every step (on CPU,
-    dequantizing into the reused buffer takes less than half the time). A layer's tensor is only valid during its own forward, which is
-    where experts read it (the dequantized tensor is cached for one forward, see _dequantize_once_per_forward).
+    transformers 5's eager experts forward (which quantized models use) runs only the experts that tokens are
+    routed to, one at a time, as `F.linear(tokens, self.gate_up_proj[expert])`: that linear multiplies in
+    quantized form where the codec can, or dequantizes that one expert; nothing of the size of a layer is made.
     """
 
     def __init__(self, role: str, shape: torch.Size, dtype: torch.dtype):
         super().__init__()
         self.role, self.shape, self.dtype = role, shape, dtype
 
-    def forward(self, data: torch.Tensor) -> torch.Tensor:
-        buffers = _SCRATCH.__dict__
-        key = (self.role, self.shape, self.dtype, data.device)
-        if key not in buffers:
-            with torch.inference_mode(False):  # a normal tensor: filled in inference mode (chat) and outside it
-                buffers[key] = torch.empty(self.shape, dtype=self.dtype, device=data.device)
-        self.fill(data, buffers[key])
-        return buffers[key]
+    def forward(self, data: torch.Tensor) -> "ExpertWeights":
+        return ExpertWeights(self, data)
 
-    def fill(self, data: torch.Tensor, out: torch.Tensor) -> None:
+    def linear(self, x: torch.Tensor, data: torch.Tensor, expert: int) -> torch.Tensor:
+        """x @ W[expert].T."""
+        return F.linear(x, self.dequantize(data, expert).to(x.dtype))
+
+    def dequantize(self, data: torch.Tensor, expert: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def to_kernel_layout(self, data: torch.Tensor, transposed: bool) -> None:
+        """Rearrange `data` in place for a faster kernel of this machine, once loading is done; none by default."""
 
-_SCRATCH = threading.local()
+
+class ExpertWeights:
+    """What a quantized experts module reads as `gate_up_proj` or `down_proj`: indexed by an expert, that
+    expert's matrix, still quantized."""
+
+    def __init__(self, codec: ExpertCodec, data: torch.Tensor):
+        self.codec, self.data = codec, data
+        self.shape, self.dtype = codec.shape, codec.dtype
+
+    def __getitem__(self, expert) -> "QuantizedMatrix":
+        if isinstance(expert, torch.Tensor) and expert.numel() == 1:
+            expert = int(expert)
+        if not isinstance(expert, int):
+            raise TypeError(f"Quantized {self.codec.role} is read one expert at a time (an int index), not with "
+                            f"{type(expert).__name__}; load the model at bf16 to use this experts forward.")
+        return QuantizedMatrix(self.codec, self.data, expert)
 
 
-class Nf4(Dequantize):
-    """NF4 blocks, dequantized slice by slice (bitsandbytes cannot write into a given tensor on CPU)."""
+class QuantizedMatrix:
+    """One expert's matrix in quantized form. torch's F.linear on it multiplies through its codec; any other
+    torch function sees the dequantized matrix (so that every experts forward computes what it computes at full
+    precision)."""
+
+    def __init__(self, codec: ExpertCodec, data: torch.Tensor, expert: int):
+        self.codec, self.data, self.expert = codec, data, expert
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codec.dequantize(self.data, self.expert)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and isinstance(args[1], cls):
+            x, weight, bias = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("bias"))
+            out = weight.codec.linear(x, weight.data, weight.expert)
+            return out if bias is None else out + bias
+        return func(*(a.dequantized() if isinstance(a, cls) else a for a in args), **kwargs)
+
+
+class Nf4(ExpertCodec):
+    """NF4 blocks, each expert on its own, multiplied by bitsandbytes' 4-bit matmul: on a GPU its kernel for one
+    token and a dequantization of the one expert for longer inputs; on a CPU, its fused kernel where it has one
+    (AVX512-BF16, on the layout that kernel reads: see to_kernel_layout), else a dequantization of the expert."""
 
     def __init__(self, role: str, state):
         super().__init__(role, state.shape, state.dtype)
         self.quant_state = state
+        self.experts = [self._expert_state(state.absmax, e) for e in range(self.shape[0])]
 
-    def fill(self, data: torch.Tensor, out: torch.Tensor) -> None:
+    def _expert_state(self, absmax: torch.Tensor, expert: int, packed: bool = False):
+        from bitsandbytes.functional import QuantState
+
+        blocks = -(-self.shape[1] * self.shape[2] // self.quant_state.blocksize)
+        state = QuantState(absmax=absmax[expert * blocks:(expert + 1) * blocks], shape=self.shape[1:],
+                           code=self.quant_state.code, blocksize=self.quant_state.blocksize,
+                           quant_type=self.quant_state.quant_type, dtype=self.quant_state.dtype)
+        state.packing_format_for_cpu = packed  # bitsandbytes' matmul_4bit picks its fused CPU kernel by this
+        return state
+
+    def expert_data(self, data: torch.Tensor, expert: int) -> torch.Tensor:
+        size = -(-self.shape[1] * self.shape[2] // 2)
+        return data.view(-1)[expert * size:(expert + 1) * size]
+
+    def linear(self, x: torch.Tensor, data: torch.Tensor, expert: int) -> torch.Tensor:
+        from bitsandbytes import matmul_4bit
+
+        return matmul_4bit(x, self.expert_data(data, expert).view(-1, 1), self.experts[expert])
+
+    def dequantize(self, data: torch.Tensor, expert: int) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
-        flat, state = out.view(-1), self.quant_state
-        # Whole 1M-element slices: this runs at every generation step, where fewer calls are faster (2x on the zoo
-        # MoE) and the loading bound does not apply.
-        for i in range(0, flat.numel(), SLICE_MAX):
-            part = flat[i:i + SLICE_MAX]
-            piece = _slice_state(state, i, part.numel())
-            part.copy_(dequantize_4bit(data[i // 2:(i + part.numel()) // 2], piece).reshape(-1))
+        if self.experts[expert].packing_format_for_cpu:
+            raise StudioError(f"The experts forward of this model uses its {self.role} other than as a linear "
+                              f"layer, which 4-bit experts on the CPU do not support; load it at 8bit or bf16.")
+        return dequantize_4bit(self.expert_data(data, expert), self.experts[expert])
+
+    def to_kernel_layout(self, data: torch.Tensor, transposed: bool) -> None:
+        """Rearrange `data` in place for bitsandbytes' fused CPU kernel, where this machine has it and the shape
+        fits it (rows in blocks of 32, quantization blocks within rows, weights stored [out, in]). The kernel
+        reads scales per (block of columns, row) in bf16, as bitsandbytes' own 4-bit layers on the CPU do."""
+        from bitsandbytes.functional import QuantState
+
+        rows, cols = self.shape[1:]
+        blocksize = self.quant_state.blocksize
+        if (transposed or data.device.type != "cpu" or rows % CPU_ROW_BLOCK or cols % blocksize
+                or not _fused_cpu_kernel()):
+            return
+        for expert in range(self.shape[0]):
+            part = self.expert_data(data, expert)
+            part.copy_(_cpu_kernel_order(part.view(rows, cols // 2)).view(-1))
+        absmax = self.quant_state.absmax.view(-1, rows, cols // blocksize).transpose(1, 2).to(torch.bfloat16)
+        absmax = absmax.contiguous().view(-1)
+        self.quant_state = QuantState(absmax=absmax, shape=self.shape, code=self.quant_state.code,
+                                      blocksize=blocksize, quant_type=self.quant_state.quant_type,
+                                      dtype=torch.bfloat16)
+        self.experts = [self._expert_state(absmax, e, packed=True) for e in range(self.shape[0])]
 
 
-def _slice_state(state, start: int, count: int):
-    from bitsandbytes.functional import QuantState
+def _fused_cpu_kernel() -> bool:
+    """Whether bitsandbytes has its fused 4-bit kernel for this CPU (AVX512-BF16; bitsandbytes 0.48 and later)."""
+    from bitsandbytes import functional
 
-    blocks = slice(start // state.blocksize, -(-(start + count) // state.blocksize))
-    return QuantState(absmax=state.absmax[blocks], shape=torch.Size([count]), code=state.code,
-                      blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+    return bool(getattr(functional, "has_avx512bf16", lambda: False)())
 
 
-class Int8Rows(Dequantize):
+def _cpu_kernel_order(codes: torch.Tensor) -> torch.Tensor:
+    """NF4 bytes of one [rows, cols] matrix ([rows, cols / 2], two codes a byte, the first in the high nibble) in
+    the order of bitsandbytes' fused CPU kernel: for each block of 32 rows and each pair of columns, the 64 codes
+    with rows 0-15 in the low nibbles and rows 16-31 in the high ones (bitsandbytes'
+    _convert_weight_packed_for_cpu, with one byte of scratch per code instead of four)."""
+    rows, half = codes.shape
+    ordered = torch.stack((codes >> 4, codes & 0xF), dim=-1)  # [rows, half, 2]: every code in its own byte
+    ordered = ordered.view(rows // CPU_ROW_BLOCK, CPU_ROW_BLOCK, half, 2).transpose(1, 2).reshape(-1, 64)
+    return (ordered[:, 32:] << 4 | ordered[:, :32]).view(rows, half)
+
+
+class Int8Rows(ExpertCodec):
     """int8 weights with one absmax scale per output row, dequantized one expert at a time."""
 
     def __init__(self, role: str, scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
         super().__init__(role, shape, dtype)
         self.register_buffer("scale", scale)
 
-    def fill(self, data: torch.Tensor, out: torch.Tensor) -> None:
-        for e in range(data.shape[0]):
-            out[e].copy_(data[e].float() * self.scale[e])
+    def dequantize(self, data: torch.Tensor, expert: int) -> torch.Tensor:
+        return (data[expert].float() * self.scale[expert]).to(self.dtype)
 
 
 def slice_size(numel: int) -> int:
@@ -122,20 +209,20 @@ def slice_size(numel: int) -> int:
     return max(SLICE_MIN, min(SLICE_MAX, 1 << max(0, (numel // 16).bit_length() - 1)))
 
 
-def quantize_nf4(weight: torch.Tensor, role: str) -> tuple[torch.Tensor, Dequantize]:
-    """NF4 data and its parametrization, quantized slice by slice."""
+def quantize_nf4(weight: torch.Tensor, role: str) -> tuple[torch.Tensor, Nf4]:
+    """NF4 data and its codec, expert by expert (no quantization block spans two experts), slice by slice."""
     from bitsandbytes.functional import QuantState, quantize_4bit
 
-    flat = weight.reshape(-1)
-    size = slice_size(flat.numel())
-    slices = [quantize_4bit(flat[i:i + size], quant_type="nf4") for i in range(0, flat.numel(), size)]
+    size = slice_size(weight.numel())
+    slices = [quantize_4bit(expert[i:i + size], quant_type="nf4")
+              for expert in weight.reshape(weight.shape[0], -1) for i in range(0, expert.numel(), size)]
     first = slices[0][1]
     state = QuantState(absmax=torch.cat([s.absmax for _, s in slices]), shape=weight.shape, code=first.code,
                        blocksize=first.blocksize, quant_type=first.quant_type, dtype=weight.dtype)
     return torch.cat([data for data, _ in slices]), Nf4(role, state)
 
 
-def quantize_int8(weight: torch.Tensor, role: str) -> tuple[torch.Tensor, Dequantize]:
+def quantize_int8(weight: torch.Tensor, role: str) -> tuple[torch.Tensor, Int8Rows]:
     """Row-wise absmax int8, one expert at a time (the scratch is one expert in float32)."""
     data = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(*weight.shape[:-1], 1, dtype=torch.float32, device=weight.device)
@@ -197,6 +284,8 @@ def load_model(source: ModelSource, config, precision: Precision, device: str, t
     if int(transformers.__version__.split(".")[0]) < 5:
         # 4.x keeps experts as nn.Linear modules, which bitsandbytes quantizes itself.
         return loader.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs).eval()
+    if precision.experts:  # the forward that runs routed experts one by one, reading each expert's matrix
+        kwargs["experts_implementation"] = "eager"
     expert_counts = {expert_count(config), router_width(config)}
     with freed_memory_returned_at_once(), quantized_experts(precision.experts, expert_counts):
         model = type(skeleton).from_pretrained(None, config=config, state_dict=_LazyStateDict(source), **kwargs)
@@ -226,10 +315,11 @@ def freed_memory_returned_at_once() -> Iterator[None]:
 
     glibc's default keeps buffers of up to 32 MiB on the heap once one that large has been freed, and the
     tensors freed while a checkpoint streams then stay resident: the loading peak would grow with the model
-    instead of with one layer. During generation the heap is what we want: a 4-bit model dequantizes each
-    layer's experts at every step, and fresh mappings for them cost page faults every time (4x slower, measured
-    on CPU). glibc cannot be put back into its adaptive mode, so the 32 MiB ceiling of that mode is set, with a
-    trim threshold that keeps freed heap memory for reuse. Nothing happens without glibc.
+    instead of with one layer. During generation the heap is what we want: where 4-bit experts are dequantized
+    (no fused kernel), each routed expert is a fresh buffer at every step, and fresh mappings for them cost page
+    faults every time (4x slower, measured on CPU). glibc cannot be put back into its adaptive mode, so the
+    32 MiB ceiling of that mode is set, with a trim threshold that keeps freed heap memory for reuse. Nothing
+    happens without glibc.
     """
     mallopt = _glibc_mallopt()
     if mallopt:
@@ -286,14 +376,14 @@ def quantized_experts(quantize: Callable | None, experts: int | set[int]) -> Ite
         return
     counts = {experts} if isinstance(experts, int) else experts
     thread = threading.get_ident()
-    pending: list[tuple[nn.Module, str, nn.Module]] = []
+    pending: list[tuple[nn.Module, str, ExpertCodec]] = []
 
     def hook(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
         if (threading.get_ident() != thread or param is None or param.is_meta or param.dim() != 3
                 or param.shape[0] not in counts or not param.is_floating_point()):
             return None
-        data, dequantize = quantize(param.data, name)
-        pending.append((module, name, dequantize))
+        data, codec = quantize(param.data, name)
+        pending.append((module, name, codec))
         quantized = nn.Parameter(data, requires_grad=False)
         quantized._is_hf_initialized = True  # transformers would otherwise re-initialize it
         return quantized
@@ -303,26 +393,9 @@ def quantized_experts(quantize: Callable | None, experts: int | set[int]) -> Ite
         yield
     finally:
         handle.remove()
-    for module, name, dequantize in pending:
-        parametrize.register_parametrization(module, name, dequantize, unsafe=True)
-    for module in {id(m): m for m, _, _ in pending}.values():
-        _dequantize_once_per_forward(module)
-
-
-def _dequantize_once_per_forward(module: nn.Module) -> None:
-    """Experts read their weights once per expert; cache the dequantized tensor for one forward of the module."""
-    open_caches = []
-
-    def enter(_module, _args) -> None:
-        cache = parametrize.cached()
-        cache.__enter__()
-        open_caches.append(cache)
-
-    def leave(_module, _args, _output) -> None:
-        open_caches.pop().__exit__(None, None, None)
-
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave, always_call=True)
+    for module, name, codec in pending:
+        parametrize.register_parametrization(module, name, codec, unsafe=True)
+        codec.to_kernel_layout(module.parametrizations[name].original, getattr(module, "is_transposed", False))
 
 
 def footprint(model: nn.Module) -> int:
