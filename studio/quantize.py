@@ -94,6 +94,18 @@ class ExpertWeights:
                             f"{type(expert).__name__}; load the model at bf16 to use this experts forward.")
         return QuantizedMatrix(self.codec, self.data, expert)
 
+    def dequantized(self) -> torch.Tensor:
+        """Every expert's matrix, stacked: for the experts forwards that take the whole tensor at once (Llama 4's
+        batched matmul), which then cost a full-layer dequantization, as before."""
+        return torch.stack([self[e].dequantized() for e in range(self.shape[0])])
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*(a.dequantized() if isinstance(a, cls) else a for a in args), **(kwargs or {}))
+
+    def __getattr__(self, name: str):  # a tensor method called on the whole (`.transpose`, `.to`, ...)
+        return getattr(self.dequantized(), name)
+
 
 class QuantizedMatrix:
     """One expert's matrix in quantized form. torch's F.linear on it multiplies through its codec; any other
@@ -148,10 +160,20 @@ class Nf4(ExpertCodec):
     def dequantize(self, data: torch.Tensor, expert: int) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
-        if self.experts[expert].packing_format_for_cpu:
-            raise StudioError(f"The experts forward of this model uses its {self.role} other than as a linear "
-                              f"layer, which 4-bit experts on the CPU do not support; load it at 8bit or bf16.")
-        return dequantize_4bit(self.expert_data(data, expert), self.experts[expert])
+        codes, state = self.expert_data(data, expert), self.experts[expert]
+        if state.packing_format_for_cpu:  # an experts forward that reads weights whole (Llama 4's batched matmul)
+            codes, state = self._plain_layout(codes, state)
+        return dequantize_4bit(codes, state)
+
+    def _plain_layout(self, codes: torch.Tensor, state):
+        """One expert's codes and state back from the fused CPU kernel's layout to bitsandbytes' plain one."""
+        from bitsandbytes.functional import QuantState
+
+        rows, cols = self.shape[1:]
+        absmax = state.absmax.view(cols // state.blocksize, rows).t().reshape(-1).float()
+        plain = QuantState(absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                           quant_type=state.quant_type, dtype=state.dtype)
+        return _plain_order(codes.view(rows, cols // 2)).view(-1), plain
 
     def to_kernel_layout(self, data: torch.Tensor, transposed: bool) -> None:
         """Rearrange `data` in place for bitsandbytes' fused CPU kernel, where this machine has it and the shape
@@ -191,6 +213,14 @@ def _cpu_kernel_order(codes: torch.Tensor) -> torch.Tensor:
     ordered = torch.stack((codes >> 4, codes & 0xF), dim=-1)  # [rows, half, 2]: every code in its own byte
     ordered = ordered.view(rows // CPU_ROW_BLOCK, CPU_ROW_BLOCK, half, 2).transpose(1, 2).reshape(-1, 64)
     return (ordered[:, 32:] << 4 | ordered[:, :32]).view(rows, half)
+
+
+def _plain_order(codes: torch.Tensor) -> torch.Tensor:
+    """The inverse of _cpu_kernel_order."""
+    rows, half = codes.shape
+    ordered = torch.cat((codes.view(-1, 32) & 0xF, codes.view(-1, 32) >> 4), dim=1)  # [blocks, 64] codes
+    ordered = ordered.view(rows // CPU_ROW_BLOCK, half, CPU_ROW_BLOCK, 2).transpose(1, 2).reshape(rows, half, 2)
+    return ordered[..., 0] << 4 | ordered[..., 1]
 
 
 class Int8Rows(ExpertCodec):

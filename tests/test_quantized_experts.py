@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from studio.chat import load_chat_model
-from studio.quantize import CPU_ROW_BLOCK, _cpu_kernel_order
+from studio.quantize import CPU_ROW_BLOCK, _cpu_kernel_order, _plain_order
 
 from test_chat import TEXT, expert_modules, single_thread, zoo_moe  # noqa: F401  (fixtures)
 from test_routing import FAMILIES, tiny_moes  # noqa: F401  (tiny_moes is a fixture)
@@ -104,6 +104,7 @@ def test_kernel_order_is_bitsandbytes_own():
     ours = _cpu_kernel_order(data.view(weight.shape[0], -1))
     theirs, _ = _convert_weight_packed_for_cpu(data.clone(), state)
     assert torch.equal(ours, theirs)
+    assert torch.equal(_plain_order(ours), data.view(weight.shape[0], -1))  # and back, for whole-tensor reads
 
 
 @pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes has no fused 4-bit kernel for this CPU")
