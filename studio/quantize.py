@@ -123,6 +123,9 @@ class QuantizedMatrix:
         kwargs = kwargs or {}
         if func is F.linear and isinstance(args[1], cls):
             x, weight, bias = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("bias"))
+            if not x.numel():  # an expert no token was routed to (JetMoE calls every one); bitsandbytes' CPU
+                # kernel dies with a floating point exception on an empty input
+                return x.new_zeros(*x.shape[:-1], weight.codec.shape[1])
             out = weight.codec.linear(x, weight.data, weight.expert)
             return out if bias is None else out + bias
         return func(*(a.dequantized() if isinstance(a, cls) else a for a in args), **kwargs)
