@@ -138,6 +138,15 @@ class ChatModel:
                                                      return_dict=True)
         return list(encoded["input_ids"])
 
+    @torch.inference_mode()
+    def route(self, text: str) -> RouterTrace:
+        """The routing of a text's own tokens (BOS + text, no template), generating nothing."""
+        ids = self.encode(text)
+        device = self.model.get_input_embeddings().weight.device
+        with RouterCapture(self.model) as recorder:
+            self.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+        return recorder.trace(ids, token_texts(self.tokenizer, ids), len(ids), self.labels)
+
     def reply(self, prompt: Messages | str, settings: ChatSettings = ChatSettings(), capture: bool = True) -> Reply:
         """The whole answer at once."""
         ids = self.encode(prompt, settings.system_prompt)
