@@ -74,9 +74,15 @@ class Conversation:
                     trace = piece
                 else:
                     answer["content"] += piece
-                yield Update(self.shown(), "Answering… (Stop ends the reply)", trace)
+                yield Update(self.shown(), self._answering(), trace)
             yield Update(self.shown(), self._summary(trace), trace, final=True)
         self.stop.clear()
+
+    def _answering(self) -> str:
+        queued = len(self.waiting)
+        after = f" Queued: {queued} message{'s' if queued > 1 else ''}, answered when the current reply ends." \
+            if queued else ""
+        return f"Answering… (Stop ends the reply.){after}"
 
     def _summary(self, trace: RouterTrace | None) -> str:
         tokens = len(trace.tokens) - trace.prompt_length if trace else 0

@@ -56,7 +56,7 @@ class MergeBar:
         running = [self.latest[s].message for s in self.shares if s in self.latest and self._done(s) < 1.0]
         phases = set(self.shares) - {"download", "write"}
         if phases and "write" in self.latest and not phases & set(self.latest):
-            running.insert(0, "Router pass: loading the models")
+            running.insert(0, "Router pass: preparing")
         if running:
             return " · ".join(running)
         if self.latest.keys() - {"open"}:

@@ -63,7 +63,9 @@ def test_messages_typed_while_answering_are_queued_and_answered_in_turn(zoo_bf16
     first = next(updates)
     assert first.messages[0] == {"role": "user", "content": "Hello"}
     assert conversation.submit("What is 12 + 7?").startswith("Queued: answered when the current reply ends (1 waiting)")
-    assert next(updates).messages[-1] == {"role": "user", "content": "What is 12 + 7?"}  # shown while it waits
+    waiting = next(updates)
+    assert waiting.messages[-1] == {"role": "user", "content": "What is 12 + 7?"}  # shown while it waits
+    assert waiting.status.endswith("Queued: 1 message, answered when the current reply ends.")
     *_, last = updates
     assert last.final and last.status == "Answer: 12 tokens."
     asked = [m["content"] for m in last.messages if m["role"] == "user"]

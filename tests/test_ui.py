@@ -213,6 +213,7 @@ def test_check_models_and_merge_by_clicking(page_at: Page, studio):
     expect(page_at.locator("#merge-progress .studio-progress")).to_have_attribute("data-fraction", "1.000",
                                                                                 timeout=SLOW)
     expect(page_at.locator("#merge-status")).to_contain_text(f"Done: {workspace / 'clicked-moe'}")
+    expect(page_at.locator("#merge-progress .studio-progress")).to_have_attribute("data-state", "done")
     expect(field(page_at, "merge-log")).to_have_value(re.compile(r"Wrote 8 files"))
     expect(page_at.locator("#finished-merges")).to_contain_text("clicked-moe")
     assert (workspace / "clicked-moe" / "model.safetensors").is_file()
@@ -250,9 +251,15 @@ def test_merges_queue_and_the_page_stays_responsive(page_at: Page, studio):
     for expert in data["experts"]:  # thousands of distinct prompts: a hidden-gate pass of minutes
         expert["positive_prompts"] = [f"{p} #{i}" for i in range(800) for p in expert["positive_prompts"]]
     busy = runner.start(parse_config(data), workspace / "long-merge")
+    labels = []
+    while not busy.bar.label.startswith("Hidden states of the prompts: layer"):  # counted layer by layer
+        labels.append(busy.bar.label)
+        assert busy.bar.fraction < 0.9 and len(labels) < 1200, labels[-3:]  # far from full: the routers are missing
+        page_at.wait_for_timeout(100)
+    assert "Router pass: preparing" in labels[-1]
     field(page_at, "out-name").fill("queued-moe")
     page_at.locator("#merge-button").click()
-    expect(page_at.locator("#merge-status")).to_contain_text("queued")
+    expect(page_at.locator("#merge-status")).to_contain_text("Queued: waiting for the merge before it")
     expect(field(page_at, "merge-log")).to_have_value(re.compile("Another merge is running; this one starts when"))
     type_into(page_at, "base-model", "assets/zoo/code")  # the form and the YAML still answer
     wait_for_yaml(page_at, lambda d: d["base_model"] == "assets/zoo/code")
@@ -262,6 +269,8 @@ def test_merges_queue_and_the_page_stays_responsive(page_at: Page, studio):
     busy.cancel()
     expect(page_at.locator("#merge-status")).to_contain_text("Cancelled.", timeout=SLOW)
     assert busy.finished.wait(60) and busy.state == "cancelled"
+    expect(page_at.locator("#merge-progress .studio-progress")).to_have_attribute("data-state", "cancelled")
+    assert float(page_at.locator("#merge-progress .studio-progress").get_attribute("data-fraction")) < 1
     assert not (workspace / "long-merge").exists() and not (workspace / "queued-moe").exists()
 
 
@@ -281,16 +290,21 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Error:")
     expect(page_at.locator("body")).not_to_contain_text("Traceback")
+    expect(field(page_at, "chat-input")).to_have_value("Hello")  # the message that failed is kept to send again
     page_at.locator("#chat-clear").click()
     picker.fill(model)
     picker.press("Enter")
+    page_at.locator("#chat-load").click()
+    expect(page_at.locator("#chat-loaded")).to_contain_text("Loaded now:", timeout=SLOW)
+    expect(page_at.locator("#chat-layer input[type=range]")).to_have_attribute("max", "3")  # the zoo's 4 layers
     page_at.get_by_text("Generation settings").click()
-    for elem_id, value in (("chat-temperature", "0"), ("chat-max-new", "12")):
-        set_slider(page_at, elem_id, value)
+    expect(page_at.locator("#chat-settings-note")).to_contain_text(
+        "greedy, at most 32 new tokens, from the model's generation_config.json")
+    expect(page_at.locator("#chat-temperature input[type=range]")).to_have_value("0")
+    set_slider(page_at, "chat-max-new", "12")
     field(page_at, "chat-input").fill("Once upon a time")
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
-    expect(page_at.locator("#chat-status")).to_contain_text("Loaded")
     shown = read_plot(page_at, "chat-heatmap")[0]
 
     outside = load_chat_model(model, "4bit", "cpu").reply([{"role": "user", "content": "Once upon a time"}],
@@ -316,8 +330,41 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
     field(page_at, "chat-input").fill("def parse(line):")
     field(page_at, "chat-input").press("Enter")
     raw = load_chat_model(model, "4bit", "cpu").reply("def parse(line):", ChatSettings(temperature=0, max_new_tokens=12))
-    word = max(re.findall(r"[A-Za-z]{4,}", raw.text), key=len)  # a word of the code, whatever markdown makes of it
-    expect(page_at.locator("#chatbot .message").last).to_contain_text(word, timeout=SLOW)
+    expect(page_at.locator("#chat-status")).to_contain_text("Answer: 12 tokens", timeout=SLOW)
+    assert page_at.locator("#chatbot .message-content").last.inner_text() == raw.text  # as written, not as Markdown
+
+
+def test_chat_keeps_code_as_written_stops_and_keeps_what_is_typed_meanwhile(page_at: Page, studio):
+    page_at.locator("button[role=tab]:has-text('Chat')").first.click()
+    field(page_at, "chat-model").fill(str(studio[1] / "zoo-4x"))
+    field(page_at, "chat-model").press("Enter")
+    page_at.locator("#chat-raw input").check()
+    code = "class Stack:\n    def __init__(self, level):\n        self.__s__ = _x_"
+    field(page_at, "chat-input").fill(code)
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chatbot .message-content").first).to_have_text(code, timeout=SLOW)  # indented, no bold
+    expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
+
+    page_at.get_by_text("Generation settings").click()
+    set_slider(page_at, "chat-max-new", "2000")  # a reply that would run for minutes
+    field(page_at, "chat-input").fill("Once upon a time")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Answering", timeout=SLOW)
+    expect(page_at.locator("#chat-heatmap .js-plotly-plot")).to_have_count(1, timeout=SLOW)  # routing while streaming
+    field(page_at, "chat-input").fill("typed while it streams")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Queued: 1 message, answered when the current reply ends")
+    expect(page_at.locator("#chatbot")).to_contain_text("typed while it streams")
+    page_at.locator("#chat-stop").click()
+    expect(page_at.locator("#chat-status")).not_to_contain_text("Queued", timeout=SLOW)  # now the queued one
+    expect(page_at.locator("#chat-status")).to_contain_text("Answering")
+    page_at.locator("#chat-stop").click()
+    expect(page_at.locator("#chat-status")).to_contain_text("Stopped after", timeout=SLOW)
+    page_at.wait_for_timeout(1000)  # the queued event of the second message comes, finds nothing left, changes nothing
+    tokens = int(re.search(r"Stopped after (\d+) tokens", page_at.locator("#chat-status").inner_text()).group(1))
+    assert tokens < 2000
+    users = page_at.locator("#chatbot .user .message-content").all_inner_texts()
+    assert users[-2:] == ["Once upon a time", "typed while it streams"]
 
 
 def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
@@ -332,7 +379,11 @@ def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
     page_at.locator("#inspect-compare-button").click()
     expect(page_at.locator("#inspect-status")).to_contain_text("Compared 3 prompts", timeout=SLOW)
     assert len(read_plot(page_at, "inspect-compare")) == 3
+    expect(page_at.locator("#inspect-tokens")).not_to_contain_text("Answer")  # routing only: nothing generated
+    expect(page_at.locator("#inspect-loaded")).to_contain_text("Loaded now:")
     page_at.locator("#inspect-evaluate").click()
+    expect(page_at.locator("#inspect-status")).to_contain_text(re.compile(r"Routing held-out prompts: \d+ of 48"),
+                                                               timeout=SLOW)
     expect(page_at.locator("#inspect-status")).to_contain_text("routed to their expert", timeout=SLOW)
     confusion = read_plot(page_at, "inspect-confusion")[0]
     prompts = yaml.safe_load((ROOT / "assets" / "zoo" / "eval-prompts.yml").read_text())
@@ -365,3 +416,38 @@ def test_push_to_hub_fails_readably_and_never_shows_the_token(page_at: Page, cap
     assert secret not in page_at.locator("body").inner_text()
     out = capfd.readouterr()
     assert secret not in out.out and secret not in out.err
+
+
+def test_a_hidden_gate_merge_shows_its_stages_and_a_stale_error_goes(page_at: Page, studio):
+    workspace = studio[1]
+    preset = (ROOT / "assets" / "examples" / "zoo-4x.yml").read_text()
+    header = "".join(line for line in preset.splitlines(keepends=True) if line.startswith("#"))
+    data = yaml.safe_load(preset)
+    data["gate_mode"] = "hidden"
+    for expert in data["experts"]:  # enough prompts for a hidden-state pass of some seconds
+        expert["positive_prompts"] = [f"{p} #{i}" for i in range(40) for p in expert["positive_prompts"]]
+    replace_editor_text(page_at, header + yaml.safe_dump(data, sort_keys=False))
+    expect(field(page_at, "gate-mode")).to_have_value("hidden")
+    type_into(page_at, "base-model", "assets/zoo/nowhere")
+    wait_for_yaml(page_at, lambda d: d["base_model"] == "assets/zoo/nowhere")
+    page_at.locator("#check-models").click()
+    expect(page_at.locator("#check-message")).to_contain_text("Error:")
+    type_into(page_at, "base-model", "assets/zoo/base")
+    wait_for_yaml(page_at, lambda d: d["gate_mode"] == "hidden" and d["base_model"] == "assets/zoo/base")
+    assert page_at.evaluate(EDITOR_TEXT).startswith(header)  # the form edit kept the comment block at the top
+    field(page_at, "out-name").fill("hidden-moe")
+    page_at.locator("#merge-button").click()
+    expect(page_at.locator("#check-message")).to_have_text("")  # the old error belonged to the last check
+    bar = page_at.locator("#merge-progress .studio-progress")
+    seen = []
+    while (state := bar.get_attribute("data-state")) != "done":
+        if state == "running":
+            seen.append((float(bar.get_attribute("data-fraction")), bar.inner_text()))
+        assert len(seen) < 1200, seen[-3:]
+        page_at.wait_for_timeout(100)
+    assert all(fraction < 1 for fraction, _ in seen), seen  # full only once it is done
+    assert not any("write 100%" in label for _, label in seen), seen
+    hidden = [(fraction, label) for fraction, label in seen if "Hidden states of the prompts: layer" in label]
+    assert hidden and all(fraction < 0.9 for fraction, _ in hidden), seen  # the pass is counted, the bar not full
+    expect(bar).to_contain_text("Done in")
+    assert (workspace / "hidden-moe" / "model.safetensors").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,23 @@ def routing_views(trace: RouterTrace | None, part: str, position: int | None):
     position = len(trace.layers) - 1 if position is None else min(int(position), len(trace.layers) - 1)
     return (layer_expert_heatmap(trace, part), token_text_html(trace, trace.layers[position]),
             layer_slider(trace.layers, position))
+
+
+class Pace:
+    """How often a streaming answer reaches the page: its text at most every `text` seconds, its routing figures
+    every `routing` seconds (figures redrawn at every token keep a small machine's browser too busy to type in),
+    and always at the end of an answer."""
+
+    def __init__(self, text: float = 0.2, routing: float = 1.0) -> None:
+        self.every = {"text": text, "routing": routing}
+        self.last = {"text": 0.0, "routing": 0.0}
+
+    def due(self, what: str, final: bool = False) -> bool:
+        now = time.monotonic()
+        if final or now - self.last[what] >= self.every[what]:
+            self.last[what] = now
+            return True
+        return False
 
 
 def chat_view(messages: list[dict]) -> list[dict]:
@@ -136,6 +154,7 @@ class ChatTab:
         *settings, part = rest
         views = [gr.skip()] * (len(self.model_views) + 7)  # from the loaded-model line on
         if conversation is None or not conversation.waiting:  # answered already by the reply before it
+            yield gr.skip(), gr.skip(), gr.skip(), *views  # (a generator that yields nothing blanks every output)
             return
         try:
             chosen = self.settings(*settings)
@@ -147,17 +166,22 @@ class ChatTab:
             if fresh:
                 chosen = replace(chat.defaults, system_prompt=chosen.system_prompt, stop=chosen.stop,
                                  seed=chosen.seed)
-            status, slider = loaded_status(chat, fresh), layer_slider(chat.moe_layers())
+            status, pace = loaded_status(chat, fresh), Pace()
+            shown = [gr.skip(), gr.skip(), layer_slider(chat.moe_layers())]
             for update in conversation.answer_waiting(chat, chosen, raw):
-                shown = routing_views(update.trace, part, None) if update.trace else [gr.skip(), gr.skip(), slider]
+                if not pace.due("text", update.final):
+                    continue
+                if update.trace is not None and pace.due("routing", update.final):
+                    shown = routing_views(update.trace, part, None)
                 files = self.export(update.trace) if update.final else (gr.skip(), gr.skip())
                 yield (gr.skip(), chat_view(update.messages), f"{status}. {update.status}",
                        loaded_now(self.loaded), *shown, update.trace or gr.skip(), *files, *followed)
-                followed = [gr.skip()] * len(followed)
+                shown, followed = [gr.skip()] * 3, [gr.skip()] * len(followed)
         except Exception as exc:  # every failure is shown as a message, never as a traceback
             unsent = "\n".join(conversation.waiting)
             conversation.waiting.clear()  # back into the textbox, to send again
-            yield unsent or gr.skip(), chat_view(conversation.shown()), error_text(exc), loaded_now(self.loaded), *views[1:]
+            yield (unsent or gr.skip(), chat_view(conversation.shown()), error_text(exc), loaded_now(self.loaded),
+                   *views[1:])
 
     def export(self, trace: RouterTrace) -> tuple[str, str]:
         folder = Path(tempfile.mkdtemp(dir=self.exports))  # one per reply: sessions never share a download
