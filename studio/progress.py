@@ -19,6 +19,7 @@ GATE_PHASES: dict[str, tuple[tuple[str, float], ...]] = {
     "expert_text": (("text", 0.75), ("fit", 0.15)), "cheap_embed": (), "random": (), "uniform_random": (),
 }
 DOWNLOAD_SHARE = 0.3  # of the bar, when a model comes from the Hub (nothing, once it is in the cache)
+FINISH_SHARE = 0.02  # the last checks of the written files and the move into place: the bar is full once done
 
 
 @dataclass
@@ -31,7 +32,7 @@ class MergeBar:
     @classmethod
     def for_merge(cls, gate_mode: str, from_hub: bool) -> "MergeBar":
         phases = dict(GATE_PHASES.get(gate_mode, ()))
-        shares = {**phases, "write": 1.0 - sum(phases.values())}
+        shares = {**phases, "write": 1.0 - FINISH_SHARE - sum(phases.values()), "done": FINISH_SHARE}
         scale = 1.0 - DOWNLOAD_SHARE if from_hub else 1.0
         shares = {name: share * scale for name, share in shares.items()}
         return cls({"download": DOWNLOAD_SHARE, **shares} if from_hub else shares)
@@ -54,7 +55,7 @@ class MergeBar:
     def label(self) -> str:
         """The stages under way, in words: "Hidden states of the prompts: layer 2 of 4 · Writing 1 of 1 file, ..."."""
         running = [self.latest[s].message for s in self.shares if s in self.latest and self._done(s) < 1.0]
-        phases = set(self.shares) - {"download", "write"}
+        phases = set(self.shares) - {"download", "write", "done"}
         if phases and "write" in self.latest and not phases & set(self.latest):
             running.insert(0, "Router pass: preparing")
         if running:

@@ -7,7 +7,7 @@ import yaml
 from studio.config import load_yaml
 from studio.jobs import MergeRunner
 from studio.merge import MergeOptions, Progress
-from studio.progress import DOWNLOAD_SHARE, GATE_PHASES, MergeBar
+from studio.progress import DOWNLOAD_SHARE, FINISH_SHARE, GATE_PHASES, MergeBar
 from studio.ui.build import job_progress
 
 from conftest import moe_yaml
@@ -27,14 +27,17 @@ def test_writing_everything_before_the_routers_is_not_a_full_bar():
     bar.update(Progress("open", 0, 1, "Opening models"))
     assert (bar.fraction, bar.label) == (0, "Opening models")
     bar.update(Progress("write", 50, 100, "Writing 1 of 2 files, 50 B of 100 B"))
-    assert bar.fraction == 0.4 * 0.5
+    write = 1 - 0.6 - FINISH_SHARE
+    assert bar.fraction == write * 0.5
     assert bar.label == "Router pass: preparing · Writing 1 of 2 files, 50 B of 100 B"
     bar.update(Progress("hidden", 1, 4, "Hidden states of the prompts: layer 1 of 4"))
     bar.update(Progress("write", 100, 100, "Writing 2 of 2 files, 100 B of 100 B"))
-    assert bar.fraction == 0.6 * 0.25 + 0.4
+    assert bar.fraction == 0.6 * 0.25 + write
     assert bar.label == "Hidden states of the prompts: layer 1 of 4"  # writing is over: only the pass is named
     bar.update(Progress("hidden", 4, 4, "Hidden states of the prompts: layer 4 of 4"))
-    assert bar.fraction == 1.0 and bar.label == "Checking the files and moving them into place"
+    assert bar.fraction == 1 - FINISH_SHARE and bar.label == "Checking the files and moving them into place"
+    bar.update(Progress("done", 100, 100, "Merged into out"))
+    assert bar.fraction == 1.0
 
 
 def test_downloads_take_their_share_until_the_next_stage():

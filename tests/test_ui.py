@@ -368,13 +368,29 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Reusing", timeout=SLOW)
     expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
-    screenshot(page_at, "chat")
 
     page_at.locator("#chat-raw input").check()
     field(page_at, "chat-input").fill("def parse(line):")
     field(page_at, "chat-input").press("Enter")
-    raw = load_chat_model(model, "4bit", "cpu").reply("def parse(line):", ChatSettings(temperature=0, max_new_tokens=12))
+    zoo = load_chat_model(model, "4bit", "cpu")
+    raw = zoo.reply("def parse(line):", ChatSettings(temperature=0, max_new_tokens=12))
     wait_for_exact_text(page_at, "#chatbot .message-content", raw.text)  # as written, not as Markdown
+
+    # For the screenshot: the zoo in each of its domains at its own defaults (a question in the chat template,
+    # then a story and code continued as plain text, the second sent while the first streams).
+    page_at.locator("#chat-clear").click()
+    set_slider(page_at, "chat-max-new", "32")
+    page_at.locator("#chat-raw input").uncheck()
+    field(page_at, "chat-input").fill("What is the capital of France?")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
+    page_at.locator("#chat-raw input").check()
+    for text in ("Once upon a time", "def parse(line):"):
+        field(page_at, "chat-input").fill(text)
+        field(page_at, "chat-input").press("Enter")
+    wait_for_exact_text(page_at, "#chatbot .message-content", zoo.reply("def parse(line):", zoo.defaults).text)
+    expect(page_at.locator("#chat-status")).to_contain_text("Answer: 32 tokens", timeout=SLOW)
+    screenshot(page_at, "chat")
 
 
 def test_chat_keeps_code_as_written_stops_and_keeps_what_is_typed_meanwhile(page_at: Page, studio):
