@@ -28,19 +28,20 @@ class Update:
 class Conversation:
     def __init__(self) -> None:
         self.messages: list[dict] = []
-        self.waiting: deque[str] = deque()
+        self.waiting: deque[tuple[str, bool]] = deque()  # (text, whether it is continued as plain text)
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self.answering = False
 
     def shown(self) -> list[dict]:
-        return self.messages + [{"role": "user", "content": text} for text in self.waiting]
+        return self.messages + [{"role": "user", "content": text} for text, _ in self.waiting]
 
-    def submit(self, text: str) -> str:
-        """Queue a message; says whether it is answered now or after the answers before it."""
+    def submit(self, text: str, raw: bool = False) -> str:
+        """Queue a message (with `raw`, to be continued as plain text: the earlier messages are then only shown,
+        not sent); says whether it is answered now or after the answers before it."""
         with self._lock:
             behind = self.answering or bool(self.waiting)
-            self.waiting.append(text)
+            self.waiting.append((text, raw))
         if behind:
             return f"Queued: answered when the current reply ends ({len(self.waiting)} waiting). Stop ends it now."
         return "Sent."
@@ -52,17 +53,17 @@ class Conversation:
             self.messages = []
         self.stop.set()
 
-    def _next(self) -> str | None:
-        """The next queued message, or None (and no longer answering) when there is none."""
+    def _next(self) -> tuple[str, bool] | None:
+        """The next queued message and its `raw`, or None (and no longer answering) when there is none."""
         with self._lock:
             self.answering = bool(self.waiting)
             return self.waiting.popleft() if self.waiting else None
 
-    def answer_waiting(self, chat: ChatModel, settings: ChatSettings, raw: bool = False,
+    def answer_waiting(self, chat: ChatModel, settings: ChatSettings,
                        live_every: int = LIVE_TRACE_EVERY) -> Iterator[Update]:
-        """Answer every queued message in turn, including those queued meanwhile, streaming each answer.
-        With `raw`, a message is continued as plain text (the earlier ones are only shown, not sent)."""
-        while (text := self._next()) is not None:
+        """Answer every queued message in turn, including those queued meanwhile, streaming each answer."""
+        while (queued := self._next()) is not None:
+            text, raw = queued
             self.stop.clear()
             asked = {"role": "user", "content": text}
             prompt = text if raw else [*self.messages, asked]

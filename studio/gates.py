@@ -158,8 +158,11 @@ def _fit_through(moe: StreamedMoE, job: GateJob, tokenizer, encoded: dict, targe
     batches = list(_batches(encoded, job.options.batch_size, _pad_id(tokenizer)))
     ignored = [t for t in (tokenizer.bos_token_id,) if t is not None]
     layers = job.shape[0]
-    done = lambda layer: job.progress("fit", layer + 1, layers, f"Fitting routers: layer {layer + 1} of {layers}")
-    return calibrated_gates(moe, batches, targets, ignored, job.log, job.check, on_layer=done, **fit)
+
+    def fitted(layer: int) -> None:
+        job.progress("fit", layer + 1, layers, f"Fitting routers: layer {layer + 1} of {layers}")
+
+    return calibrated_gates(moe, batches, targets, ignored, job.log, job.check, on_layer=fitted, **fit)
 
 
 COMPUTE: dict[str, GateFunction] = {"hidden": _hidden, "hidden_avg": _hidden, "cheap_embed": _cheap_embed,
@@ -356,7 +359,7 @@ def _transformers_states(base: ModelSource, batches: list, options: GateOptions,
                          check: Callable[[], None], progress: GateProgress) -> dict[str, torch.Tensor]:
     model = load_base_model(base, options)
     device = model.get_input_embeddings().weight.device
-    states = {}
+    states, total = {}, sum(len(prompts) for prompts, _, _ in batches)
     try:
         for prompts, ids, mask in batches:
             check()
@@ -366,8 +369,7 @@ def _transformers_states(base: ModelSource, batches: list, options: GateOptions,
             entering = out.hidden_states[:-1]  # index l: the residual stream entering layer l
             vectors = torch.stack([_reduce(h, mask.to(h.device), average) for h in entering], dim=1)
             states.update(zip(prompts, vectors))
-            progress("hidden", len(states), sum(len(b[0]) for b in batches),
-                     f"Hidden states of the prompts: {len(states)} of {sum(len(b[0]) for b in batches)}")
+            progress("hidden", len(states), total, f"Hidden states of the prompts: {len(states)} of {total}")
     finally:
         del model
         gc.collect()

@@ -77,9 +77,9 @@ def test_messages_typed_while_answering_are_queued_and_answered_in_turn(zoo_bf16
 
 def test_stop_ends_the_answer_at_the_next_token_and_keeps_it(zoo_bf16):
     conversation = Conversation()
-    conversation.submit("Once upon a time")
+    conversation.submit("Once upon a time", raw=True)
     long = ChatSettings(temperature=0, max_new_tokens=400)
-    updates = conversation.answer_waiting(zoo_bf16, long, raw=True, live_every=4)
+    updates = conversation.answer_waiting(zoo_bf16, long, live_every=4)
     for update in updates:
         if update.trace is not None:  # four tokens are out: press Stop
             conversation.stop.set()
@@ -89,17 +89,25 @@ def test_stop_ends_the_answer_at_the_next_token_and_keeps_it(zoo_bf16):
     assert last.final and last.status == f"Stopped after {tokens} tokens." and 4 < tokens < 12
     assert last.messages[-1]["content"] == zoo_bf16.tokenizer.decode(last.trace.token_ids[last.trace.prompt_length:],
                                                                        skip_special_tokens=True)
-    conversation.submit("Once upon a time")  # the next message is answered in full again
-    *_, again = conversation.answer_waiting(zoo_bf16, GREEDY, raw=True)
+    conversation.submit("Once upon a time", raw=True)  # the next message is answered in full again
+    *_, again = conversation.answer_waiting(zoo_bf16, GREEDY)
     assert again.status == "Answer: 12 tokens."
 
 
 def test_clear_forgets_the_conversation_and_stops_the_answer(zoo_bf16):
     conversation = Conversation()
-    conversation.submit("Once upon a time")
-    conversation.submit("And then?")
-    updates = conversation.answer_waiting(zoo_bf16, ChatSettings(temperature=0, max_new_tokens=400), raw=True)
+    conversation.submit("Once upon a time", raw=True)
+    conversation.submit("And then?", raw=True)
+    updates = conversation.answer_waiting(zoo_bf16, ChatSettings(temperature=0, max_new_tokens=400))
     next(updates)
     threading.Thread(target=conversation.clear).start()
     *_, last = updates
     assert last.status.startswith("Stopped after") and conversation.shown() == []
+
+
+def test_route_gives_a_texts_own_routing_without_an_answer(zoo_bf16):
+    trace = zoo_bf16.route("12 + 7 =")
+    generated = zoo_bf16.reply("12 + 7 =", ChatSettings(temperature=0, max_new_tokens=1)).trace
+    n = generated.prompt_length
+    assert trace.prompt_length == len(trace.tokens) == n and trace.token_ids == generated.token_ids[:n]
+    assert torch.allclose(trace.probabilities, generated.probabilities[:, :n], atol=1e-4)

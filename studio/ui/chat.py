@@ -69,7 +69,7 @@ class ChatTab:
             with gr.Column(scale=5, elem_classes="panel"):
                 self.picker = ModelPicker(workspace, "chat", loaded, follow=self.follow_load)
                 # Plain text: replies are code, sums and stories, which Markdown would mangle (indentation, __x__).
-                self.chatbot = gr.Chatbot(show_label=False, height=420, elem_id="chatbot", render_markdown=False,
+                self.chatbot = gr.Chatbot(show_label=False, height=480, elem_id="chatbot", render_markdown=False,
                                           buttons=["copy"])
                 with gr.Row():
                     self.message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
@@ -138,17 +138,16 @@ class ChatTab:
                             float(repetition), stops, None if seed is None or seed < 0 else int(seed))
 
     @staticmethod
-    def submit(message: str, conversation: Conversation | None):
-        """(textbox, chat, status, conversation): the message joins the conversation's queue, or stays in the
-        textbox with a word on why."""
+    def submit(message: str, raw: bool, conversation: Conversation | None):
+        """(textbox, chat, status, conversation): the message joins the conversation's queue (with `raw`, to be
+        continued as plain text), or stays in the textbox with a word on why."""
         if not (message or "").strip():
             return gr.skip(), gr.skip(), "Type a message first.", conversation
         conversation = conversation or Conversation()
-        note = conversation.submit(message)
+        note = conversation.submit(message, raw)
         return "", chat_view(conversation.shown()), note, conversation
 
-    def respond(self, conversation: Conversation | None, raw: bool, model: str, precision: str, trust: bool,
-                *rest):
+    def respond(self, conversation: Conversation | None, model: str, precision: str, trust: bool, *rest):
         """Streams (textbox, chat, status, loaded line, heatmap, tokens, slider, trace, json, csv, *model views)
         while answering the conversation's queued messages. A model loaded now answers with its own defaults."""
         *settings, part = rest
@@ -168,7 +167,7 @@ class ChatTab:
                                  seed=chosen.seed)
             status, pace = loaded_status(chat, fresh), Pace()
             shown = [gr.skip(), gr.skip(), layer_slider(chat.moe_layers())]
-            for update in conversation.answer_waiting(chat, chosen, raw):
+            for update in conversation.answer_waiting(chat, chosen):
                 if not pace.due("text", update.final):
                     continue
                 if update.trace is not None and pace.due("routing", update.final):
@@ -178,7 +177,7 @@ class ChatTab:
                        loaded_now(self.loaded), *shown, update.trace or gr.skip(), *files, *followed)
                 shown, followed = [gr.skip()] * 3, [gr.skip()] * len(followed)
         except Exception as exc:  # every failure is shown as a message, never as a traceback
-            unsent = "\n".join(conversation.waiting)
+            unsent = "\n".join(text for text, _ in conversation.waiting)
             conversation.waiting.clear()  # back into the textbox, to send again
             yield (unsent or gr.skip(), chat_view(conversation.shown()), error_text(exc), loaded_now(self.loaded),
                    *views[1:])
@@ -202,11 +201,11 @@ class ChatTab:
         return [], None, "", None
 
     def _wire(self) -> None:
-        inputs = [self.conversation, self.raw, *self.picker.inputs, *self.settings_inputs, self.part]
+        inputs = [self.conversation, *self.picker.inputs, *self.settings_inputs, self.part]
         outputs = [self.message, self.chatbot, self.picker.status, self.picker.current, self.heatmap, self.tokens,
                    self.layer, self.trace, self.json, self.csv, *self.model_views]
         for event in (self.send.click, self.message.submit):
-            event(self.submit, [self.message, self.conversation],
+            event(self.submit, [self.message, self.raw, self.conversation],
                   [self.message, self.chatbot, self.picker.status, self.conversation], queue=False,
                   trigger_mode="multiple").then(
                 self.respond, inputs, outputs, show_progress="hidden", trigger_mode="multiple", **MODEL_QUEUE)

@@ -43,11 +43,12 @@ class ModelPicker:
     and a line naming the model loaded now. `follow(chat, fresh)` gives the values of the `followers` widgets once
     a model is loaded (a tab's settings that depend on the model)."""
 
-    def __init__(self, workspace: Path, prefix: str, loaded: LoadedModel, followers: list | None = None,
+    def __init__(self, workspace: Path, prefix: str, loaded: LoadedModel,
                  follow: Callable[[ChatModel, bool], list] | None = None) -> None:
         self.workspace = workspace
         self.loaded = loaded
-        self.followers, self.follow = followers or [], follow
+        self.followers: list = []  # set by the tab before wire_load, for `follow`
+        self.follow = follow
         with gr.Row(equal_height=True):
             self.model = gr.Dropdown(label="Model (a merge in the workspace, a folder or a Hub id)",
                                      allow_custom_value=True, scale=4, elem_id=f"{prefix}-model")
@@ -124,22 +125,12 @@ def load_with_progress(loaded: LoadedModel, model: str | None, precision: str,
     loaded now rather than reused). Raises StudioError."""
     if not model or not str(model).strip():
         raise StudioError("Pick a model: a merge from the list, a local folder or a Hub id.")
-    state: dict = {"line": f"Loading {model} at {precision}…"}
 
-    def report(what: str, done: int, total: int) -> None:
-        state["line"] = f"Downloading {model}: {what} {done}/{total}"
+    def load(report: Callable[[str], None]) -> tuple[ChatModel, bool]:
+        def download(what: str, done: int, total: int) -> None:
+            report(f"Downloading {model}: {what} {done}/{total}")
 
-    def work() -> None:
-        try:
-            state["model"], state["fresh"] = loaded.get(str(model), precision, trust, progress_tqdm(report))
-        except BaseException as exc:  # handed to the page's thread below
-            state["error"] = exc
+        return loaded.get(str(model), precision, trust, progress_tqdm(download))
 
-    thread = threading.Thread(target=work, daemon=True, name="studio-load")
-    thread.start()
-    while thread.is_alive():
-        yield state["line"]
-        thread.join(0.5)
-    if "error" in state:
-        raise state["error"]
-    yield state["model"], state["fresh"]
+    for step in run_reporting(load, f"Loading {model} at {precision}…"):
+        yield step if isinstance(step, str) else step[0]
