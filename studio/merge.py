@@ -92,8 +92,12 @@ def prepare(config: MoEConfig, options: MergeOptions, log: Callable[[str], None]
     errors, warnings = check_rules(config, options.allow_identical_experts)
     if errors:
         raise StudioError("The config breaks these rules:\n" + "\n".join(f"  - {e}" for e in errors))
-    downloads = progress_tqdm(lambda what, done, total: progress(Progress("download", done, total, what))) \
-        if progress else None
+
+    def downloading(what: str, done: int, total: int) -> None:  # huggingface_hub's bars count bytes
+        of = f" of {human_bytes(total)}" if total else ""
+        progress(Progress("download", done, total, f"Downloading from the Hub ({what}): {human_bytes(done)}{of}"))
+
+    downloads = progress_tqdm(downloading) if progress else None
     sources = open_models(config.model_refs(), on_open=lambda ref: log(f"Opening {ref}"), tqdm_class=downloads)
     return make_plan(config, sources), warnings
 

@@ -45,7 +45,9 @@ class MergeBar:
         if stage == "download" and set(self.latest) & (set(self.shares) - {"download"}):
             return 1.0
         progress = self.latest.get(stage)
-        return min(progress.fraction, 1.0) if progress else 0.0
+        if progress is None or not progress.total:  # not begun, or its size not known yet
+            return 0.0
+        return min(progress.fraction, 1.0)
 
     @property
     def fraction(self) -> float:

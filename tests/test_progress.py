@@ -42,6 +42,8 @@ def test_writing_everything_before_the_routers_is_not_a_full_bar():
 
 def test_downloads_take_their_share_until_the_next_stage():
     bar = MergeBar.for_merge("expert_text", from_hub=True)
+    bar.update(Progress("download", 0, 0, "Downloading from the Hub (Downloading bytes): 0 B"))
+    assert bar.fraction == 0  # a size not known yet is not a download done
     bar.update(Progress("download", 5, 10, "model.safetensors"))
     assert bar.fraction == DOWNLOAD_SHARE * 0.5 and bar.label == "model.safetensors"
     bar.update(Progress("text", 1, 4, "Experts writing calibration text: 1 of 4 done"))
