@@ -111,12 +111,14 @@ def _scale_for_confidence(logits: torch.Tensor, weights: torch.Tensor, confidenc
 def calibrated_gates(moe: StreamedMoE, batches: list[tuple[list[Hashable], torch.Tensor, torch.Tensor]],
                      targets: dict[Hashable, torch.Tensor], ignored_ids: list[int], log: Callable[[str], None] = print,
                      check: Callable[[], None] = lambda: None, confidence: float | None = CONFIDENCE,
-                     l2: float = L2, fit: Callable[..., torch.Tensor] = fit_router) -> torch.Tensor:
+                     l2: float = L2, fit: Callable[..., torch.Tensor] = fit_router,
+                     on_layer: Callable[[int], None] = lambda layer: None) -> torch.Tensor:
     """G (layers, experts, hidden): each layer's router fitted on the router inputs of the sequences' tokens.
 
     `batches` holds (keys, ids, mask), left-padded, a key per sequence (a prompt, or a piece of calibration text);
     `targets` gives each key's wanted distribution over experts. Tokens in `ignored_ids` (BOS, the same in every
-    sequence) are left out of the fit. `fit` is `fit_router` or `ridge_router`; `confidence` and `l2` as there.
+    sequence) are left out of the fit. `fit` is `fit_router` or `ridge_router`; `confidence` and `l2` as there;
+    `on_layer(layer)` hears of each layer fitted.
     """
     token_targets, token_weights, keep = _token_targets(batches, targets, ignored_ids)
     gates = []
@@ -128,6 +130,7 @@ def calibrated_gates(moe: StreamedMoE, batches: list[tuple[list[Hashable], torch
         log(f"Layer {layer}: router fitted on {x.shape[0]} tokens; top-1 agrees with the intended expert on "
             f"{accuracy:.0%} of them")
         gates.append(router)
+        on_layer(layer)
         return router
 
     moe.run([moe.start(ids, mask) for _, ids, mask in batches], fit_layer, check)

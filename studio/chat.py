@@ -7,6 +7,7 @@ Nothing here knows about a UI: the studio's tabs and the terminal chat both call
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from studio.gates import prompt_ids
 from studio.quantize import footprint, load_model, precision_named
 from studio.report import human_bytes
 from studio.moe_layouts import expert_count
-from studio.routing import RouterCapture, router_labels
+from studio.routing import RouterCapture, find_routers, router_labels
 from studio.moe_folder import open_moe_folder
 from studio.sources import ModelRef, ModelSource
 from studio.trace import RouterTrace
@@ -34,6 +35,7 @@ FALLBACK_STOP = ("\nUser:",)
 HUB_EXTRAS = ["mergekit_moe_config.yml"]
 HUB_REMOTE_CODE = ["*.py"]
 TOKEN_CONTEXT = 4  # tokens decoded before each one, so that its own text is the difference
+LIVE_TRACE_EVERY = 4  # while streaming, a router trace of the text so far every this many tokens
 
 Messages = list[dict]
 
@@ -60,6 +62,33 @@ class ChatSettings:
             if not ok:
                 raise StudioError(f"Chat setting {name} is {getattr(self, name)!r}; it must be {allowed}.")
 
+    def describe(self) -> str:
+        """The settings in a few words: "greedy, at most 32 new tokens"."""
+        drawing = "greedy" if self.temperature == 0 else \
+            f"sampling at temperature {self.temperature:g}, top-p {self.top_p:g}, top-k {self.top_k}"
+        penalty = f", repetition penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1 else ""
+        return f"{drawing}{penalty}, at most {self.max_new_tokens} new tokens"
+
+
+def generation_defaults(folder: Path) -> tuple[ChatSettings, str]:
+    """The settings a model's authors chose in its generation_config.json (ChatSettings' own where it has none),
+    and where they come from, in words."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return ChatSettings(), "the studio's defaults (the model has no generation_config.json)"
+    try:
+        given = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StudioError(f"{path} cannot be read ({exc}); fix or delete it.") from exc
+    studio = ChatSettings()
+    sampling = bool(given.get("do_sample", False))  # transformers' own default is greedy
+    settings = ChatSettings(
+        temperature=float(given.get("temperature") or studio.temperature) if sampling else 0.0,
+        top_p=float(given.get("top_p") or studio.top_p), top_k=int(given.get("top_k") or 0) if sampling else 0,
+        max_new_tokens=int(given.get("max_new_tokens") or studio.max_new_tokens),
+        repetition_penalty=float(given.get("repetition_penalty") or 1.0))
+    return settings, "the model's generation_config.json"
+
 
 @dataclass
 class Reply:
@@ -79,10 +108,16 @@ class ChatModel:
     labels: list[str]
     footprint: int
     stop: tuple[str, ...] = ()  # ends every answer (the fallback template's next turn)
+    defaults: ChatSettings = ChatSettings()  # from the model's generation_config.json
+    defaults_from: str = "the studio's defaults"
 
     def describe(self) -> str:
         return (f"{self.name}: {human_bytes(self.footprint)} in memory at {self.precision}, "
                 f"{len(self.labels)} experts ({', '.join(self.labels)})")
+
+    def moe_layers(self) -> list[int]:
+        """The decoder layers that route (each trace has one row per such layer)."""
+        return sorted(find_routers(self.model))
 
     def encode(self, prompt: Messages | str, system_prompt: str = "") -> list[int]:
         """Token ids of a conversation (through the chat template), or of raw text (BOS + text, as is)."""
@@ -104,6 +139,15 @@ class ChatModel:
                                                      return_dict=True)
         return list(encoded["input_ids"])
 
+    @torch.inference_mode()
+    def route(self, text: str) -> RouterTrace:
+        """The routing of a text's own tokens (BOS + text, no template), generating nothing."""
+        ids = self.encode(text)
+        device = self.model.get_input_embeddings().weight.device
+        with RouterCapture(self.model) as recorder:
+            self.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+        return recorder.trace(ids, token_texts(self.tokenizer, ids), len(ids), self.labels)
+
     def reply(self, prompt: Messages | str, settings: ChatSettings = ChatSettings(), capture: bool = True) -> Reply:
         """The whole answer at once."""
         ids = self.encode(prompt, settings.system_prompt)
@@ -111,22 +155,25 @@ class ChatModel:
         text = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), self._stops(settings))
         return Reply(text, len(new), trace)
 
-    def stream(self, prompt: Messages | str, settings: ChatSettings = ChatSettings(),
-               capture: bool = True) -> Iterator[str | RouterTrace]:
+    def stream(self, prompt: Messages | str, settings: ChatSettings = ChatSettings(), capture: bool = True,
+               cancel: threading.Event | None = None, live_every: int = 0) -> Iterator[str | RouterTrace]:
         """The answer's text in pieces as it is generated; then, with `capture`, the RouterTrace of it all.
 
-        Generation runs on a thread; closing the generator early stops it at the next token.
+        Generation runs on a thread; setting `cancel` (or closing the generator early) stops it at the next token,
+        and the text and trace so far still come. With `capture` and `live_every`, a RouterTrace of the text so far
+        also comes every `live_every` tokens, so that a page can show the routing while the answer grows.
         """
         from transformers import TextIteratorStreamer
 
         ids = self.encode(prompt, settings.system_prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()
+        closed = threading.Event()  # the consumer went away
         result: dict = {}
+        live = _LiveTrace(self, len(ids), live_every, streamer.text_queue.put) if capture and live_every else None
 
         def run() -> None:
             try:
-                result["trace"] = self._generate(ids, settings, capture, streamer, cancel)[1]
+                result["trace"] = self._generate(ids, settings, capture, streamer, (closed, cancel), live)[1]
             except BaseException as exc:  # handed to the caller's thread below
                 result["error"] = exc
                 streamer.end()
@@ -136,11 +183,13 @@ class ChatModel:
         stop = StopFilter(self._stops(settings))
         try:
             for piece in streamer:
-                if text := stop.feed(piece):
+                if isinstance(piece, RouterTrace):
+                    yield piece
+                elif text := stop.feed(piece):
                     yield text
             thread.join()
         finally:
-            cancel.set()
+            closed.set()
         if "error" in result:
             raise result["error"]
         if text := stop.finish():
@@ -153,7 +202,8 @@ class ChatModel:
 
     @torch.inference_mode()
     def _generate(self, ids: list[int], settings: ChatSettings, capture: bool, streamer=None,
-                  cancel: threading.Event | None = None) -> tuple[list[int], RouterTrace | None]:
+                  cancel: tuple[threading.Event | None, ...] = (),
+                  live: "_LiveTrace | None" = None) -> tuple[list[int], RouterTrace | None]:
         from transformers import StoppingCriteriaList
 
         if settings.seed is not None:
@@ -162,8 +212,9 @@ class ChatModel:
         inputs = torch.tensor([ids], device=device)
         kwargs = self._generation_kwargs(settings)
         with RouterCapture(self.model) if capture else nullcontext() as recorder:
+            criteria = [_Cancelled(cancel)] + ([live.watching(recorder)] if live else [])
             out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                                      stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                                      stopping_criteria=StoppingCriteriaList(criteria),
                                       return_dict_in_generate=True, **kwargs)
             sequence = out.sequences[0].tolist()
             if recorder is not None:
@@ -189,13 +240,33 @@ class ChatModel:
 
 
 class _Cancelled:
-    """Stops generation once the consumer of a stream has gone away."""
+    """Stops generation once any of the events is set: the consumer of a stream went away, or asked to stop."""
 
-    def __init__(self, event: threading.Event | None):
-        self.event = event
+    def __init__(self, events: tuple[threading.Event | None, ...]):
+        self.events = [event for event in events if event is not None]
 
     def __call__(self, input_ids, scores, **kwargs) -> bool:
-        return self.event is not None and self.event.is_set()
+        return any(event.is_set() for event in self.events)
+
+
+class _LiveTrace:
+    """A stopping criterion that never stops: every `every` new tokens it hands `publish` the trace of the
+    tokens the routers have seen so far (all but the newest, which is routed at the next step)."""
+
+    def __init__(self, chat: ChatModel, prompt_length: int, every: int, publish) -> None:
+        self.chat, self.prompt_length, self.every, self.publish = chat, prompt_length, every, publish
+        self.recorder: RouterCapture | None = None
+
+    def watching(self, recorder: RouterCapture) -> "_LiveTrace":
+        self.recorder = recorder
+        return self
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        routed = input_ids[0, :-1].tolist()
+        if (len(routed) - self.prompt_length) % self.every == 0 and len(routed) > self.prompt_length:
+            tokens = token_texts(self.chat.tokenizer, routed)
+            self.publish(self.recorder.trace(routed, tokens, self.prompt_length, self.chat.labels))
+        return False
 
 
 def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "auto",
@@ -224,8 +295,9 @@ def load_chat_model(model: str | Path, precision: str = "4bit", device: str = "a
     stop = () if tokenizer.chat_template else FALLBACK_STOP
     if not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_TEMPLATE
+    defaults, defaults_from = generation_defaults(source.folder)
     return ChatModel(loaded, tokenizer, source.label, chosen.name, router_labels(source.folder, config),
-                     footprint(loaded), stop)
+                     footprint(loaded), stop, defaults, defaults_from)
 
 
 def _open(model: str, trust_remote_code: bool, tqdm_class: type | None) -> ModelSource:

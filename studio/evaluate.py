@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -43,8 +44,9 @@ class RoutingReport:
                                               self.majority_of_layers, self.every_layer)]
         routed = format_table(["intended expert", "prompts", *(f"L{l}" for l in range(layers)), "majority",
                                "every layer"], rows)
-        confusion = format_table(["intended \\ chosen", *(str(i) for i in range(len(self.labels)))],
-                                 [[self.labels[k], *map(str, row)] for k, row in zip(self.intended, self.confusion)])
+        names = [f"{i}: {Path(label).name}" for i, label in enumerate(self.labels)]  # rows and columns alike
+        confusion = format_table(["intended \\ chosen", *names],
+                                 [[names[k], *map(str, row)] for k, row in zip(self.intended, self.confusion)])
         same = format_table(["layer", "same top-1 as previous token", "random"],
                             [[str(l), f"{r:.0%}", f"{self.random_same_expert_rate:.0%}"]
                              for l, r in enumerate(self.same_expert_rate)])
@@ -73,9 +75,10 @@ def load_prompts(path: str | Path) -> dict[int | str, list[str]]:
 
 
 def evaluate_routing(model_or_path, prompts: dict[int | str, list[str]], tokenizer=None,
-                     labels: list[str] | None = None, trust_remote_code: bool = False) -> RoutingReport:
+                     labels: list[str] | None = None, trust_remote_code: bool = False,
+                     progress: Callable[[int, int], None] = lambda done, total: None) -> RoutingReport:
     """Route held-out prompts through an MoE; `model_or_path` is a folder (whose own model code runs only with
-    `trust_remote_code`) or an already loaded model."""
+    `trust_remote_code`) or an already loaded model. `progress(done, total)` hears of each prompt routed."""
     if isinstance(model_or_path, (str, Path)):
         model, tokenizer = load_moe(model_or_path, trust_remote_code=trust_remote_code)
         labels = labels or router_labels(model_or_path, model.config)
@@ -85,9 +88,14 @@ def evaluate_routing(model_or_path, prompts: dict[int | str, list[str]], tokeniz
     experts = len(labels)
     intended, token_share, prompt_share, majority, every, confusion, counts = [], [], [], [], [], [], []
     same, pairs = None, 0
+    total, done = sum(len(texts) for texts in prompts.values()), 0
     for key, texts in prompts.items():
         k = resolve_expert(key, labels)
-        top1s = [_top1(model, tokenizer, text) for text in texts]  # each (layers, tokens)
+        top1s = []  # each (layers, tokens)
+        for text in texts:
+            top1s.append(_top1(model, tokenizer, text))
+            done += 1
+            progress(done, total)
         layers = top1s[0].shape[0]
         tokens = torch.cat(top1s, dim=1)
         majorities = torch.stack([t.mode(dim=1).values for t in top1s])  # (prompts, layers)

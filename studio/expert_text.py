@@ -156,9 +156,10 @@ def samples_per_prompt(prompts: int, budget: int = TOKENS_PER_EXPERT, new_tokens
 def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelSource,
                  encode: Callable[[str], list[int]], encode_text: Callable[[str], list[int]], bos: list[int],
                  device: str = "cpu", seed: int | None = None, trust_remote_code: bool = False,
-                 log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None
-                 ) -> dict[tuple, list[int]]:
-    """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts."""
+                 log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
+                 done: Callable[[int], None] = lambda experts: None) -> dict[tuple, list[int]]:
+    """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts.
+    `done(n)` hears that the first n experts' texts are ready."""
     texts: dict[tuple, list[int]] = {}
     writes = any(not e.calibration_text for e in experts)
     base_model = load_writer(base, device, trust_remote_code) if writes and CONTRAST else None
@@ -182,6 +183,7 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
                 f"the expert (median {statistics.median(advantages):.2f} nats per token)")
             pieces = [pieces[i] for i in kept]
         texts.update((text_key(index, i), piece) for i, piece in enumerate(pieces))
+        done(index + 1)
     return texts
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio import safe_yaml
-from studio.config import MoEConfig, check_rules, validation_errors
+from studio.config import MoEConfig, check_rules, to_yaml, validation_errors
 from studio.errors import StudioError
 
 # Prompts may span lines (code, chat turns), so a line holding only `---` separates them in a text box.
@@ -171,3 +171,26 @@ def messages_by_area(problems: dict[str, list[str]], selected: int) -> dict[str,
             area = "config"
         areas[area] += messages
     return {area: "\n".join(f"- {m}" for m in messages) for area, messages in areas.items()}
+
+
+def rewritten_yaml(old_text: str, data: dict) -> tuple[str, str]:
+    """The YAML of `data` after a form edit, keeping the comment block at the top of `old_text` (where presets
+    explain themselves); and, when `old_text` had comments further down, a note saying they were dropped."""
+    lines = old_text.replace("\r\n", "\n").split("\n")
+    top = 0
+    while top < len(lines) and (lines[top].lstrip().startswith("#") or not lines[top].strip()):
+        top += 1
+    header = "\n".join(line for line in lines[:top] if line.strip()) + "\n" if top else ""
+    dropped = [number for number, line in enumerate(lines[top:], start=top + 1) if _has_comment(line)]
+    note = (f"- The form rewrote the YAML: the comments on line{'s' if len(dropped) > 1 else ''} "
+            f"{', '.join(map(str, dropped))} were dropped (the comment block at the top is kept)." if dropped else "")
+    return header + to_yaml(data), note
+
+
+def _has_comment(line: str) -> bool:
+    """A `#` that starts a YAML comment: at the line's start, or after a space outside quotes."""
+    for match in re.finditer(r"(?:^|\s)#", line):
+        before = line[:match.start()]
+        if before.count('"') % 2 == 0 and before.count("'") % 2 == 0:
+            return True
+    return False

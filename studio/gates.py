@@ -51,16 +51,21 @@ class GateOptions:
 
 
 GateFunction = Callable[["GateJob"], torch.Tensor]
+# progress(phase, done, total, label): "hidden" (the base's hidden states), "text" (experts writing calibration
+# text) or "fit" (routers fitted layer by layer); the label says it in words.
+GateProgress = Callable[[str, int, int, str], None]
 
 
 @dataclass
 class GateJob:
-    """What a gate mode's function gets: the plan, the options, and where to log and check for a stop."""
+    """What a gate mode's function gets: the plan, the options, and where to log, report progress and check for a
+    stop."""
 
     plan: MergePlan
     options: GateOptions
     log: Callable[[str], None]
     check: Callable[[], None]
+    progress: GateProgress = lambda phase, done, total, label: None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -75,12 +80,14 @@ class GateJob:
 
 
 def compute_gates(plan: MergePlan, options: GateOptions, log: Callable[[str], None] = print,
-                  check: Callable[[], None] = lambda: None) -> torch.Tensor:
+                  check: Callable[[], None] = lambda: None,
+                  progress: GateProgress = lambda phase, done, total, label: None) -> torch.Tensor:
     """G (layers, experts, hidden) in float32, for `experts_with_gates(config)` in that order.
 
-    `check` is called between layers or batches of the work; it raises to stop it.
+    `check` is called between layers or batches of the work; it raises to stop it. `progress` hears of each
+    layer, batch or expert done.
     """
-    return COMPUTE[plan.config.gate_mode](GateJob(plan, options, log, check))
+    return COMPUTE[plan.config.gate_mode](GateJob(plan, options, log, check, progress))
 
 
 def _random(job: GateJob) -> torch.Tensor:
@@ -100,7 +107,7 @@ def _hidden(job: GateJob) -> torch.Tensor:
     experts = experts_with_gates(plan.config)
     states = hidden_states_of_prompts(plan.base, plan.family, tokenizer, _all_prompts(experts), job.options,
                                       average=(plan.config.gate_mode == "hidden_avg"), log=job.log,
-                                      check=job.check, encode=job.encoder(tokenizer))
+                                      check=job.check, encode=job.encoder(tokenizer), progress=job.progress)
     rows = [_mean(states, e.positive_prompts) - _mean(states, e.negative_prompts) for e in experts]
     return unit_rows(torch.stack(rows, dim=1))
 
@@ -128,7 +135,9 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
     texts = expert_text.expert_texts(
         experts, [plan.sources[e.source_model] for e in experts], plan.base, encode,
         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, _device(options.device),
-        options.seed, options.trust_remote_code, job.log, job.check)
+        options.seed, options.trust_remote_code, job.log, job.check,
+        lambda done: job.progress("text", done, len(experts), f"Experts writing calibration text: {done} of "
+                                                              f"{len(experts)} done"))
     encoded = {**{p: encode(p) for p in prompts}, **texts}
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
     job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "
@@ -154,7 +163,12 @@ def _fit_through(moe: StreamedMoE, job: GateJob, tokenizer, encoded: dict, targe
     """Routers fitted layer by layer through `moe` on the tokens of `encoded`, each sequence wanting its target."""
     batches = list(_batches(encoded, job.options.batch_size, _pad_id(tokenizer)))
     ignored = [t for t in (tokenizer.bos_token_id,) if t is not None]
-    return calibrated_gates(moe, batches, targets, ignored, job.log, job.check, **fit)
+    layers = job.shape[0]
+
+    def fitted(layer: int) -> None:
+        job.progress("fit", layer + 1, layers, f"Fitting routers: layer {layer + 1} of {layers}")
+
+    return calibrated_gates(moe, batches, targets, ignored, job.log, job.check, on_layer=fitted, **fit)
 
 
 COMPUTE: dict[str, GateFunction] = {"hidden": _hidden, "hidden_avg": _hidden, "cheap_embed": _cheap_embed,
@@ -277,7 +291,9 @@ def load_base_model(base: ModelSource, options: GateOptions):
 def hidden_states_of_prompts(base: ModelSource, family: Family, tokenizer, prompts: list[str], options: GateOptions,
                              average: bool = False, log: Callable[[str], None] = print,
                              check: Callable[[], None] = lambda: None,
-                             encode: Callable[[str], list[int]] | None = None) -> dict[str, torch.Tensor]:
+                             encode: Callable[[str], list[int]] | None = None,
+                             progress: GateProgress = lambda phase, done, total, label: None
+                             ) -> dict[str, torch.Tensor]:
     """For each prompt, the residual stream entering every layer (layers, hidden), float32 on CPU.
 
     Taken at the last token, or averaged over the prompt's tokens when `average`. Llama-shaped bases are run
@@ -291,9 +307,9 @@ def hidden_states_of_prompts(base: ModelSource, family: Family, tokenizer, promp
     reason = "4/8-bit loading asked for" if quantized else why_not_streamable(base.config, longest)
     if reason is None:
         log(f"Computing hidden states of {len(prompts)} prompts with {base.label}, one layer at a time")
-        return _streamed_states(base, family, batches, options.device, average, check)
+        return _streamed_states(base, family, batches, options.device, average, check, progress)
     log(f"Computing hidden states of {len(prompts)} prompts with {base.label} via transformers ({reason})")
-    return _transformers_states(base, batches, options, average, check)
+    return _transformers_states(base, batches, options, average, check, progress)
 
 
 def _batches(encoded: dict[str, list[int]], size: int, pad: int):
@@ -327,7 +343,7 @@ def _reduce(hidden: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Te
 
 
 def _streamed_states(base: ModelSource, family: Family, batches: list, device: str, average: bool,
-                     check: Callable[[], None]) -> dict[str, torch.Tensor]:
+                     check: Callable[[], None], progress: GateProgress) -> dict[str, torch.Tensor]:
     decoder = StreamedDecoder(base, family, _device(device))
     running = [(prompts, decoder.start(ids, mask)) for prompts, ids, mask in batches]
     per_layer: dict[str, list[torch.Tensor]] = {p: [] for prompts, _ in running for p in prompts}
@@ -341,14 +357,15 @@ def _streamed_states(base: ModelSource, family: Family, batches: list, device: s
             step = decoder.layer(layer)
             for _, batch in running:
                 step(batch)
+        progress("hidden", layer + 1, layers, f"Hidden states of the prompts: layer {layer + 1} of {layers}")
     return {p: torch.stack(vectors) for p, vectors in per_layer.items()}
 
 
 def _transformers_states(base: ModelSource, batches: list, options: GateOptions, average: bool,
-                         check: Callable[[], None]) -> dict[str, torch.Tensor]:
+                         check: Callable[[], None], progress: GateProgress) -> dict[str, torch.Tensor]:
     model = load_base_model(base, options)
     device = model.get_input_embeddings().weight.device
-    states = {}
+    states, total = {}, sum(len(prompts) for prompts, _, _ in batches)
     try:
         for prompts, ids, mask in batches:
             check()
@@ -358,6 +375,7 @@ def _transformers_states(base: ModelSource, batches: list, options: GateOptions,
             entering = out.hidden_states[:-1]  # index l: the residual stream entering layer l
             vectors = torch.stack([_reduce(h, mask.to(h.device), average) for h in entering], dim=1)
             states.update(zip(prompts, vectors))
+            progress("hidden", len(states), total, f"Hidden states of the prompts: {len(states)} of {total}")
     finally:
         del model
         gc.collect()

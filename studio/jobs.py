@@ -10,6 +10,8 @@ from pathlib import Path
 from studio.config import MoEConfig
 from studio.errors import Cancelled, StudioError
 from studio.merge import CancelToken, MergeOptions, MergeResult, Progress, merge
+from studio.progress import MergeBar
+from studio.sources import ModelRef
 
 
 @dataclass
@@ -25,16 +27,38 @@ class MergeJob:
     error: str | None = None
     token: CancelToken = field(default_factory=CancelToken)
     finished: threading.Event = field(default_factory=threading.Event)
+    bar: MergeBar | None = None
+    started: float | None = None  # time.monotonic() when it began, and ended
+    ended: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.bar is None:
+            hub = any(_from_hub(ref) for ref in self.config.model_refs())
+            self.bar = MergeBar.for_merge(self.config.gate_mode, hub)
 
     def cancel(self) -> None:
         self.token.cancel()
         self.log.append("Cancel requested; stopping at the next tensor.")
 
     @property
+    def seconds(self) -> float:
+        """How long it has run (or ran)."""
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.monotonic()) - self.started
+
+    @property
     def state(self) -> str:
         if not self.finished.is_set():
             return "queued" if self.progress.stage == "queued" else "running"
         return "done" if self.result else ("cancelled" if self.token.cancelled else "failed")
+
+
+def _from_hub(ref: str) -> bool:
+    try:
+        return not ModelRef.parse(ref).is_local
+    except StudioError:  # the merge itself names the reference's problem
+        return False
 
 
 class MergeRunner:
@@ -57,7 +81,7 @@ class MergeRunner:
 
     def _run(self, job: MergeJob) -> None:
         with self._lock:
-            stamp = time.strftime("%H:%M:%S")
+            stamp, job.started = time.strftime("%H:%M:%S"), time.monotonic()
             job.log.append(f"[{stamp}] Merging into {job.out}")
             try:
                 job.token.check()
@@ -72,11 +96,13 @@ class MergeRunner:
             finally:
                 if job.error:
                     job.log.append(job.error)
+                job.ended = time.monotonic()
                 job.finished.set()
 
     @staticmethod
     def _on_progress(job: MergeJob):
         def update(progress: Progress) -> None:
             job.progress = progress
+            job.bar.update(progress)
 
         return update

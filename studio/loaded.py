@@ -19,6 +19,11 @@ class LoadedModel:
         self._key: tuple | None = None
         self._model: ChatModel | None = None
 
+    @property
+    def current(self) -> ChatModel | None:
+        """The model held now, if any."""
+        return self._model
+
     def get(self, model: str, precision: str, trust_remote_code: bool = False,
             tqdm_class: type | None = None) -> tuple[ChatModel, bool]:
         """The model, and whether it was loaded by this call (False: reused)."""

@@ -24,6 +24,7 @@ from studio.errors import Cancelled, StudioError
 from studio.gate_modes import gate_mode
 from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
+from studio.report import human_bytes
 from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm, read_json
 from studio.tokenizer_files import write_portable_tokenizer_config
 from studio.writer import shard_names, write_shard
@@ -48,7 +49,7 @@ class CancelToken:
 
 @dataclass
 class Progress:
-    stage: str  # "open", "gates", "write", "done"
+    stage: str  # "open", "download", the router pass's "hidden", "text" or "fit", "write", "done"
     done: int
     total: int
     message: str = ""
@@ -92,8 +93,12 @@ def prepare(config: MoEConfig, options: MergeOptions, log: Callable[[str], None]
     errors, warnings = check_rules(config, options.allow_identical_experts)
     if errors:
         raise StudioError("The config breaks these rules:\n" + "\n".join(f"  - {e}" for e in errors))
-    downloads = progress_tqdm(lambda what, done, total: progress(Progress("download", done, total, what))) \
-        if progress else None
+
+    def downloading(what: str, done: int, total: int) -> None:  # huggingface_hub's bars count bytes
+        of = f" of {human_bytes(total)}" if total else ""
+        progress(Progress("download", done, total, f"Downloading from the Hub ({what}): {human_bytes(done)}{of}"))
+
+    downloads = progress_tqdm(downloading) if progress else None
     sources = open_models(config.model_refs(), on_open=lambda ref: log(f"Opening {ref}"), tqdm_class=downloads)
     return make_plan(config, sources), warnings
 
@@ -137,7 +142,7 @@ def _build(config: MoEConfig, plan: MergePlan, out: Path, options: MergeOptions,
     stamps = integrity.stamp_sources(plan)
     staging = destination.new_staging(out)
     stop = threading.Event()
-    gates = _start_gates(config, plan, options, cancel, stop, log)
+    gates = _start_gates(config, plan, options, cancel, stop, log, report)
     try:
         files = _write_all(plan, gates, staging, options, report, cancel)
         routers = _gates_of(plan, gates)
@@ -161,7 +166,7 @@ def _build(config: MoEConfig, plan: MergePlan, out: Path, options: MergeOptions,
 
 
 def _start_gates(config: MoEConfig, plan: MergePlan, options: MergeOptions, cancel: CancelToken,
-                 stop: threading.Event, log: Callable[[str], None]) -> Future:
+                 stop: threading.Event, log: Callable[[str], None], report: Callable[[Progress], None]) -> Future:
     """Compute the gates on a worker thread, so the expert weights stream to disk meanwhile."""
 
     def check() -> None:
@@ -170,7 +175,10 @@ def _start_gates(config: MoEConfig, plan: MergePlan, options: MergeOptions, canc
         cancel.check()
 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gates")
-    future = executor.submit(compute_gates, plan, options.gate_options(), log, check)
+    def progress(phase: str, done: int, total: int, label: str) -> None:
+        report(Progress(phase, done, total, label))
+
+    future = executor.submit(compute_gates, plan, options.gate_options(), log, check, progress)
     executor.shutdown(wait=False)
     return future
 
@@ -186,12 +194,13 @@ def _write_all(plan: MergePlan, gates: Future, folder: Path, options: MergeOptio
                report: Callable[[Progress], None], cancel: CancelToken) -> list[str]:
     shards = plan.shards(options.out_shard_size)
     names = shard_names(len(shards))
-    total, done = plan.total_bytes, 0
+    total, done, file = plan.total_bytes, 0, 0
 
     def advance(nbytes: int) -> None:
         nonlocal done
         done += nbytes
-        report(Progress("write", done, total, f"Writing {done / 1e9:.2f} of {total / 1e9:.2f} GB"))
+        files = f"{file} of {len(names)} file{'s' if len(names) > 1 else ''}"
+        report(Progress("write", done, total, f"Writing {files}, {human_bytes(done)} of {human_bytes(total)}"))
 
     def produce(jobs: list[TensorJob]):
         for job in jobs:
@@ -201,7 +210,7 @@ def _write_all(plan: MergePlan, gates: Future, folder: Path, options: MergeOptio
             yield _tensor_for(job, _gates_of(plan, gates) if job.router_layer is not None else None,
                               options.random_seed)
 
-    for name, jobs in zip(names, shards):
+    for file, (name, jobs) in enumerate(zip(names, shards), start=1):
         entries = [(j.name, j.dtype, j.shape, j.nbytes) for j in jobs]
         write_shard(folder / name, entries, produce(jobs), on_bytes=advance)
     if len(shards) > 1:

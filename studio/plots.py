@@ -133,6 +133,9 @@ def _expert_axis(figure: go.Figure, labels: list[str], axis: str) -> None:
     (figure.update_xaxes if axis == "x" else figure.update_yaxes)(**ticks)
 
 
+PART_WORDS = {"prompt": "tokens of each prompt", "answer": "tokens of each answer"}
+
+
 def compare_heatmaps(traces: list[RouterTrace], titles: list[str], part: str = "prompt") -> go.Figure:
     """Layer x expert heatmaps of several traces side by side, one column each, on one colour scale."""
     from plotly.subplots import make_subplots
@@ -147,7 +150,7 @@ def compare_heatmaps(traces: list[RouterTrace], titles: list[str], part: str = "
                         autorange="reversed", row=1, col=1, title="layer")
     figure.update_layout(coloraxis={"colorscale": HEATMAP_SCALE, "cmin": 0, "cmax": 1,
                                     "colorbar": {"title": "mean p"}},
-                         title=f"Mean router probability per layer, {part} of each prompt")
+                         title=f"Mean router probability per layer, over the {PART_WORDS[part]}")
     return figure
 
 

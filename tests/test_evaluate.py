@@ -5,6 +5,8 @@ each token's embedding is the unit vector e_(id mod 4), and router row k is e_k:
 goes to expert t mod 4, and every number of the report can be computed from the token ids alone.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -68,6 +70,9 @@ def test_report_matches_the_construction(constructed):
     assert report.random_same_expert_rate == 0.25
     text = report.table()
     assert "intended expert" in text and "Confusion" in text and "m/expert4" in text
+    names = [f"{i}: {Path(label).name}" for i, label in enumerate(report.labels)]
+    header = next(line for line in text.splitlines() if line.startswith("intended \\ chosen"))
+    assert header.split()[3:] == " ".join(names).split()  # the columns are named as the rows are
 
 
 def test_experts_are_named_by_index_source_model_or_folder_name(tmp_path):

@@ -8,7 +8,8 @@ import yaml
 from studio.config import load_yaml, to_yaml
 from studio.errors import StudioError
 from studio.form import (add_expert, expert_names, expert_view, field_problems, messages_by_area, move_expert,
-                         parse_mapping, prompts_to_text, remove_expert, set_expert_field, set_field, text_to_prompts)
+                         parse_mapping, prompts_to_text, remove_expert, rewritten_yaml, set_expert_field, set_field,
+                         text_to_prompts)
 
 ZOO = (Path(__file__).resolve().parents[1] / "assets" / "examples" / "zoo-4x.yml").read_text()
 
@@ -88,3 +89,19 @@ def test_yaml_that_is_no_mapping_is_a_clear_error():
     with pytest.raises(StudioError, match="must be a mapping"):
         parse_mapping("- a\n- b")
     assert yaml.safe_load(to_yaml(parse_mapping(ZOO))) == parse_mapping(ZOO)
+
+
+def test_form_edits_keep_the_comment_block_at_the_top_and_say_when_others_go(zoo):
+    yaml_text, note = rewritten_yaml(ZOO, set_field(zoo, "gate_mode", "hidden"))
+    header = "".join(line for line in ZOO.splitlines(keepends=True) if line.startswith("#"))
+    assert yaml_text.startswith(header) and note == ""
+    assert parse_mapping(yaml_text) == set_field(zoo, "gate_mode", "hidden")
+    inline = ZOO.replace("dtype: bfloat16", "dtype: bfloat16  # half the bytes") + "# the end\n"
+    lines = inline.splitlines()
+    yaml_text, note = rewritten_yaml(inline, zoo)
+    dropped = [lines.index("dtype: bfloat16  # half the bytes") + 1, len(lines)]
+    assert note == f"- The form rewrote the YAML: the comments on lines {dropped[0]}, {dropped[1]} were dropped " \
+                   f"(the comment block at the top is kept)."
+    assert "half the bytes" not in yaml_text and yaml_text.startswith(header)
+    quoted = "base_model: a\nexperts:\n  - source_model: b\n    positive_prompts: ['x #1', \"y # 2\"]\n"
+    assert rewritten_yaml(quoted, parse_mapping(quoted))[1] == ""  # a # inside quotes is text, not a comment

@@ -45,6 +45,9 @@ def browser_context_args(browser_context_args):
     return {**browser_context_args, "viewport": {"width": 1440, "height": 900}}
 
 
+STUDIO_FOLDER: list[Path] = []  # the workspace of the session's studio
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,11 +57,13 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def studio(tmp_path_factory):
     """The studio serving a fresh workspace that already holds one merge of the zoo (for the Chat tab)."""
-    workspace = tmp_path_factory.mktemp("workspace")
+    workspace = tmp_path_factory.mktemp("studio") / "workspace"
+    workspace.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)  # the presets' zoo paths are relative to the project folder, as with `python app.py`
         merge(load_config(ROOT / "assets" / "examples" / "zoo-4x.yml"), workspace / "zoo-4x", log=lambda m: None)
         runner = MergeRunner()
+        STUDIO_FOLDER[:] = [workspace]
         app = build_app(workspace, device="cpu", runner=runner)
         port = free_port()
         launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -135,9 +140,62 @@ def set_slider(page: Page, elem_id: str, value: str) -> None:
     expect(slider).to_have_value(value)
 
 
+# The page as a person who keeps the studio in ~/moe-studio sees it: the test's temporary folder is not shown.
+SHOWN_FOLDER = """([folder, shown]) => {
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) walker.currentNode.nodeValue = walker.currentNode.nodeValue.replaceAll(folder, shown);
+  for (const box of document.querySelectorAll('input, textarea')) box.value = box.value.replaceAll(folder, shown);
+}"""
+
+
+def wait_for_exact_text(page: Page, selector: str, text: str, timeout: float = SLOW / 1000) -> None:
+    """Until the last element matching `selector` shows exactly `text`, whitespace included (Playwright's
+    to_have_text would forgive lost indentation)."""
+    shown = None
+    for _ in range(int(timeout * 10)):
+        elements = page.locator(selector)
+        shown = elements.last.inner_text() if elements.count() else None
+        if shown == text:
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"{selector} shows {shown!r}, not {text!r}")
+
+
+def watch_texts(page: Page, elem_id: str) -> None:
+    """Record every text an element shows from now on (read back with seen_texts): a state that lasts less than
+    a poll is caught too."""
+    page.evaluate("""(id) => {
+      const element = document.getElementById(id);
+      window.__seen = window.__seen || {};
+      window.__seen[id] = [element.innerText];
+      new MutationObserver(() => window.__seen[id].push(element.innerText))
+        .observe(element, {subtree: true, childList: true, characterData: true, attributes: true});
+    }""", elem_id)
+
+
+def seen_texts(page: Page, elem_id: str) -> list[str]:
+    return page.evaluate("(id) => window.__seen[id]", elem_id)
+
+
+def send_and_wait(page: Page, text: str, answers: int = 1) -> None:
+    """Send a chat message and wait until `answers` replies have begun and the last has ended (the status of the
+    reply before says "Answer:" too, so the statuses shown meanwhile are recorded)."""
+    watch_texts(page, "chat-status")
+    field(page, "chat-input").fill(text)
+    field(page, "chat-input").press("Enter")
+    for _ in range(SLOW // 100):
+        seen = seen_texts(page, "chat-status")
+        began = sum(1 for before, now in zip(seen, seen[1:]) if "Answering" in now and "Answering" not in before)
+        if began >= answers and "Answer:" in seen[-1]:
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"No answer to {text!r}; the status showed {seen_texts(page, 'chat-status')[-3:]}")
+
+
 def screenshot(page: Page, name: str) -> None:
     """A full-page PNG, reduced to 256 colours so the repository stays small."""
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate(SHOWN_FOLDER, [str(STUDIO_FOLDER[0].parent), "~/moe-studio"])
     path = SHOTS / f"{name}.png"
     page.screenshot(path=path, full_page=True)
     Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
@@ -213,6 +271,7 @@ def test_check_models_and_merge_by_clicking(page_at: Page, studio):
     expect(page_at.locator("#merge-progress .studio-progress")).to_have_attribute("data-fraction", "1.000",
                                                                                 timeout=SLOW)
     expect(page_at.locator("#merge-status")).to_contain_text(f"Done: {workspace / 'clicked-moe'}")
+    expect(page_at.locator("#merge-progress .studio-progress")).to_have_attribute("data-state", "done")
     expect(field(page_at, "merge-log")).to_have_value(re.compile(r"Wrote 8 files"))
     expect(page_at.locator("#finished-merges")).to_contain_text("clicked-moe")
     assert (workspace / "clicked-moe" / "model.safetensors").is_file()
@@ -250,9 +309,15 @@ def test_merges_queue_and_the_page_stays_responsive(page_at: Page, studio):
     for expert in data["experts"]:  # thousands of distinct prompts: a hidden-gate pass of minutes
         expert["positive_prompts"] = [f"{p} #{i}" for i in range(800) for p in expert["positive_prompts"]]
     busy = runner.start(parse_config(data), workspace / "long-merge")
+    labels = []
+    while not busy.bar.label.startswith("Hidden states of the prompts: layer"):  # counted layer by layer
+        labels.append(busy.bar.label)
+        assert busy.bar.fraction < 0.9 and len(labels) < 1200, labels[-3:]  # far from full: the routers are missing
+        page_at.wait_for_timeout(100)
+    assert "Router pass: preparing" in labels[-1]
     field(page_at, "out-name").fill("queued-moe")
     page_at.locator("#merge-button").click()
-    expect(page_at.locator("#merge-status")).to_contain_text("queued")
+    expect(page_at.locator("#merge-status")).to_contain_text("Queued: waiting for the merge before it")
     expect(field(page_at, "merge-log")).to_have_value(re.compile("Another merge is running; this one starts when"))
     type_into(page_at, "base-model", "assets/zoo/code")  # the form and the YAML still answer
     wait_for_yaml(page_at, lambda d: d["base_model"] == "assets/zoo/code")
@@ -262,6 +327,8 @@ def test_merges_queue_and_the_page_stays_responsive(page_at: Page, studio):
     busy.cancel()
     expect(page_at.locator("#merge-status")).to_contain_text("Cancelled.", timeout=SLOW)
     assert busy.finished.wait(60) and busy.state == "cancelled"
+    expect(page_at.locator("#merge-progress .studio-progress")).to_have_attribute("data-state", "cancelled")
+    assert float(page_at.locator("#merge-progress .studio-progress").get_attribute("data-fraction")) < 1
     assert not (workspace / "long-merge").exists() and not (workspace / "queued-moe").exists()
 
 
@@ -275,22 +342,28 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
     model = str(studio[1] / "zoo-4x")
     page_at.locator("#tab-chat-button, button[role=tab]:has-text('Chat')").first.click()
     picker = field(page_at, "chat-model")
+    expect(picker).to_have_value(re.compile(r"/workspace/"))  # the tab has listed the merges: typing now stays
     picker.fill(str(studio[1] / "missing"))
     picker.press("Enter")
     field(page_at, "chat-input").fill("Hello")
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Error:")
     expect(page_at.locator("body")).not_to_contain_text("Traceback")
+    expect(field(page_at, "chat-input")).to_have_value("Hello")  # the message that failed is kept to send again
     page_at.locator("#chat-clear").click()
     picker.fill(model)
     picker.press("Enter")
+    page_at.locator("#chat-load").click()
+    expect(page_at.locator("#chat-loaded")).to_contain_text("Loaded now:", timeout=SLOW)
+    expect(page_at.locator("#chat-layer input[type=range]")).to_have_attribute("max", "3")  # the zoo's 4 layers
     page_at.get_by_text("Generation settings").click()
-    for elem_id, value in (("chat-temperature", "0"), ("chat-max-new", "12")):
-        set_slider(page_at, elem_id, value)
+    expect(page_at.locator("#chat-settings-note")).to_contain_text(
+        "greedy, at most 32 new tokens, from the model's generation_config.json")
+    expect(page_at.locator("#chat-temperature input[type=range]")).to_have_value("0")
+    set_slider(page_at, "chat-max-new", "12")
     field(page_at, "chat-input").fill("Once upon a time")
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
-    expect(page_at.locator("#chat-status")).to_contain_text("Loaded")
     shown = read_plot(page_at, "chat-heatmap")[0]
 
     outside = load_chat_model(model, "4bit", "cpu").reply([{"role": "user", "content": "Once upon a time"}],
@@ -306,18 +379,61 @@ def test_chat_streams_and_shows_the_routing_of_the_reply(page_at: Page, studio):
     page_at.locator("#chat-layer input[type=number]").press("Enter")
     expect(page_at.locator("#chat-layer input[type=range]")).to_have_value("0")
     expect(page_at.locator("#chat-tokens")).to_contain_text("Layer 0")
-    field(page_at, "chat-input").fill("And then?")
-    field(page_at, "chat-input").press("Enter")
-    expect(page_at.locator("#chat-status")).to_contain_text("Reusing", timeout=SLOW)
-    expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
-    screenshot(page_at, "chat")
+    send_and_wait(page_at, "And then?")
+    expect(page_at.locator("#chat-status")).to_contain_text("Reusing")
 
     page_at.locator("#chat-raw input").check()
     field(page_at, "chat-input").fill("def parse(line):")
     field(page_at, "chat-input").press("Enter")
-    raw = load_chat_model(model, "4bit", "cpu").reply("def parse(line):", ChatSettings(temperature=0, max_new_tokens=12))
-    word = max(re.findall(r"[A-Za-z]{4,}", raw.text), key=len)  # a word of the code, whatever markdown makes of it
-    expect(page_at.locator("#chatbot .message").last).to_contain_text(word, timeout=SLOW)
+    zoo = load_chat_model(model, "4bit", "cpu")
+    raw = zoo.reply("def parse(line):", ChatSettings(temperature=0, max_new_tokens=12))
+    wait_for_exact_text(page_at, "#chatbot .message-content", raw.text)  # as written, not as Markdown
+
+    # For the screenshot: the zoo in each of its domains at its own defaults (a question in the chat template,
+    # then a story and code continued as plain text).
+    page_at.locator("#chat-clear").click()
+    set_slider(page_at, "chat-max-new", "32")
+    page_at.locator("#chat-raw input").uncheck()
+    send_and_wait(page_at, "What is the capital of France?")
+    page_at.locator("#chat-raw input").check()
+    for text in ("Once upon a time", "def parse(line):"):
+        send_and_wait(page_at, text)
+    wait_for_exact_text(page_at, "#chatbot .message-content", zoo.reply("def parse(line):", zoo.defaults).text)
+    expect(page_at.locator("#chat-status")).to_contain_text("Answer: 32 tokens", timeout=SLOW)
+    screenshot(page_at, "chat")
+
+
+def test_chat_keeps_code_as_written_stops_and_keeps_what_is_typed_meanwhile(page_at: Page, studio):
+    page_at.locator("button[role=tab]:has-text('Chat')").first.click()
+    field(page_at, "chat-model").fill(str(studio[1] / "zoo-4x"))
+    field(page_at, "chat-model").press("Enter")
+    page_at.locator("#chat-raw input").check()
+    code = "class Stack:\n    def __init__(self, level):\n        self.__s__ = _x_"
+    field(page_at, "chat-input").fill(code)
+    field(page_at, "chat-input").press("Enter")
+    wait_for_exact_text(page_at, "#chatbot .user .message-content", code)  # indented, no bold, no italics
+    expect(page_at.locator("#chat-status")).to_contain_text("Answer:", timeout=SLOW)
+
+    page_at.get_by_text("Generation settings").click()
+    set_slider(page_at, "chat-max-new", "2000")  # a reply that would run for minutes
+    field(page_at, "chat-input").fill("Once upon a time")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Answering", timeout=SLOW)
+    expect(page_at.locator("#chat-heatmap .js-plotly-plot")).to_have_count(1, timeout=SLOW)  # routing while streaming
+    field(page_at, "chat-input").fill("typed while it streams")
+    field(page_at, "chat-input").press("Enter")
+    expect(page_at.locator("#chat-status")).to_contain_text("Queued: 1 message, answered when the current reply ends")
+    expect(page_at.locator("#chatbot")).to_contain_text("typed while it streams")
+    page_at.locator("#chat-stop").click()
+    expect(page_at.locator("#chat-status")).not_to_contain_text("Queued", timeout=SLOW)  # now the queued one
+    expect(page_at.locator("#chat-status")).to_contain_text("Answering")
+    page_at.locator("#chat-stop").click()
+    expect(page_at.locator("#chat-status")).to_contain_text("Stopped after", timeout=SLOW)
+    page_at.wait_for_timeout(1000)  # the queued event of the second message comes, finds nothing left, changes nothing
+    tokens = int(re.search(r"Stopped after (\d+) tokens", page_at.locator("#chat-status").inner_text()).group(1))
+    assert tokens < 2000
+    users = page_at.locator("#chatbot .user .message-content").all_inner_texts()
+    assert users[-2:] == ["Once upon a time", "typed while it streams"]
 
 
 def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
@@ -332,8 +448,13 @@ def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
     page_at.locator("#inspect-compare-button").click()
     expect(page_at.locator("#inspect-status")).to_contain_text("Compared 3 prompts", timeout=SLOW)
     assert len(read_plot(page_at, "inspect-compare")) == 3
+    expect(page_at.locator("#inspect-tokens")).not_to_contain_text("Answer")  # routing only: nothing generated
+    expect(page_at.locator("#inspect-loaded")).to_contain_text("Loaded now:")
+    watch_texts(page_at, "inspect-status")
     page_at.locator("#inspect-evaluate").click()
     expect(page_at.locator("#inspect-status")).to_contain_text("routed to their expert", timeout=SLOW)
+    shown = seen_texts(page_at, "inspect-status")
+    assert any(re.search(r"Routing held-out prompts: \d+ of 100", text) for text in shown), shown
     confusion = read_plot(page_at, "inspect-confusion")[0]
     prompts = yaml.safe_load((ROOT / "assets" / "zoo" / "eval-prompts.yml").read_text())
     assert [sum(row) for row in confusion] == [len(v) * 4 for v in prompts.values()]  # every (prompt, layer) pair
@@ -365,3 +486,38 @@ def test_push_to_hub_fails_readably_and_never_shows_the_token(page_at: Page, cap
     assert secret not in page_at.locator("body").inner_text()
     out = capfd.readouterr()
     assert secret not in out.out and secret not in out.err
+
+
+def test_a_hidden_gate_merge_shows_its_stages_and_a_stale_error_goes(page_at: Page, studio):
+    workspace = studio[1]
+    preset = (ROOT / "assets" / "examples" / "zoo-4x.yml").read_text()
+    header = "".join(line for line in preset.splitlines(keepends=True) if line.startswith("#"))
+    data = yaml.safe_load(preset)
+    data["gate_mode"] = "hidden"
+    for expert in data["experts"]:  # enough prompts for a hidden-state pass of some seconds
+        expert["positive_prompts"] = [f"{p} #{i}" for i in range(40) for p in expert["positive_prompts"]]
+    replace_editor_text(page_at, header + yaml.safe_dump(data, sort_keys=False))
+    expect(field(page_at, "gate-mode")).to_have_value("hidden")
+    type_into(page_at, "base-model", "assets/zoo/nowhere")
+    wait_for_yaml(page_at, lambda d: d["base_model"] == "assets/zoo/nowhere")
+    page_at.locator("#check-models").click()
+    expect(page_at.locator("#check-message")).to_contain_text("Error:")
+    type_into(page_at, "base-model", "assets/zoo/base")
+    wait_for_yaml(page_at, lambda d: d["gate_mode"] == "hidden" and d["base_model"] == "assets/zoo/base")
+    assert page_at.evaluate(EDITOR_TEXT).startswith(header)  # the form edit kept the comment block at the top
+    field(page_at, "out-name").fill("hidden-moe")
+    page_at.locator("#merge-button").click()
+    expect(page_at.locator("#check-message")).to_have_text("")  # the old error belonged to the last check
+    bar = page_at.locator("#merge-progress .studio-progress")
+    seen = []
+    while (state := bar.get_attribute("data-state")) != "done":
+        if state == "running":
+            seen.append((float(bar.get_attribute("data-fraction")), bar.inner_text()))
+        assert len(seen) < 1200, seen[-3:]
+        page_at.wait_for_timeout(100)
+    assert all(fraction < 1 for fraction, _ in seen), seen  # full only once it is done
+    assert not any("write 100%" in label for _, label in seen), seen
+    hidden = [(fraction, label) for fraction, label in seen if "Hidden states of the prompts: layer" in label]
+    assert hidden and all(fraction < 0.9 for fraction, _ in hidden), seen  # the pass is counted, the bar not full
+    expect(bar).to_contain_text("Done in")
+    assert (workspace / "hidden-moe" / "model.safetensors").is_file()

@@ -10,6 +10,7 @@ from studio.jobs import MergeRunner
 from studio.loaded import LoadedModel
 from studio.ui.build import BuildTab
 from studio.ui.chat import ChatTab
+from studio.ui.common import loaded_now
 from studio.ui.inspect import InspectTab
 
 CSS = """
@@ -19,11 +20,14 @@ CSS = """
 .panel {border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 10px}
 .studio-progress {position: relative; height: 26px; border-radius: 6px; background: var(--block-background-fill);
   border: 1px solid var(--border-color-primary); overflow: hidden}
-.studio-progress-bar {position: absolute; inset: 0 auto 0 0; background: linear-gradient(90deg, #6366f1, #22c55e);
-  opacity: 0.55}
+.studio-progress-bar {position: absolute; inset: 0 auto 0 0; background: #6366f1; opacity: 0.45}
+.studio-progress.done .studio-progress-bar {background: #22c55e}
+.studio-progress.failed .studio-progress-bar, .studio-progress.cancelled .studio-progress-bar {background: #9ca3af}
 .studio-progress span {position: relative; padding-left: 10px; line-height: 26px; font-size: 0.9em}
 .router-text > div:first-child span {display: inline-block; margin-bottom: 2px}
 .expert-buttons button {flex: 1}
+#chatbot .message-content {white-space: pre-wrap}
+.loaded-now {color: var(--body-text-color-subdued); font-size: 0.9em}
 .token-columns {display: grid; grid-template-columns: repeat(auto-fit, minmax(260px, 1fr)); gap: 12px}
 """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald")
@@ -48,6 +52,7 @@ def build_app(workspace: Path, initial: str = "zoo-4x", device: str = "auto",
         for tab, picker in ((chat_tab, chat.picker), (inspect_tab, inspect.picker)):
             app.load(picker.choices, None, picker.model)
             tab.select(picker.choices, picker.model, picker.model)
+            tab.select(lambda: loaded_now(loaded), None, picker.current, queue=False)
     return app
 
 

@@ -51,12 +51,25 @@ def check_models(yaml_text: str, allow_identical_experts: bool = False) -> tuple
 
 
 def job_status(job: MergeJob) -> str:
-    p = job.progress
     if job.state == "done":
         return f"**Done:** {job.out}"
     if job.state in ("failed", "cancelled"):
         return f"**{job.state.capitalize()}.** {job.error}"
-    return f"**{p.stage}** {p.fraction:.0%} {p.message}"
+    if job.state == "queued":
+        return "**Queued:** waiting for the merge before it."
+    return f"**Merging** into {job.out.name}: {job.seconds:.0f} s"
+
+
+def job_progress(job: MergeJob) -> str:
+    """The bar of a merge: full and green only once it is done; a stopped one stays where it stopped, grey."""
+    state, bar = job.state, job.bar
+    if state == "done":
+        return progress_html(1.0, f"Done in {job.seconds:.1f} s", state)
+    if state in ("failed", "cancelled"):
+        return progress_html(bar.fraction, f"{state.capitalize()} at {bar.fraction:.0%}", state)
+    if state == "queued":
+        return progress_html(0.0, "Queued: waiting for the merge before it", state)
+    return progress_html(bar.fraction, f"{bar.fraction:.0%} · {bar.label}", state)
 
 
 def _number(value) -> float | int | None:
@@ -87,7 +100,7 @@ class BuildTab:
                 self._form_widgets(initial)
             with gr.Column(scale=4, elem_classes="panel"):
                 self.editor = gr.Code(text, language="yaml", label="Config (mergekit-moe YAML)", lines=28,
-                                      max_lines=40, elem_id="config-yaml")
+                                      max_lines=40, wrap_lines=True, elem_id="config-yaml")
                 self.messages["config"] = gr.Markdown(elem_id="msg-config", elem_classes="field-msg")
         self._preview_widgets()
         self._merge_widgets()
@@ -218,16 +231,22 @@ class BuildTab:
         return [areas[a] for a in AREAS]
 
     # Handlers -------------------------------------------------------------------------------------------------
+    def rewritten(self, text: str, data: dict, selected: int, identical: bool) -> list:
+        """The editor's new text after a form edit, and the messages (saying so when comments were dropped)."""
+        yaml_text, note = form.rewritten_yaml(text or "", data)
+        *messages, config_message = self.message_values(data, selected, identical)
+        return [yaml_text, *messages, "\n".join(m for m in (config_message, note) if m)]
+
     def _field(self, key: str):
-        def edit(data: dict, value, selected: int, identical: bool):
+        def edit(data: dict, value, selected: int, identical: bool, text: str):
             data = form.set_field(data, key, value)
-            return [data, to_yaml(data), gr.update(choices=form.expert_names(data)),
-                    *self.message_values(data, selected, identical)]
+            yaml_text, *messages = self.rewritten(text, data, selected, identical)
+            return [data, yaml_text, gr.update(choices=form.expert_names(data)), *messages]
 
         return edit
 
     def _expert_field(self, key: str, group: str = "experts"):
-        def edit(data: dict, value, selected: int | None, identical: bool):
+        def edit(data: dict, value, selected: int | None, identical: bool, text: str):
             selected = selected or 0
             try:
                 data = form.set_expert_field(data, selected if group == "experts" else 0, key, value, group)
@@ -235,17 +254,21 @@ class BuildTab:
                 return [gr.skip(), gr.skip(), gr.skip(), *([gr.skip()] * 5), f"- {exc}"]
             names = form.expert_names(data)
             picked = names[selected] if group == "experts" and selected < len(names) else gr.skip()
-            return [data, to_yaml(data), gr.update(choices=names, value=picked),
-                    *self.message_values(data, selected, identical)]
+            yaml_text, *messages = self.rewritten(text, data, selected, identical)
+            return [data, yaml_text, gr.update(choices=names, value=picked), *messages]
 
         return edit
 
-    def _restructure(self, change):
-        def edit(data: dict, selected: int, identical: bool):
+    def _restructure(self, change, rewrite: bool = True):
+        """A change of the experts' list (or, without `rewrite`, only of which expert the form shows)."""
+        def edit(data: dict, selected: int, identical: bool, text: str):
             data, selected = change(data, selected or 0)
             selected = max(0, min(selected, len(form.expert_names(data)) - 1))
-            return [data, to_yaml(data), *self.form_values(data, selected), *self.message_values(data, selected,
-                                                                                                  identical)]
+            if not rewrite:
+                return [data, gr.skip(), *self.form_values(data, selected),
+                        *self.message_values(data, selected, identical)]
+            yaml_text, *messages = self.rewritten(text, data, selected, identical)
+            return [data, yaml_text, *self.form_values(data, selected), *messages]
 
         return edit
 
@@ -275,13 +298,13 @@ class BuildTab:
             config = load_yaml(yaml_text)
             out = output_folder(self.workspace, name)
         except StudioError as exc:
-            yield None, progress_html(0, "Not started"), f"**Error:** {exc}", ""
+            yield None, progress_html(0, "Not started", "failed"), f"**Error:** {exc}", ""
             return
         options = MergeOptions(overwrite=overwrite, trust_remote_code=trust, allow_identical_experts=identical)
         job = self.runner.start(config, out, options)
         while not job.finished.wait(POLL_SECONDS):
-            yield job, self.job_progress(job), job_status(job), "\n".join(job.log)
-        yield job, self.job_progress(job), job_status(job), "\n".join(job.log)
+            yield job, job_progress(job), job_status(job), "\n".join(job.log)
+        yield job, job_progress(job), job_status(job), "\n".join(job.log)
 
     @staticmethod
     def preview(yaml_text: str, prompts_text: str, trust: bool):
@@ -300,11 +323,6 @@ class BuildTab:
         tokens = "".join(token_text_html(trace, trace.layers[-1]) for trace in traces)
         figure = compare_heatmaps(traces, prompts)
         return table, figure, tokens, f"Preview of `{config.gate_mode}` gates for {len(prompts)} prompt(s)."
-
-    @staticmethod
-    def job_progress(job: MergeJob) -> str:
-        p = job.progress
-        return progress_html(1.0 if job.state == "done" else p.fraction, f"{job.state}: {p.stage} {p.fraction:.0%}")
 
     def merge_list(self):
         merges = finished_merges(self.workspace)
@@ -329,14 +347,16 @@ class BuildTab:
         for widget, key in [(self.base, "base_model"), (self.gate_mode, "gate_mode"), (self.dtype, "dtype"),
                             (self.per_token, "experts_per_token"), (self.architecture, "architecture"),
                             (self.prompt_format, "prompt_format")]:
-            widget.input(self._field(key), [*state, widget, self.picker, self.identical], synced, **every)
+            widget.input(self._field(key), [*state, widget, self.picker, self.identical, self.editor], synced,
+                         **every)
         for widget, key in [(self.source, "source_model"), (self.positive, "positive_prompts"),
                             (self.negative, "negative_prompts"), (self.noise, "noise_scale"),
                             (self.residual, "residual_scale")]:
-            widget.input(self._expert_field(key), [*state, widget, self.picker, self.identical], synced, **every)
+            widget.input(self._expert_field(key), [*state, widget, self.picker, self.identical, self.editor], synced,
+                         **every)
         for widget, key in [(self.shared_source, "source_model"), (self.shared_positive, "positive_prompts")]:
-            widget.input(self._expert_field(key, "shared_experts"), [*state, widget, self.picker, self.identical],
-                         synced, **every)
+            widget.input(self._expert_field(key, "shared_experts"),
+                         [*state, widget, self.picker, self.identical, self.editor], synced, **every)
 
         whole = [self.data, self.editor, *self.form_widgets, *self.message_widgets]
         changes = {self.add: lambda d, s: (form.add_expert(d), len(form.expert_names(d))),
@@ -344,9 +364,10 @@ class BuildTab:
                    self.up: lambda d, s: (form.move_expert(d, s, -1), s - 1),
                    self.down: lambda d, s: (form.move_expert(d, s, +1), s + 1)}
         for button, change in changes.items():
-            button.click(self._restructure(change), [*state, self.picker, self.identical], whole)
-        self.picker.input(self._restructure(lambda d, s: (d, s)), [*state, self.picker, self.identical], whole)
-        self.identical.input(self._restructure(lambda d, s: (d, s)), [*state, self.picker, self.identical], whole)
+            button.click(self._restructure(change), [*state, self.picker, self.identical, self.editor], whole)
+        for widget in (self.picker, self.identical):  # the same data, shown again
+            widget.input(self._restructure(lambda d, s: (d, s), rewrite=False),
+                         [*state, self.picker, self.identical, self.editor], whole)
 
         self.editor.input(self.from_yaml, [self.editor, self.picker, self.identical],
                           [self.data, *self.form_widgets, *self.message_widgets], **every)
@@ -356,7 +377,10 @@ class BuildTab:
                            [self.upload, self.identical], whole)
         self.editor.change(self.save_download, self.editor, self.download, show_progress="hidden")
 
+        # Each message belongs to the last action: checking clears the last merge's word, merging the last check's.
+        self.check.click(lambda: "", None, self.status, queue=False)
         self.check.click(check_models, [self.editor, self.identical], [self.compat, self.estimates, self.check_message])
+        self.start.click(lambda: "", None, self.check_message, queue=False)
         self.preview_button.click(self.preview, [self.editor, self.preview_prompts, self.trust],
                                   [self.preview_table, self.preview_figure, self.preview_tokens, self.preview_message])
         # concurrency_limit=None: the runner queues merges itself and says so in the log.

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 
-from studio.chat import ChatSettings
+from studio.chat import ChatModel, ChatSettings
+from studio.conversation import Conversation
 from studio.loaded import LoadedModel
 from studio.plots import layer_expert_heatmap, token_text_html
 from studio.trace import RouterTrace
-from studio.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_progress, loaded_status
+from studio.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_progress, loaded_now, loaded_status
+
+
+def layer_slider(layers: list[int], position: int | None = None):
+    """The slider over a model's MoE layers (position: index among them; None: the last)."""
+    position = len(layers) - 1 if position is None else min(int(position), len(layers) - 1)
+    return gr.update(minimum=0, maximum=len(layers) - 1, value=position, step=1,
+                     label=f"MoE layer for the token colouring (decoder layer {layers[position]})")
 
 
 def routing_views(trace: RouterTrace | None, part: str, position: int | None):
@@ -19,9 +29,36 @@ def routing_views(trace: RouterTrace | None, part: str, position: int | None):
     if trace is None:
         return None, "", gr.update()
     position = len(trace.layers) - 1 if position is None else min(int(position), len(trace.layers) - 1)
-    slider = gr.update(minimum=0, maximum=len(trace.layers) - 1, value=position, step=1,
-                       label=f"MoE layer for the token colouring (decoder layer {trace.layers[position]})")
-    return layer_expert_heatmap(trace, part), token_text_html(trace, trace.layers[position]), slider
+    return (layer_expert_heatmap(trace, part), token_text_html(trace, trace.layers[position]),
+            layer_slider(trace.layers, position))
+
+
+class Pace:
+    """How often a streaming answer reaches the page: its text at most every `text` seconds, its routing figures
+    every `routing` seconds (figures redrawn at every token keep a small machine's browser too busy to type in),
+    and always at the end of an answer."""
+
+    def __init__(self, text: float = 0.2, routing: float = 1.0) -> None:
+        self.every = {"text": text, "routing": routing}
+        self.last = {"text": 0.0, "routing": 0.0}
+
+    def due(self, what: str, final: bool = False) -> bool:
+        now = time.monotonic()
+        if final or now - self.last[what] >= self.every[what]:
+            self.last[what] = now
+            return True
+        return False
+
+
+def chat_view(messages: list[dict]) -> list[dict]:
+    """Messages for the Chatbot, as text parts: a plain string would have its indentation removed
+    (gradio dedents it); the page shows the text as it is."""
+    return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
+
+def settings_note(chat: ChatModel) -> str:
+    return (f"Generation settings set to {chat.defaults.describe()}, from {chat.defaults_from}. "
+            f"Change them under **Generation settings**.")
 
 
 class ChatTab:
@@ -30,17 +67,22 @@ class ChatTab:
         self.exports = Path(tempfile.mkdtemp(prefix="moe-studio-trace-"))
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, elem_classes="panel"):
-                self.picker = ModelPicker(workspace, "chat", loaded)
-                self.chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot")
+                self.picker = ModelPicker(workspace, "chat", loaded, follow=self.follow_load)
+                # Plain text: replies are code, sums and stories, which Markdown would mangle (indentation, __x__).
+                self.chatbot = gr.Chatbot(show_label=False, height=480, elem_id="chatbot", render_markdown=False,
+                                          buttons=["copy"])
                 with gr.Row():
                     self.message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                                               scale=5, elem_id="chat-input")
-                    self.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-                    self.clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
+                    self.send = gr.Button("Send", variant="primary", scale=1, min_width=70, elem_id="chat-send")
+                    self.stop = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="chat-stop")
+                    self.clear = gr.Button("Clear", scale=1, min_width=70, elem_id="chat-clear")
                 self.raw = gr.Checkbox(False, label="Continue the text as it is (no chat template): for base models "
                                                     "and the zoo's code, math and stories experts",
                                        elem_id="chat-raw")
                 with gr.Accordion("Generation settings", open=False):
+                    self.note = gr.Markdown("Loading a model sets these to its own defaults (its "
+                                            "generation_config.json).", elem_id="chat-settings-note")
                     self.system = gr.Textbox(label="System prompt", lines=2)
                     with gr.Row():
                         self.temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)",
@@ -52,7 +94,7 @@ class ChatTab:
                                                  elem_id="chat-max-new")
                         self.repetition = gr.Slider(0.5, 2, value=1.0, step=0.05, label="Repetition penalty")
                         self.seed = gr.Number(value=-1, label="Seed (-1: random)", precision=0)
-                    self.stop = gr.Textbox(label="Stop strings (one per line)", lines=1)
+                    self.stops = gr.Textbox(label="Stop strings (one per line)", lines=1)
             with gr.Column(scale=4, elem_classes="panel"):
                 gr.Markdown("### Routing of the last exchange")
                 self.part = gr.Radio(["answer", "prompt"], value="answer", label="Tokens", elem_id="chat-part")
@@ -64,12 +106,30 @@ class ChatTab:
                     self.json = gr.DownloadButton("Trace JSON", elem_id="chat-trace-json")
                     self.csv = gr.DownloadButton("Trace CSV", elem_id="chat-trace-csv")
         self.trace = gr.State(None)
+        self.conversation = gr.State(None)  # a Conversation per browser session, made by its first message
+        self.picker.followers = [*self.model_views, self.layer]
+        self.picker.wire_load()
         self._wire()
 
     @property
     def settings_inputs(self) -> list:
         return [self.system, self.temperature, self.top_p, self.top_k, self.max_new, self.repetition, self.seed,
-                self.stop]
+                self.stops]
+
+    @property
+    def model_views(self) -> list:
+        """The settings that follow a model loaded now: its defaults, and where they come from."""
+        return [self.temperature, self.top_p, self.top_k, self.max_new, self.repetition, self.note]
+
+    @staticmethod
+    def follow_model(chat: ChatModel, fresh: bool) -> list:
+        if not fresh:  # the same model again: the settings are the person's own by now
+            return [gr.skip()] * 6
+        d = chat.defaults
+        return [d.temperature, d.top_p, d.top_k, d.max_new_tokens, d.repetition_penalty, settings_note(chat)]
+
+    def follow_load(self, chat: ChatModel, fresh: bool) -> list:
+        return [*self.follow_model(chat, fresh), layer_slider(chat.moe_layers())]
 
     @staticmethod
     def settings(system, temperature, top_p, top_k, max_new, repetition, seed, stop) -> ChatSettings:
@@ -77,37 +137,50 @@ class ChatTab:
         return ChatSettings(system or "", float(temperature), float(top_p), int(top_k), int(max_new),
                             float(repetition), stops, None if seed is None or seed < 0 else int(seed))
 
-    def respond(self, message: str, history: list, raw: bool, model: str, precision: str, trust: bool, *rest):
-        """Streams (history, status, heatmap, tokens, slider, trace, json, csv) while answering `message`
-        (with `raw`, continuing it as plain text; the history is then only shown, not sent)."""
-        *settings, part = rest
-        keep = [gr.skip()] * 6
+    @staticmethod
+    def submit(message: str, raw: bool, conversation: Conversation | None):
+        """(textbox, chat, status, conversation): the message joins the conversation's queue (with `raw`, to be
+        continued as plain text), or stays in the textbox with a word on why."""
         if not (message or "").strip():
-            yield history, "Type a message first.", *keep
+            return gr.skip(), gr.skip(), "Type a message first.", conversation
+        conversation = conversation or Conversation()
+        note = conversation.submit(message, raw)
+        return "", chat_view(conversation.shown()), note, conversation
+
+    def respond(self, conversation: Conversation | None, model: str, precision: str, trust: bool, *rest):
+        """Streams (textbox, chat, status, loaded line, heatmap, tokens, slider, trace, json, csv, *model views)
+        while answering the conversation's queued messages. A model loaded now answers with its own defaults."""
+        *settings, part = rest
+        views = [gr.skip()] * (len(self.model_views) + 7)  # from the loaded-model line on
+        if conversation is None or not conversation.waiting:  # answered already by the reply before it
+            yield gr.skip(), gr.skip(), gr.skip(), *views  # (a generator that yields nothing blanks every output)
             return
-        history = list(history or []) + [{"role": "user", "content": message}]
         try:
             chosen = self.settings(*settings)
             for step in load_with_progress(self.loaded, model, precision, trust):
                 if isinstance(step, str):
-                    yield history, step, *keep
+                    yield gr.skip(), gr.skip(), step, *views
             chat, fresh = step
-            status = loaded_status(chat, fresh)
-            answer = {"role": "assistant", "content": ""}
-            trace = None
-            prompt = message if raw else [{"role": m["role"], "content": m["content"]} for m in history]
-            for piece in chat.stream(prompt, chosen):
-                if isinstance(piece, RouterTrace):
-                    trace = piece
+            followed = self.follow_model(chat, fresh)
+            if fresh:
+                chosen = replace(chat.defaults, system_prompt=chosen.system_prompt, stop=chosen.stop,
+                                 seed=chosen.seed)
+            status, pace = loaded_status(chat, fresh), Pace()
+            shown = [gr.skip(), gr.skip(), layer_slider(chat.moe_layers())]
+            for update in conversation.answer_waiting(chat, chosen):
+                if not pace.due("text", update.final):
                     continue
-                answer["content"] += piece
-                yield history + [answer], status, *keep
+                if update.trace is not None and pace.due("routing", update.final):
+                    shown = routing_views(update.trace, part, None)
+                files = self.export(update.trace) if update.final else (gr.skip(), gr.skip())
+                yield (gr.skip(), chat_view(update.messages), f"{status}. {update.status}",
+                       loaded_now(self.loaded), *shown, update.trace or gr.skip(), *files, *followed)
+                shown, followed = [gr.skip()] * 3, [gr.skip()] * len(followed)
         except Exception as exc:  # every failure is shown as a message, never as a traceback
-            yield history, error_text(exc), *keep
-            return
-        json_path, csv_path = self.export(trace)
-        yield (history + [answer], f"{status}. Answer: {len(trace.tokens) - trace.prompt_length} tokens.",
-               *routing_views(trace, part, None), trace, json_path, csv_path)
+            unsent = "\n".join(text for text, _ in conversation.waiting)
+            conversation.waiting.clear()  # back into the textbox, to send again
+            yield (unsent or gr.skip(), chat_view(conversation.shown()), error_text(exc), loaded_now(self.loaded),
+                   *views[1:])
 
     def export(self, trace: RouterTrace) -> tuple[str, str]:
         folder = Path(tempfile.mkdtemp(dir=self.exports))  # one per reply: sessions never share a download
@@ -116,14 +189,29 @@ class ChatTab:
         csv_path.write_text(trace.to_csv(), encoding="utf-8")
         return str(json_path), str(csv_path)
 
+    @staticmethod
+    def stop_answer(conversation: Conversation | None) -> None:
+        if conversation is not None:
+            conversation.stop.set()
+
+    @staticmethod
+    def clear_chat(conversation: Conversation | None):
+        if conversation is not None:
+            conversation.clear()
+        return [], None, "", None
+
     def _wire(self) -> None:
-        inputs = [self.message, self.chatbot, self.raw, *self.picker.inputs, *self.settings_inputs, self.part]
-        outputs = [self.chatbot, self.picker.status, self.heatmap, self.tokens, self.layer, self.trace, self.json,
-                   self.csv]
+        inputs = [self.conversation, *self.picker.inputs, *self.settings_inputs, self.part]
+        outputs = [self.message, self.chatbot, self.picker.status, self.picker.current, self.heatmap, self.tokens,
+                   self.layer, self.trace, self.json, self.csv, *self.model_views]
         for event in (self.send.click, self.message.submit):
-            event(self.respond, inputs, outputs, show_progress="hidden", **MODEL_QUEUE).then(
-                lambda: "", None, self.message)
-        self.clear.click(lambda: ([], None, "", None), None, [self.chatbot, self.heatmap, self.tokens, self.trace])
+            event(self.submit, [self.message, self.raw, self.conversation],
+                  [self.message, self.chatbot, self.picker.status, self.conversation], queue=False,
+                  trigger_mode="multiple").then(
+                self.respond, inputs, outputs, show_progress="hidden", trigger_mode="multiple", **MODEL_QUEUE)
+        self.stop.click(self.stop_answer, self.conversation, None, queue=False)
+        self.clear.click(self.clear_chat, self.conversation, [self.chatbot, self.heatmap, self.tokens, self.trace],
+                         queue=False)
         views = [self.heatmap, self.tokens, self.layer]
         self.part.input(routing_views, [self.trace, self.part, self.layer], views, show_progress="hidden")
         self.layer.input(routing_views, [self.trace, self.part, self.layer], views, show_progress="hidden",

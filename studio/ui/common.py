@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gradio as gr
 
@@ -26,10 +26,12 @@ def error_text(exc: BaseException) -> str:
     return f"**Unexpected error:** {type(exc).__name__}: {exc}"
 
 
-def progress_html(fraction: float, label: str) -> str:
+def progress_html(fraction: float, label: str, state: str = "running") -> str:
+    """The bar; `state` (running, done, failed, cancelled, queued) gives its colour: only a finished merge is green."""
     fraction = min(max(fraction, 0.0), 1.0)
-    return (f'<div class="studio-progress" data-fraction="{fraction:.3f}"><div class="studio-progress-bar" '
-            f'style="width:{fraction:.1%}"></div><span>{html.escape(label)}</span></div>')
+    return (f'<div class="studio-progress {state}" data-fraction="{fraction:.3f}" data-state="{state}">'
+            f'<div class="studio-progress-bar" style="width:{fraction:.1%}"></div>'
+            f'<span>{html.escape(label)}</span></div>')
 
 
 def model_choices(workspace: Path) -> list[str]:
@@ -37,11 +39,16 @@ def model_choices(workspace: Path) -> list[str]:
 
 
 class ModelPicker:
-    """Model (a workspace merge, any folder or a Hub id), precision and the remote-code tick, with a load button."""
+    """Model (a workspace merge, any folder or a Hub id), precision and the remote-code tick, with a load button,
+    and a line naming the model loaded now. `follow(chat, fresh)` gives the values of the `followers` widgets once
+    a model is loaded (a tab's settings that depend on the model)."""
 
-    def __init__(self, workspace: Path, prefix: str, loaded: LoadedModel) -> None:
+    def __init__(self, workspace: Path, prefix: str, loaded: LoadedModel,
+                 follow: Callable[[ChatModel, bool], list] | None = None) -> None:
         self.workspace = workspace
         self.loaded = loaded
+        self.followers: list = []  # set by the tab before wire_load, for `follow`
+        self.follow = follow
         with gr.Row(equal_height=True):
             self.model = gr.Dropdown(label="Model (a merge in the workspace, a folder or a Hub id)",
                                      allow_custom_value=True, scale=4, elem_id=f"{prefix}-model")
@@ -52,9 +59,13 @@ class ModelPicker:
             self.trust = gr.Checkbox(label="Trust remote code (runs Python code from the model's repository)",
                                      scale=3)
             self.load = gr.Button("Load", scale=1, elem_id=f"{prefix}-load")
+        self.current = gr.Markdown(loaded_now(loaded), elem_id=f"{prefix}-loaded", elem_classes="loaded-now")
         self.status = gr.Markdown(elem_id=f"{prefix}-status")
         self.refresh.click(self.choices, self.model, self.model)
-        self.load.click(self.load_messages, self.inputs, self.status, **MODEL_QUEUE)
+
+    def wire_load(self) -> None:
+        """Wire the Load button; after the tab has made its `followers`."""
+        self.load.click(self.load_messages, self.inputs, [self.status, self.current, *self.followers], **MODEL_QUEUE)
 
     @property
     def inputs(self) -> list:
@@ -64,16 +75,48 @@ class ModelPicker:
         paths = model_choices(self.workspace)
         return gr.update(choices=paths, value=current or (paths[0] if paths else None))
 
-    def load_messages(self, model: str, precision: str, trust: bool) -> Iterator[str]:
+    def load_messages(self, model: str, precision: str, trust: bool) -> Iterator[list]:
+        keep = [gr.skip()] * (1 + len(self.followers))
         try:
             for step in load_with_progress(self.loaded, model, precision, trust):
-                yield step if isinstance(step, str) else loaded_status(*step)
+                if isinstance(step, str):
+                    yield [step, *keep]
         except Exception as exc:  # shown as a message
-            yield error_text(exc)
+            yield [error_text(exc), loaded_now(self.loaded), *keep[1:]]
+            return
+        follow = self.follow(*step) if self.follow else []
+        yield [loaded_status(*step), loaded_now(self.loaded), *follow]
+
+
+def loaded_now(loaded: LoadedModel) -> str:
+    """A line naming the model both tabs use now."""
+    chat = loaded.current
+    return f"Loaded now: {chat.describe()}" if chat else "No model loaded yet: pick one and press Load (or just send)."
 
 
 def loaded_status(chat: ChatModel, fresh: bool) -> str:
     return f"{'Loaded' if fresh else 'Reusing'} {chat.describe()}"
+
+
+def run_reporting(work: Callable[[Callable[[str], None]], object], first: str) -> Iterator[str | tuple]:
+    """Run work(report) on a thread: yields the newest line it reported (`first` until it reports) every half
+    second while it runs, then a 1-tuple holding its result. Its exception is raised here."""
+    state: dict = {"line": first}
+
+    def run() -> None:
+        try:
+            state["result"] = work(lambda line: state.__setitem__("line", line))
+        except BaseException as exc:  # handed to the page's thread below
+            state["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="studio-work")
+    thread.start()
+    while thread.is_alive():
+        yield state["line"]
+        thread.join(0.5)
+    if "error" in state:
+        raise state["error"]
+    yield (state["result"],)
 
 
 def load_with_progress(loaded: LoadedModel, model: str | None, precision: str,
@@ -82,22 +125,12 @@ def load_with_progress(loaded: LoadedModel, model: str | None, precision: str,
     loaded now rather than reused). Raises StudioError."""
     if not model or not str(model).strip():
         raise StudioError("Pick a model: a merge from the list, a local folder or a Hub id.")
-    state: dict = {"line": f"Loading {model} at {precision}…"}
 
-    def report(what: str, done: int, total: int) -> None:
-        state["line"] = f"Downloading {model}: {what} {done}/{total}"
+    def load(report: Callable[[str], None]) -> tuple[ChatModel, bool]:
+        def download(what: str, done: int, total: int) -> None:
+            report(f"Downloading {model}: {what} {done}/{total}")
 
-    def work() -> None:
-        try:
-            state["model"], state["fresh"] = loaded.get(str(model), precision, trust, progress_tqdm(report))
-        except BaseException as exc:  # handed to the page's thread below
-            state["error"] = exc
+        return loaded.get(str(model), precision, trust, progress_tqdm(download))
 
-    thread = threading.Thread(target=work, daemon=True, name="studio-load")
-    thread.start()
-    while thread.is_alive():
-        yield state["line"]
-        thread.join(0.5)
-    if "error" in state:
-        raise state["error"]
-    yield state["model"], state["fresh"]
+    for step in run_reporting(load, f"Loading {model} at {precision}…"):
+        yield step if isinstance(step, str) else step[0]

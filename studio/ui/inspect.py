@@ -8,7 +8,6 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.chat import ChatSettings
 from studio.errors import StudioError
 from studio.evaluate import evaluate_routing, load_prompts
 from studio.form import prompts_to_text, text_to_prompts
@@ -16,11 +15,10 @@ from studio.loaded import LoadedModel
 from studio.plots import compare_heatmaps, confusion_figure, quality_figure, token_text_html
 from studio.quality import QualityReport, load_texts, measure_quality
 from studio.trace import save_traces
-from studio.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_progress
+from studio.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_progress, loaded_now, run_reporting
 from studio.workspace import expert_prompts
 
 ZOO_EVAL = Path(__file__).resolve().parents[2] / "assets" / "zoo" / "eval-prompts.yml"
-ROUTE_ONLY = ChatSettings(temperature=0, max_new_tokens=1)  # the prompt's routing; one token is the least generate makes
 
 
 class InspectTab:
@@ -29,6 +27,7 @@ class InspectTab:
         self.exports = Path(tempfile.mkdtemp(prefix="moe-studio-inspect-"))
         with gr.Column(elem_classes="panel"):
             self.picker = ModelPicker(workspace, "inspect", loaded)
+            self.picker.wire_load()
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, elem_classes="panel"):
                 self.prompts = gr.Textbox(label="Prompts to compare (a line with only --- between prompts)", lines=8,
@@ -89,7 +88,7 @@ class InspectTab:
             traces = []
             for i, prompt in enumerate(prompts):
                 yield f"Routing prompt {i + 1} of {len(prompts)}…", *keep
-                traces.append(chat.reply(prompt, ROUTE_ONLY).trace)
+                traces.append(chat.route(prompt))
         except Exception as exc:  # shown as a message
             yield error_text(exc), *keep
             return
@@ -110,21 +109,33 @@ class InspectTab:
         return '<div class="token-columns">' + "".join(f"<div>{p}</div>" for p in parts) + "</div>"
 
     def run_evaluate(self, model: str, precision: str, trust: bool, file):
+        """Streams (status, loaded line, confusion figure, table): the previous result is cleared at once, and
+        the status counts the prompts routed."""
+        cleared = [None, ""]
         try:
             prompts = load_prompts(file or ZOO_EVAL)
             for step in load_with_progress(self.loaded, model, precision, trust):
                 if isinstance(step, str):
-                    yield step, gr.skip(), gr.skip()
+                    yield step, gr.skip(), *cleared
             chat, _ = step
-            yield f"Routing {sum(len(v) for v in prompts.values())} held-out prompts…", gr.skip(), gr.skip()
-            report = evaluate_routing(chat.model, prompts, chat.tokenizer, chat.labels)
+            total = sum(len(v) for v in prompts.values())
+
+            def evaluate(report):
+                return evaluate_routing(chat.model, prompts, chat.tokenizer, chat.labels,
+                                        progress=lambda done, of: report(f"Routing held-out prompts: {done} of {of}"))
+
+            for step in run_reporting(evaluate, f"Routing held-out prompts: 0 of {total}"):
+                if isinstance(step, str):
+                    yield step, loaded_now(self.loaded), *cleared
+            report, = step
         except Exception as exc:  # shown as a message
-            yield error_text(exc), gr.skip(), gr.skip()
+            yield error_text(exc), loaded_now(self.loaded), *cleared
             return
         summary = ", ".join(f"{html.escape(report.labels[k])} {m:.0%}"
                             for k, m in zip(report.intended, report.majority_of_layers))
-        yield (f"Prompts routed to their expert in most layers: {summary}",
-               confusion_figure(report.labels, report.intended, report.confusion), report.table())
+        yield (f"Prompts routed to their expert in most layers ({total} prompts on {chat.name}): {summary}",
+               loaded_now(self.loaded), confusion_figure(report.labels, report.intended, report.confusion),
+               report.table())
 
     def run_quality(self, model: str, precision: str, trust: bool, file):
         del precision  # scored at full precision: the losses compare models, not quantizations
@@ -132,10 +143,10 @@ class InspectTab:
             if not model:
                 raise StudioError("Pick a merged model first.")
             texts = load_texts(file) if file else "zoo"
-            yield "Scoring the MoE, its base and each expert on held-out text…", gr.skip(), gr.skip()
+            yield "Scoring the MoE, its base and each expert on held-out text…", None, None  # the last result goes
             report = measure_quality(model, texts, trust_remote_code=trust, log=lambda m: None)
         except Exception as exc:  # shown as a message
-            yield error_text(exc), gr.skip(), gr.skip()
+            yield error_text(exc), None, None
             return
         summary = ", ".join(f"{Path(d.expert).name} {d.recovered:.0%}" for d in report.domains)
         yield f"Share of each expert's gain the MoE keeps: {summary}", quality_figure(report), report.rows()
@@ -149,6 +160,7 @@ class InspectTab:
         self.layer.input(self.token_views, [self.traces, self.layer], self.tokens, trigger_mode="always_last",
                          show_progress="hidden")
         self.evaluate.click(self.run_evaluate, [*self.picker.inputs, self.eval_file],
-                            [status, self.confusion, self.table], show_progress="hidden", **MODEL_QUEUE)
+                            [status, self.picker.current, self.confusion, self.table], show_progress="hidden",
+                            **MODEL_QUEUE)
         self.measure.click(self.run_quality, [*self.picker.inputs, self.quality_file],
                            [status, self.quality_plot, self.quality_table], show_progress="hidden", **MODEL_QUEUE)

@@ -21,6 +21,7 @@ from studio.zoo.corpora import DOMAINS, corpus
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "assets" / "zoo"
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>")
+ZOO_ANSWER_TOKENS = 32  # new tokens per chat answer by default (generation_config.json)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def build_zoo(out: Path = ZOO_DIR, recipe: Recipe = Recipe(), log: Callable[[str
     losses = {}
     for name, model in models.items():
         folder = out / name
+        # The zoo's models are small: greedy and short answers read best (chats take these as their defaults).
+        model.generation_config.update(do_sample=False, max_new_tokens=ZOO_ANSWER_TOKENS)
         model.to(torch.bfloat16).save_pretrained(folder)
         save_tokenizer(tokenizer, folder)
         saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
