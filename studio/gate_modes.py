@@ -20,24 +20,29 @@ class GateMode:
     studio_only: bool = False  # mergekit-moe does not know it
     whole_models: int = 0  # full models it holds in memory at once (expert_text: the base and the writing expert)
     reads_expert_text: bool = False  # fits on text the experts write (or their `calibration_text` files)
+    # The progress bar's share of each phase of its pass (studio/progress.py), measured on the zoo: a hidden-state
+    # pass of the prompts is most of a small model's merge, expert_text's writing of text most of its pass.
+    phases: tuple[tuple[str, float], ...] = ()
     summary: str = ""
 
 
 MODES = {mode.name: mode for mode in (
-    GateMode("hidden", True, "base", averaged_rows=True,
+    GateMode("hidden", True, "base", averaged_rows=True, phases=(("hidden", 0.6),),
              summary="the base's residual stream entering each layer at each prompt's last token"),
-    GateMode("hidden_avg", True, "base", averaged_rows=True,
+    GateMode("hidden_avg", True, "base", averaged_rows=True, phases=(("hidden", 0.6),),
              summary="the same, averaged over each prompt's tokens"),
     GateMode("cheap_embed", True, "embeddings", averaged_rows=True,
              summary="the prompts' token embeddings, the same row in every layer"),
     GateMode("random", False, "nothing", summary="standard normal (for sparse upcycling that will be trained)"),
     GateMode("uniform_random", False, "nothing", summary="nn.Linear's initialisation"),
-    GateMode("calibrated", True, "merged", studio_only=True,
+    GateMode("calibrated", True, "merged", studio_only=True, phases=(("fit", 0.6),),
              summary="fitted on every token of the prompts, where the merged model's routers look"),
     GateMode("expert_text", True, "merged", studio_only=True, whole_models=2, reads_expert_text=True,
+             phases=(("text", 0.75), ("fit", 0.15)),
              summary="fitted on text each expert writes from its prompts (or text you give), where the merged "
                      "model's routers look"),
     GateMode("expert_text_ridge", True, "merged", studio_only=True, whole_models=2, reads_expert_text=True,
+             phases=(("text", 0.75), ("fit", 0.15)),
              summary="the same text, routers by DUME's closed-form ridge regression (a baseline for expert_text)"),
 )}
 ALIASES = {"hidden_last": "hidden"}

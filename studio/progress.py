@@ -1,7 +1,7 @@
 """A merge's progress bar: each stage's share of the bar, and a label a person reads.
 
 A merge reports `Progress` events per stage: "open", "download" (Hub files), the gate pass's phases ("hidden",
-"text", "fit"; see studio/gates.py) and "write" (bytes of the weights). The router pass runs while the weights are
+"text", "fit"; each mode's shares in studio/gate_modes.py) and "write" (bytes of the weights). The router pass runs while the weights are
 written, so the bar adds up every stage's done share, and the label names each stage under way.
 """
 
@@ -9,15 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from studio import gate_modes
 from studio.merge import Progress
 
-# Share of the bar of each phase of the router pass, by gate mode; writing takes the rest. Measured on the zoo
-# (a hidden-state pass of the prompts is most of a small model's merge; expert_text's writing of text, most of
-# its pass); a large model's weights take longer to write, so these are a floor for writing.
-GATE_PHASES: dict[str, tuple[tuple[str, float], ...]] = {
-    "hidden": (("hidden", 0.6),), "hidden_avg": (("hidden", 0.6),), "calibrated": (("fit", 0.6),),
-    "expert_text": (("text", 0.75), ("fit", 0.15)), "cheap_embed": (), "random": (), "uniform_random": (),
-}
 DOWNLOAD_SHARE = 0.3  # of the bar, when a model comes from the Hub (nothing, once it is in the cache)
 FINISH_SHARE = 0.02  # the last checks of the written files and the move into place: the bar is full once done
 
@@ -31,7 +25,8 @@ class MergeBar:
 
     @classmethod
     def for_merge(cls, gate_mode: str, from_hub: bool) -> "MergeBar":
-        phases = dict(GATE_PHASES.get(gate_mode, ()))
+        known = gate_mode in gate_modes.MODES or gate_mode in gate_modes.ALIASES
+        phases = dict(gate_modes.gate_mode(gate_mode).phases) if known else {}
         shares = {**phases, "write": 1.0 - FINISH_SHARE - sum(phases.values()), "done": FINISH_SHARE}
         scale = 1.0 - DOWNLOAD_SHARE if from_hub else 1.0
         shares = {name: share * scale for name, share in shares.items()}
