@@ -1,8 +1,9 @@
 """A merge's progress bar: each stage's share of the bar, and a label a person reads.
 
 A merge reports `Progress` events per stage: "open", "download" (Hub files), the gate pass's phases ("hidden",
-"text", "fit"; each mode's shares in studio/gate_modes.py) and "write" (bytes of the weights). The router pass runs while the weights are
-written, so the bar adds up every stage's done share, and the label names each stage under way.
+"text", "fit"; each mode's shares in studio/gate_modes.py) and "write" (bytes of the weights). The router pass runs
+while the weights are written, so the bar adds up every stage's done share, and the label names each stage under
+way.
 """
 
 from __future__ import annotations
