@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with an MoE in the terminal; after each reply, the dominant "
                                             "expert of each layer")
     chat.add_argument("model", help="MoE folder or Hub id")
-    _generation_flags(chat, temperature=0.7, max_new_tokens=256)
+    _generation_flags(chat, "the model's generation_config.json, else 0.7", "the model's, else 256")
     _common(chat)
 
     route = commands.add_parser("route", help="which expert each layer chose for every token of a prompt and its "
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--html", default="route.html", help="where the figures go (default route.html)")
     route.add_argument("--json", help="also save the trace as JSON here")
     route.add_argument("--csv", help="also save the trace as CSV here (one row per token and layer)")
-    _generation_flags(route, temperature=0.0, max_new_tokens=32)
+    _generation_flags(route, "0, greedy", "32")
     _common(route)
 
     preview = commands.add_parser("preview", help="which expert each layer would choose for each token of a test "
@@ -120,18 +120,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generation_flags(parser: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
+def _generation_flags(parser: argparse.ArgumentParser, temperature: str, max_new_tokens: str) -> None:
+    """Sampling flags; those left out come from the command's defaults (`_load_chat`), named here in words."""
     parser.add_argument("--precision", default="4bit", help="4bit (NF4, experts included; default), 8bit, bf16, fp32")
     parser.add_argument("--device", default="auto",
                         help="auto (default) spreads the model over every GPU, then the CPU; cpu; cuda")
     parser.add_argument("--system", default="", help="system prompt")
-    parser.add_argument("--temperature", type=float, default=temperature,
-                        help=f"0 is greedy (default {temperature})")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
-                        help=f"answer length limit (default {max_new_tokens})")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off (default)")
+    parser.add_argument("--temperature", type=float, help=f"0 is greedy (default {temperature})")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling (default 0.95)")
+    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default 50)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help=f"answer length limit (default {max_new_tokens})")
+    parser.add_argument("--repetition-penalty", type=float, help="1 is off (default)")
     parser.add_argument("--stop", action="append", default=[], help="stop the answer at this text (repeatable)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
     parser.add_argument("--raw", action="store_true",
@@ -320,18 +319,26 @@ def _quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_chat(args: argparse.Namespace):
-    from studio.chat import ChatSettings, load_chat_model
+def _load_chat(args: argparse.Namespace, fallback=None):
+    """The model and the settings to answer with: the flags given, else `fallback`, else the model's own defaults
+    (its generation_config.json). The flags are checked before the model is loaded."""
+    from dataclasses import replace
 
-    settings = ChatSettings(system_prompt=args.system, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                            repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed)
+    from studio.chat import ChatSettings, load_chat_model
     from studio.devices import check_device
 
+    given = {name: value for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
+                                             ("top_k", args.top_k), ("max_new_tokens", args.max_new_tokens),
+                                             ("repetition_penalty", args.repetition_penalty)) if value is not None}
+    ChatSettings(**given)  # a bad value is named now, not after the load
     check_device(args.device)
     print(f"Loading {args.model} at {args.precision} ...", file=sys.stderr)
     model = load_chat_model(args.model, args.precision, args.device, args.trust_remote_code)
     print(model.describe(), file=sys.stderr)
+    settings = replace(fallback or model.defaults, system_prompt=args.system, stop=tuple(args.stop), seed=args.seed,
+                       **given)
+    if fallback is None:
+        print(f"Generation settings from {model.defaults_from}; flags override them.", file=sys.stderr)
     return model, settings
 
 
@@ -375,9 +382,10 @@ def _dominant_line(trace, part: str = "answer") -> str:
 
 
 def _route(args: argparse.Namespace) -> int:
+    from studio.chat import ChatSettings
     from studio.plots import write_report
 
-    model, settings = _load_chat(args)
+    model, settings = _load_chat(args, fallback=ChatSettings(temperature=0.0, max_new_tokens=32))
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     reply = model.reply(prompt, settings)
     trace = reply.trace

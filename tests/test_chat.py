@@ -363,6 +363,17 @@ def test_cli_chat_raw_continues_each_line_as_text(zoo_moe, zoo_bf16, monkeypatch
     assert f"model> {code}\n[L0 " in out and f"model> {number}\n[L0 " in out  # each line alone, no history
 
 
+def test_cli_chat_without_flags_answers_as_the_models_generation_config_says(zoo_moe, zoo_bf16, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("12 + 7 =\n"))
+    assert main(["chat", str(zoo_moe), "--raw", "--precision", "bf16", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "Generation settings from the model's generation_config.json" in captured.err
+    assert (zoo_bf16.defaults.temperature, zoo_bf16.defaults.max_new_tokens) == (0.0, 32)  # the zoo: greedy, 32
+    answer = zoo_bf16.reply("12 + 7 =", zoo_bf16.defaults).text
+    assert f"model> {answer}\n[L0 " in captured.out
+
+
 def test_cli_route_prints_the_table_and_writes_figures(zoo_moe, tmp_path, capsys):
     html, trace_json, trace_csv = tmp_path / "r.html", tmp_path / "t.json", tmp_path / "t.csv"
     assert main(["route", str(zoo_moe), "12 + 7 =", "--raw", "--precision", "bf16", "--device", "cpu",
