@@ -255,7 +255,13 @@ def looks_like_a_model(folder: Path) -> bool:
 
 
 def staging_bytes(parent: Path, name: str) -> int:
-    return sum(f.stat().st_size for f in parent.glob(f".{name}.partial-*/*") if f.is_file())
+    total = 0
+    for file in parent.glob(f".{name}.partial-*/*"):
+        try:
+            total += file.stat().st_size
+        except FileNotFoundError:  # the merge ended and moved its folder into place since the listing
+            pass
+    return total
 
 
 def kill_at(config: Path, out: Path, target: int) -> subprocess.Popen:
