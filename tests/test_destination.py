@@ -258,7 +258,7 @@ def staging_bytes(parent: Path, name: str) -> int:
     total = 0
     for file in parent.glob(f".{name}.partial-*/*"):
         try:
-            total += file.stat().st_size
+            total += file.stat().st_size if file.is_file() else 0
         except FileNotFoundError:  # the merge ended and moved its folder into place since the listing
             pass
     return total
