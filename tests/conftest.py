@@ -73,6 +73,13 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """A monkeypatch whose changes (the working folder, above all) last for the whole module."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
 def moe_yaml(base: Path, experts: list[Path], **top) -> dict:
     """A config dict: one expert per model, each with its own prompts."""
     data = {"base_model": str(base), "gate_mode": "hidden", "dtype": "bfloat16"}
