@@ -1,13 +1,17 @@
-"""Small real models built once per test session, and a helper that writes configs for them."""
+"""Small real models built once per test session, the fixtures several test modules share, and a helper that
+writes configs for them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from studio.synthetic import make_family, make_tokenizer
+
+from helpers import FAMILIES, ROOT, random_moe
 
 PROMPTS = [["def add(a, b):", "import os"], ["12 + 7 =", "3 * 4 ="], ["Once upon a time", "The king walked"],
            ["Hello, how are you?", "Question: what is"]]
@@ -27,8 +31,53 @@ def mistral(tmp_path_factory, tokenizer) -> tuple[Path, list[Path]]:
 @pytest.fixture(scope="session")
 def llama_tied(tmp_path_factory, tokenizer) -> tuple[Path, list[Path]]:
     """A float32 Llama with tied embeddings and two fine-tunes, each split over several shards."""
-    return make_family(tmp_path_factory.mktemp("llama"), 2, "llama", dtype=__import__("torch").float32,
+    return make_family(tmp_path_factory.mktemp("llama"), 2, "llama", dtype=torch.float32,
                        max_shard_size="60KB", tie=True, layers=3, seed=1, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_moes(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Random Mixtral, Qwen2-MoE and Qwen3-MoE models (helpers.FAMILIES), bf16."""
+    root = tmp_path_factory.mktemp("tiny-moes")
+    return {family: random_moe(root / family, family, tokenizer=tokenizer) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def zoo_moe(tmp_path_factory) -> Path:
+    """The bundled zoo (trained weights) merged into a Mixtral by the example config."""
+    from studio.config import load_config
+    from studio.merge import merge
+
+    out = tmp_path_factory.mktemp("zoo") / "zoo-4x"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)  # the example config's paths are relative to the project folder
+        merge(load_config(ROOT / "assets" / "examples" / "zoo-fragments.yml"), out, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo_bf16(zoo_moe):
+    from studio.chat import load_chat_model
+
+    return load_chat_model(zoo_moe, "bf16", "cpu")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine torch's spinning threads
+    slow generation many times over whenever another process is busy. Modules that generate request it with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """A monkeypatch whose changes (the working folder, above all) last for the whole module."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
 
 
 def moe_yaml(base: Path, experts: list[Path], **top) -> dict:

@@ -2,7 +2,7 @@
 stream, and the routing of every prompt and answer token is recorded.
 
 Models: the bundled zoo merged into a Mixtral (trained weights), and tiny random Mixtral, Qwen2-MoE and
-Qwen3-MoE models (tests/test_routing.py builds them).
+Qwen3-MoE models (tests/conftest.py builds them).
 """
 
 from __future__ import annotations
@@ -20,53 +20,24 @@ from pathlib import Path
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from torch.nn.utils import parametrize
 
 from studio.chat import ChatSettings, StopFilter, cut_at_stop, load_chat_model
 from studio.cli import main
-from studio.config import load_config
 from studio.errors import StudioError
-from studio.merge import merge
 from studio.quantize import quantize_int8, quantize_nf4, slice_size
 from studio.synthetic import make_family
 from studio.trace import RouterTrace
 
-from test_routing import FAMILIES, random_moe, tiny_moes  # noqa: F401  (tiny_moes is a fixture)
+from helpers import FAMILIES, ROOT, TEXT, expert_modules, plain_forward_probabilities, random_moe, tf4_python
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread")
 GREEDY = ChatSettings(temperature=0, max_new_tokens=16)
 STORY = [{"role": "user", "content": "Once upon a time"}]
-TEXT = ("Once upon a time, there was a little fox named Max. He lived in a quiet village.\n"
-        "def add(a, b):\n    return a + b\n12 + 7 = 19")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine torch's spinning threads
-    slow generation many times over whenever another process is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def zoo_moe(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zoo") / "zoo-4x"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(ROOT)  # the example config's paths are relative to the project folder
-        merge(load_config(ROOT / "assets" / "examples" / "zoo-fragments.yml"), out, log=lambda m: None)
-    return out
 
 
 @pytest.fixture(scope="module")
 def zoo_4bit(zoo_moe):
     return load_chat_model(zoo_moe, "4bit", "cpu")
-
-
-@pytest.fixture(scope="module")
-def zoo_bf16(zoo_moe):
-    return load_chat_model(zoo_moe, "bf16", "cpu")
 
 
 def logits(chat, text: str = TEXT) -> torch.Tensor:
@@ -76,10 +47,6 @@ def logits(chat, text: str = TEXT) -> torch.Tensor:
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx - exact).norm() / exact.norm()).item()
-
-
-def expert_modules(model) -> list:
-    return [m for m in model.modules() if parametrize.is_parametrized(m)]
 
 
 def test_4bit_quantizes_the_experts_of_the_zoo_moe(zoo_4bit, zoo_bf16):
@@ -205,8 +172,6 @@ print(json.dumps({"experts": sorted(set(experts)), "count": len(experts), "layer
 
 
 def test_chat_in_4bit_under_transformers_4(tiny_moes):
-    from test_transformers4 import tf4_python
-
     proc = subprocess.run([str(tf4_python()), "-c", TF4_CHAT, str(tiny_moes["mixtral"])], capture_output=True,
                           text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -225,8 +190,6 @@ def test_greedy_streaming_gives_the_same_text_as_a_whole_reply(zoo_4bit):
 
 
 def test_trace_covers_every_prompt_and_answer_token(tiny_moes):
-    from test_routing import plain_forward_probabilities
-
     chat = load_chat_model(tiny_moes["qwen2_moe"], "fp32", "cpu")
     settings = ChatSettings(temperature=0, max_new_tokens=12, system_prompt="Be brief.")
     reply = chat.reply([{"role": "user", "content": "Hello"}], settings)

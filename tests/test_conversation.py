@@ -15,8 +15,7 @@ from studio.conversation import Conversation
 from studio.errors import StudioError
 from studio.trace import RouterTrace
 
-from test_chat import ROOT, single_thread, zoo_bf16, zoo_moe  # noqa: F401  (fixtures)
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 GREEDY = ChatSettings(temperature=0, max_new_tokens=12)
 
 

@@ -4,37 +4,17 @@ import shutil
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from studio.config import load_config, load_yaml
+from studio.config import load_config
 from studio.errors import Cancelled, StudioError
 from studio.destination import mount_point
 from studio.gates import GateOptions, compute_gates
 from studio.merge import CancelToken, MergeOptions, merge
-from studio.sources import open_model
 
 from conftest import moe_yaml, plan_of
-
-QUIET = {"log": lambda message: None}
-
-
-def output_tensors(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
-
-
-def source_tensors(folder) -> dict[str, torch.Tensor]:
-    source = open_model(str(folder))
-    return {name: source.read(name) for name in source.tensors}
-
-
-def config_of(data: dict):
-    return load_yaml(yaml.safe_dump(data))
+from helpers import QUIET, config_of, output_tensors, source_tensors
 
 
 @pytest.fixture(scope="module")

@@ -26,19 +26,11 @@ from studio.sources import open_model
 from studio.synthetic import make_family
 
 from conftest import moe_yaml
-from test_merge import QUIET, config_of, output_tensors, source_tensors
-from test_routing import captured, plain_forward_probabilities
-from test_transformers4 import ROOT, tf4_python
+from helpers import (QUIET, ROOT, captured, config_of, output_tensors, plain_forward_probabilities, source_tensors,
+                     tf4_python)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 TEXT_IDS = [1, 17, 42, 99, 200, 7, 300, 5, 64, 11]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from studio.chat import ChatSettings, load_chat_model
 from studio.errors import StudioError
 from studio.trace import RouterTrace
 
-from test_chat import single_thread  # noqa: F401  (autouse fixture)
-from test_routing import tiny_moes  # noqa: F401  (fixture)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

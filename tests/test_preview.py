@@ -27,12 +27,6 @@ def zoo_config(monkeypatch_module):
     return load_config(ROOT / "assets" / "examples" / "zoo-fragments.yml")
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 @pytest.mark.parametrize("mode", ["calibrated", "hidden"])
 def test_preview_agrees_with_the_merged_model(zoo_config, tmp_path, mode):
     config = zoo_config.model_copy(update={"gate_mode": mode})

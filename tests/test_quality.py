@@ -50,12 +50,6 @@ def one_expert_moe(tmp_path_factory, monkeypatch_module):
     return out
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 def test_an_moe_of_one_expert_keeps_all_of_its_gain(one_expert_moe):
     report = measure_quality(one_expert_moe, {"0": "12 + 7 = 19\n45 - 18 = 27\n6 * 7 = 42\n" * 40},
                              log=lambda m: None)

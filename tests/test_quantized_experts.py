@@ -2,7 +2,7 @@
 in quantized form, and the model computes what the same model with dequantized expert weights computes.
 
 Models: the bundled zoo merged into a Mixtral, and tiny random Mixtral, Qwen2-MoE and Qwen3-MoE models
-(tests/test_routing.py builds them).
+(tests/conftest.py builds them).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from studio.chat import load_chat_model
 from studio.quantize import CPU_ROW_BLOCK, _cpu_kernel_order, _plain_order
 
-from test_chat import TEXT, expert_modules, single_thread, zoo_moe  # noqa: F401  (fixtures)
-from test_routing import FAMILIES, tiny_moes  # noqa: F401  (tiny_moes is a fixture)
+from helpers import FAMILIES, TEXT, expert_modules
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 ROLES = ("gate_up_proj", "down_proj")
 
 

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,54 +19,11 @@ from transformers import AutoModelForCausalLM
 
 from studio.errors import StudioError
 from studio.routing import RouterCapture, expert_labels, find_routers, router_probabilities
-from studio.synthetic import make_tokenizer, save_tokenizer
 from studio.trace import RouterTrace
 
-ROOT = Path(__file__).resolve().parents[1]
-COMMON = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "vocab_size": 384, "max_position_embeddings": 256, "num_experts_per_tok": 2, "bos_token_id": 1,
-          "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
-# family -> (config class, its MoE fields, decoder layers with a router). Experts hold most of the weights,
-# as in real MoEs. Qwen2-MoE's layer 1 is dense (mlp_only_layers).
-FAMILIES = {
-    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "intermediate_size": 256}, [0, 1, 2]),
-    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "moe_intermediate_size": 384, "intermediate_size": 128,
-                                     "shared_expert_intermediate_size": 128, "mlp_only_layers": [1]}, [0, 2]),
-    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "moe_intermediate_size": 128, "intermediate_size": 128,
-                                     "head_dim": 16}, [0, 1, 2]),
-}
+from helpers import FAMILIES, ROOT, captured, plain_forward_probabilities, tf4_python
+
 IDS = [1, 17, 42, 99, 200, 7, 300, 5, 383, 64, 2, 11]
-
-
-def random_moe(folder: Path, family: str, seed: int = 0, tokenizer=None, dtype=torch.bfloat16, **shape) -> Path:
-    """A randomly initialised MoE of `family`, saved with the synthetic tokenizer."""
-    class_name, moe_fields, _ = FAMILIES[family]
-    config = getattr(transformers, class_name)(**{**COMMON, **moe_fields, **shape})
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(folder)
-    save_tokenizer(tokenizer or make_tokenizer(), folder)
-    if "num_experts" in moe_fields:  # 5.x saves it as num_local_experts; Hub Qwen configs (and 4.x) say num_experts
-        saved = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**saved, "num_experts": config.num_experts}))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_moes(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-moes")
-    return {family: random_moe(root / family, family, tokenizer=tokenizer) for family in FAMILIES}
-
-
-def plain_forward_probabilities(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), output_router_logits=True)
-    return torch.stack([l.float().softmax(dim=-1) for l in out.router_logits if l is not None])
-
-
-def captured(model, ids: list[int], labels: list[str]) -> RouterTrace:
-    with torch.no_grad(), RouterCapture(model) as capture:
-        model(input_ids=torch.tensor([ids]))
-    return capture.trace(ids, [str(i) for i in ids], 5, labels)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -196,8 +152,6 @@ print(json.dumps(results))
 
 
 def test_capture_works_with_transformers_4_router_tensors(tiny_moes):
-    from test_transformers4 import tf4_python
-
     job = {"models": {k: str(v) for k, v in tiny_moes.items()}, "ids": IDS}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([str(tf4_python()), "-c", TF4_SCRIPT, json.dumps(job)], capture_output=True, text=True,

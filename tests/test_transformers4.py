@@ -24,9 +24,7 @@ from studio.config import parse_config
 from studio.merge import MergeOptions, merge
 from studio.synthetic import make_family, make_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-TF4_PYTHON = ROOT / ".venv-tf4" / "bin" / "python"
-SETUP_HINT = "run `bash .ci/transformers4.sh` to create .venv-tf4 (or set STUDIO_SKIP_TF4=1 to skip these tests)"
+from helpers import ROOT, tf4_python
 
 # name -> make_family arguments: both input families the Mixtral output accepts, and tied embeddings.
 CASES = {
@@ -84,29 +82,6 @@ for name, folder in job["tokenizers"].items():
                                    "decoded": tokenizer.decode(ids, skip_special_tokens=True)}
 Path(job["result"]).write_text(json.dumps(results))
 """
-
-
-def tf4_python() -> Path:
-    """The venv's interpreter, checked (and made or rebuilt when missing or broken) by .ci/transformers4.sh.
-
-    The script runs once per session, also when the venv exists: a half-built or broken venv must be rebuilt,
-    not reused. With STUDIO_SKIP_TF4=1 and no venv, the tests skip instead; a failed setup fails them with the
-    script's own explanation.
-    """
-    global _TF4_READY
-    if _TF4_READY is None:
-        if os.environ.get("STUDIO_SKIP_TF4") == "1" and not TF4_PYTHON.exists():
-            pytest.skip(f"STUDIO_SKIP_TF4=1 and {TF4_PYTHON} does not exist")
-        setup = subprocess.run(["bash", str(ROOT / ".ci" / "transformers4.sh")], capture_output=True, text=True,
-                               timeout=900)
-        _TF4_READY = (setup.returncode == 0 and TF4_PYTHON.exists(), setup.stdout[-3000:] + setup.stderr[-3000:])
-    ready, output = _TF4_READY
-    if not ready:
-        pytest.fail(f"could not create {TF4_PYTHON}: {SETUP_HINT}\n{output}", pytrace=False)
-    return TF4_PYTHON
-
-
-_TF4_READY: tuple[bool, str] | None = None
 
 
 @pytest.fixture(scope="module")

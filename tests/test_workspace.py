@@ -12,8 +12,7 @@ from studio.loaded import LoadedModel
 from studio.sources import progress_tqdm
 from studio.workspace import MERGE_HEADERS, expert_prompts, finished_merges, output_folder
 
-from test_chat import single_thread, zoo_moe  # noqa: F401  (fixtures)
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 SECRET = "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42"
 
 

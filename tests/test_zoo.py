@@ -32,12 +32,6 @@ def zoo_moe(tmp_path_factory, monkeypatch_module):
     return out
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 def test_code_corpus_is_code_without_comments_or_docstrings():
     source = '"""Module."""\n# a comment\nclass A:\n    """Class."""\n\n    def f(self):\n        """Doc."""\n' \
              '        return 1  # one\n\ndef g():\n    """Only a docstring."""\n'
