@@ -73,8 +73,8 @@ class MergeOptions:
     batch_size: int = 16
 
     def gate_options(self) -> GateOptions:
-        return GateOptions(self.device, self.load_in_4bit, self.load_in_8bit, self.batch_size, self.random_seed,
-                           self.trust_remote_code)
+        return GateOptions(device=self.device, load_in_4bit=self.load_in_4bit, load_in_8bit=self.load_in_8bit,
+                           batch_size=self.batch_size, seed=self.random_seed, trust_remote_code=self.trust_remote_code)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from studio import mxfp4
+from studio.devices import check_device
 from studio.errors import StudioError
 from studio.moe_layouts import expert_count, model_class, router_width
 from studio.sources import ModelSource
@@ -274,7 +275,6 @@ PRECISIONS = {
     "fp32": Precision("fp32", torch.float32),
 }
 PRECISION_ALIASES = {"nf4": "4bit", "int8": "8bit", "bfloat16": "bf16", "float32": "fp32"}
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def precision_named(name: str) -> Precision:
@@ -286,13 +286,8 @@ def precision_named(name: str) -> Precision:
 
 def device_map(device: str, quantized: bool) -> tuple[str | dict, dict]:
     """accelerate's device map for `device`, and the bitsandbytes settings that map needs."""
-    if device not in DEVICES:
-        raise StudioError(f"Unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
-    has_gpu = torch.cuda.is_available()
-    if device == "cuda" and not has_gpu:
-        raise StudioError("Device cuda was asked for, but this machine has no CUDA GPU that torch can use. "
-                          "Use device cpu or auto, or install a CUDA build of torch.")
-    if device == "auto" and has_gpu:
+    check_device(device)
+    if device == "auto" and torch.cuda.is_available():
         # Every GPU first, then the CPU; bitsandbytes must be told that some layers may stay on the CPU.
         return "auto", ({"llm_int8_enable_fp32_cpu_offload": True} if quantized else {})
     return ("cpu" if device == "auto" else device), {}
