@@ -20,7 +20,7 @@ from studio.plan import compatibility, make_plan
 from studio.preview import preview_routing, summary_rows
 from studio.report import COMPAT_HEADERS, compatibility_rows, estimate_rows
 from studio.sources import open_models
-from studio.ui.common import error_text, progress_html
+from studio.ui.common import TEST_PROMPTS, error_text, progress_html
 from studio.workspace import MERGE_HEADERS, finished_merges, output_folder
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
@@ -154,7 +154,7 @@ class BuildTab:
                         "config above through the base and the experts, without writing a merge.")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2):
-                    self.preview_prompts = gr.Textbox(value="def add(a, b):\n---\n12 + 7 =\n---\nOnce upon a time",
+                    self.preview_prompts = gr.Textbox(value=TEST_PROMPTS,
                                                       label="Test prompts (a line with only --- between prompts)",
                                                       lines=6, elem_id="preview-prompts")
                     self.preview_button = gr.Button("Preview routing", elem_id="preview-button")
@@ -221,8 +221,8 @@ class BuildTab:
         picked = names[selected] if 0 <= selected < len(names) else None
         return [str(data.get("base_model") or ""), _choice(data.get("gate_mode")), _choice(data.get("dtype")),
                 _number(data.get("experts_per_token", 2)), _choice(data.get("architecture")),
-                data.get("prompt_format", "raw"), gr.update(choices=names, value=picked), expert.source_model, expert.positive_prompts,
-                expert.negative_prompts, _number(expert.noise_scale), _number(expert.residual_scale),
+                data.get("prompt_format", "raw"), gr.update(choices=names, value=picked), expert.source_model,
+                expert.positive_prompts, expert.negative_prompts, _number(expert.noise_scale), _number(expert.residual_scale),
                 shared.source_model, shared.positive_prompts]
 
     @staticmethod

@@ -84,15 +84,18 @@ class ChatTab:
                     self.note = gr.Markdown("Loading a model sets these to its own defaults (its "
                                             "generation_config.json).", elem_id="chat-settings-note")
                     self.system = gr.Textbox(label="System prompt", lines=2)
+                    studio = ChatSettings()  # until a model is loaded and brings its own
                     with gr.Row():
-                        self.temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)",
+                        self.temperature = gr.Slider(0, 2, value=studio.temperature, step=0.05,
+                                                     label="Temperature (0: greedy)",
                                                      elem_id="chat-temperature")
-                        self.top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
-                        self.top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0: off)")
+                        self.top_p = gr.Slider(0.05, 1, value=studio.top_p, step=0.05, label="Top-p")
+                        self.top_k = gr.Slider(0, 200, value=studio.top_k, step=1, label="Top-k (0: off)")
                     with gr.Row():
-                        self.max_new = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens",
+                        self.max_new = gr.Slider(1, 2048, value=studio.max_new_tokens, step=1, label="Max new tokens",
                                                  elem_id="chat-max-new")
-                        self.repetition = gr.Slider(0.5, 2, value=1.0, step=0.05, label="Repetition penalty")
+                        self.repetition = gr.Slider(0.5, 2, value=studio.repetition_penalty, step=0.05,
+                                                    label="Repetition penalty")
                         self.seed = gr.Number(value=-1, label="Seed (-1: random)", precision=0)
                     self.stops = gr.Textbox(label="Stop strings (one per line)", lines=1)
             with gr.Column(scale=4, elem_classes="panel"):

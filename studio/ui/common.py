@@ -17,6 +17,7 @@ from studio.workspace import finished_merges
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)  # chat, compare, evaluate share one loaded model
 PRECISIONS = [("4-bit (NF4)", "4bit"), ("8-bit", "8bit"), ("bf16", "bf16"), ("fp32", "fp32")]
+TEST_PROMPTS = "def add(a, b):\n---\n12 + 7 =\n---\nOnce upon a time"  # one per zoo domain, `---` between
 
 
 def error_text(exc: BaseException) -> str:

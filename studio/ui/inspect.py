@@ -15,7 +15,8 @@ from studio.loaded import LoadedModel
 from studio.plots import compare_heatmaps, confusion_figure, quality_figure, token_text_html
 from studio.quality import QualityReport, load_texts, measure_quality
 from studio.trace import save_traces
-from studio.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_progress, loaded_now, run_reporting
+from studio.ui.common import (MODEL_QUEUE, TEST_PROMPTS, ModelPicker, error_text, load_with_progress, loaded_now,
+                              run_reporting)
 from studio.workspace import expert_prompts
 
 ZOO_EVAL = Path(__file__).resolve().parents[2] / "assets" / "zoo" / "eval-prompts.yml"
@@ -31,7 +32,7 @@ class InspectTab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, elem_classes="panel"):
                 self.prompts = gr.Textbox(label="Prompts to compare (a line with only --- between prompts)", lines=8,
-                                          value="def add(a, b):\n---\n12 + 7 =\n---\nOnce upon a time",
+                                          value=TEST_PROMPTS,
                                           elem_id="inspect-prompts")
                 with gr.Row():
                     self.expert_button = gr.Button("Each expert's positive prompts", elem_id="inspect-expert-prompts")
