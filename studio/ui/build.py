@@ -222,8 +222,8 @@ class BuildTab:
         return [str(data.get("base_model") or ""), _choice(data.get("gate_mode")), _choice(data.get("dtype")),
                 _number(data.get("experts_per_token", 2)), _choice(data.get("architecture")),
                 data.get("prompt_format", "raw"), gr.update(choices=names, value=picked), expert.source_model,
-                expert.positive_prompts, expert.negative_prompts, _number(expert.noise_scale), _number(expert.residual_scale),
-                shared.source_model, shared.positive_prompts]
+                expert.positive_prompts, expert.negative_prompts, _number(expert.noise_scale),
+                _number(expert.residual_scale), shared.source_model, shared.positive_prompts]
 
     @staticmethod
     def message_values(data: dict, selected: int, identical: bool) -> list[str]:
