@@ -61,9 +61,17 @@ def family_of(model_type: str | None) -> Family | None:
 def shape_facts(config: dict) -> dict[str, int | None]:
     """The fields of a config.json that decide whether MLPs fit together."""
     facts = {key: config.get(key) for key in SHAPE_FIELDS}
-    if facts["num_key_value_heads"] is None:
-        facts["num_key_value_heads"] = facts["num_attention_heads"]
+    facts["num_key_value_heads"] = kv_heads(config)
     return facts
+
+
+def kv_heads(config: dict) -> int | None:
+    """Key/value heads of a dense config.json: as many as the attention heads unless it says otherwise."""
+    return config.get("num_key_value_heads") or config.get("num_attention_heads")
+
+
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
 def layer_of(name: str) -> int | None:

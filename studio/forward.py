@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from studio.families import Family
+from studio.families import Family, head_dim, kv_heads
 from studio.sources import ModelSource
 
 STREAMABLE = ("llama", "mistral", "qwen2", "qwen3")
@@ -90,8 +90,7 @@ class StreamedDecoder:
     def __init__(self, source: ModelSource, family: Family, device: str = "cpu"):
         c = source.config
         self.source, self.family, self.device = source, family, torch.device(device)
-        self.heads, self.kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        self.heads, self.kv_heads, self.head_dim = c["num_attention_heads"], kv_heads(c), head_dim(c)
         self.eps = c.get("rms_norm_eps", 1e-6)
         self.inv_freq = inverse_frequencies(c, self.head_dim).to(self.device)
 

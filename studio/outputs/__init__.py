@@ -14,6 +14,7 @@ import torch
 
 from studio.config import MoEConfig
 from studio.errors import StudioError
+from studio.families import kv_heads
 
 DROPPED_KEYS = ("architectures", "model_type", "auto_map", "transformers_version", "_name_or_path")
 MODELING = Path(__file__).parent / "modeling"
@@ -107,17 +108,13 @@ def swiglu_names(prefix: str) -> dict[str, str]:
 def base_fields(base_config: dict, dtype: str | None, dropped: tuple[str, ...] = ()) -> dict:
     """The base's config.json without what names its class, and with the output dtype."""
     out = {k: v for k, v in base_config.items() if k not in DROPPED_KEYS + dropped}
-    out.setdefault("num_key_value_heads", out.get("num_attention_heads"))
+    out["num_key_value_heads"] = kv_heads(base_config)
     rope = out.get("rope_parameters") or {}
     if "rope_theta" not in out and "rope_theta" in rope:
         out["rope_theta"] = rope["rope_theta"]  # transformers 4.x reads only the top-level key
     if dtype:
         out["torch_dtype"] = out["dtype"] = dtype
     return out
-
-
-def head_dim(base_config: dict) -> int:
-    return base_config.get("head_dim") or base_config["hidden_size"] // base_config["num_attention_heads"]
 
 
 def _outputs() -> list[OutputArch]:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from studio.config import MoEConfig
-from studio.outputs import ExpertList, MergeInputs, base_fields, head_dim, swiglu_names
+from studio.families import head_dim, kv_heads
+from studio.outputs import ExpertList, MergeInputs, base_fields, swiglu_names
 
 # Idle gate values: their product with a token's hidden state stays far below 1e-7, where float32's sigmoid is
 # exactly 1/2, and far above the subnormal range. float16 cannot hold 2**-48; 2**-24 is its smallest value.
@@ -86,8 +87,8 @@ class Qwen2MoE(ExpertList):
 
     def zero_tensors(self, base_config: dict, config: MoEConfig, base_names: set[str]) -> dict[str, tuple[int, ...]]:
         hidden, dim = base_config["hidden_size"], head_dim(base_config)
-        kv_heads = base_config.get("num_key_value_heads") or base_config["num_attention_heads"]
-        widths = {"q": base_config["num_attention_heads"] * dim, "k": kv_heads * dim, "v": kv_heads * dim}
+        kv = kv_heads(base_config)
+        widths = {"q": base_config["num_attention_heads"] * dim, "k": kv * dim, "v": kv * dim}
         zeros = {}
         for layer in range(base_config["num_hidden_layers"]):
             attention = f"model.layers.{layer}.self_attn"
