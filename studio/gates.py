@@ -191,11 +191,12 @@ def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) 
     device = _device(device)
     config = plan.config
     shared = (config.shared_experts or [None])[0]
-    return StreamedMoE(plan.base, plan.family, [plan.sources[e.source_model] for e in config.experts],
-                       [e.residual_scale for e in config.experts], config.experts_per_token,
-                       bool(plan.moe_config.get("norm_topk_prob", True)), device,
-                       plan.sources[shared.source_model] if shared else None,
-                       (shared.residual_scale or 1.0) if shared else 1.0)
+    return StreamedMoE(base=plan.base, family=plan.family,
+                       experts=[plan.sources[e.source_model] for e in config.experts],
+                       scales=[e.residual_scale for e in config.experts], top_k=config.experts_per_token,
+                       renormalize=bool(plan.moe_config.get("norm_topk_prob", True)), device=device,
+                       shared=plan.sources[shared.source_model] if shared else None,
+                       shared_scale=(shared.residual_scale or 1.0) if shared else 1.0)
 
 
 def prompt_encoder(tokenizer, prompt_format: str, label: str) -> Callable[[str], list[int]]:

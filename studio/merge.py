@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -47,9 +47,14 @@ class CancelToken:
             raise Cancelled("Merge cancelled; nothing was written.")
 
 
+# A merge's stages: waiting for the one before it, opening the models, downloading, the router pass's phases
+# (a hidden-state pass, experts writing text, fitting routers), writing the weights, done.
+Stage = Literal["queued", "open", "download", "hidden", "text", "fit", "write", "done"]
+
+
 @dataclass
 class Progress:
-    stage: str  # "open", "download", the router pass's "hidden", "text" or "fit", "write", "done"
+    stage: Stage
     done: int
     total: int
     message: str = ""

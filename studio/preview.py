@@ -42,10 +42,11 @@ def preview_routing(config: MoEConfig, prompts: list[str], options: MergeOptions
     batches = [moe.start(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)) for ids in encoded]
     decisions = moe.run(batches, lambda layer, inputs: routers[layer, :routed], shared_gates=shared_gates)
     labels = [expert.source_model for expert in config.experts]
-    return [RouterTrace(token_texts(tokenizer, ids), ids, len(ids), labels, list(range(len(decisions))),
-                        torch.stack([layer[i].probabilities[0] for layer in decisions]).float().cpu(),
-                        torch.stack([layer[i].experts[0] for layer in decisions]).cpu(),
-                        torch.stack([layer[i].weights[0] for layer in decisions]).float().cpu())
+    return [RouterTrace(tokens=token_texts(tokenizer, ids), token_ids=ids, prompt_length=len(ids), labels=labels,
+                        layers=list(range(len(decisions))),
+                        probabilities=torch.stack([layer[i].probabilities[0] for layer in decisions]).float().cpu(),
+                        experts=torch.stack([layer[i].experts[0] for layer in decisions]).cpu(),
+                        weights=torch.stack([layer[i].weights[0] for layer in decisions]).float().cpu())
             for i, ids in enumerate(encoded)]
 
 

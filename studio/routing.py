@@ -198,8 +198,9 @@ class RouterCapture:
             probabilities.append(probs)
             weights.append(chosen[0].gather(-1, order))
             experts.append(chosen[1].gather(-1, order))
-        return RouterTrace(tokens, token_ids, prompt_length, labels, list(self.routers), torch.stack(probabilities),
-                           torch.stack(experts), torch.stack(weights))
+        return RouterTrace(tokens=tokens, token_ids=token_ids, prompt_length=prompt_length, labels=labels,
+                           layers=list(self.routers), probabilities=torch.stack(probabilities),
+                           experts=torch.stack(experts), weights=torch.stack(weights))
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         scoring = {"softmax": lambda x: x.softmax(dim=-1), "sigmoid": torch.sigmoid, "probabilities": lambda x: x}
