@@ -290,7 +290,7 @@ def test_user_errors_are_clear(zoo_moe, tmp_path, tokenizer):
     with pytest.raises(StudioError, match="Unknown device 'tpu'"):
         load_chat_model(zoo_moe, "bf16", "tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(StudioError, match="no CUDA GPU"):
+        with pytest.raises(StudioError, match="--device cuda: no CUDA device is available here"):
             load_chat_model(zoo_moe, "bf16", "cuda")
     with pytest.raises(StudioError, match="folder .* does not exist"):
         load_chat_model(tmp_path / "missing")
