@@ -26,8 +26,7 @@ class MergeBar:
 
     @classmethod
     def for_merge(cls, gate_mode: str, from_hub: bool) -> "MergeBar":
-        known = gate_mode in gate_modes.MODES or gate_mode in gate_modes.ALIASES
-        phases = dict(gate_modes.gate_mode(gate_mode).phases) if known else {}
+        phases = dict(gate_modes.gate_mode(gate_mode).phases)  # a config's mode is always a known one
         shares = {**phases, "write": 1.0 - FINISH_SHARE - sum(phases.values()), "done": FINISH_SHARE}
         scale = 1.0 - DOWNLOAD_SHARE if from_hub else 1.0
         shares = {name: share * scale for name, share in shares.items()}
