@@ -14,7 +14,7 @@ from pathlib import Path
 from studio.errors import StudioError
 from studio.integrity import nonfinite_count
 from studio.families import family_of
-from studio.moe_layouts import EXPERT_COUNT_KEYS, TOP_K_KEYS, router_rows
+from studio.moe_layouts import EXPERT_COUNT_KEYS, TOP_K_KEYS, config_entry, router_rows, text_config
 from studio.sources import ModelSource, open_model, read_json
 # A router's weight: `...layers.N.<block>.gate.weight` (Mixtral, Qwen-MoE, DeepSeek, Phi MoE) or `.router.weight`;
 # not a shared expert's one-row gate, nor an MLP's gate_proj.
@@ -46,20 +46,20 @@ def check_routers_finite(source: ModelSource) -> None:
 
 def check_config_matches_weights(source: ModelSource) -> None:
     """Named errors for a config.json whose expert count, hidden size or layer count the routers contradict."""
-    key = next((k for k in EXPERT_COUNT_KEYS if isinstance(source.config.get(k), int)), None)
+    experts = config_entry(source.config, EXPERT_COUNT_KEYS)
     routers = {name: info for name, info in source.tensors.items() if ROUTER_WEIGHT.search(name)}
-    if key is None or not routers:
+    if experts is None or not routers:
         return  # not an MoE, or one whose routers are named otherwise: the loader says what it finds
-    count, hidden = source.config[key], source.config.get("hidden_size")
+    (key, count), hidden = experts, text_config(source.config).get("hidden_size")
     model_type = source.config.get("model_type")
     if family_of(model_type) is not None:
         raise StudioError(f"Model {source.label}: config.json says model_type {model_type!r}, a dense model, but the "
                           f"weights hold routers: transformers would load it without its experts. Fix model_type "
                           f"(a merge of ours is `mixtral`, `qwen2_moe`, `qwen3_moe`, `deepseek` or `phimoe`).")
-    top_k = next((source.config[k] for k in TOP_K_KEYS if isinstance(source.config.get(k), int)), None)
-    if top_k is not None and not 1 <= top_k <= count:
-        raise StudioError(f"Model {source.label}: config.json says {next(k for k in TOP_K_KEYS if k in source.config)} "
-                          f"= {top_k}, but it must be between 1 and the {count} experts. Fix config.json.")
+    top_k = config_entry(source.config, TOP_K_KEYS)
+    if top_k is not None and not 1 <= top_k[1] <= count:
+        raise StudioError(f"Model {source.label}: config.json says {top_k[0]} = {top_k[1]}, but it must be between "
+                          f"1 and the {count} experts. Fix config.json.")
     embedding = next((info for name, info in source.tensors.items() if name.endswith("embed_tokens.weight")), None)
     vocab = source.config.get("vocab_size")
     if embedding is not None and isinstance(vocab, int) and embedding.shape[0] != vocab:

@@ -112,12 +112,32 @@ def config_value(config, keys: tuple[str, ...]) -> int | None:
     """The first positive whole number under one of `keys` (dotted keys walk nested configs or dicts)."""
     config = text_config(config)
     for key in keys:
-        value = config
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        value = _lookup(config, key)
+        if _whole(value) and value > 0:
             return value
     return None
+
+
+def config_entry(config, keys: tuple[str, ...]) -> tuple[str, int] | None:
+    """The first of `keys` that holds a whole number, and that number, however wrong (for the messages that
+    name a config.json's bad value, by its path in the file)."""
+    inner = text_config(config)
+    prefix = "text_config." if inner is not config else ""
+    for key in keys:
+        value = _lookup(inner, key)
+        if _whole(value):
+            return prefix + key, value
+    return None
+
+
+def _lookup(config, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else getattr(config, part, None)
+    return config
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def expert_count(config) -> int:

@@ -166,6 +166,22 @@ def test_eval_routing_reads_the_family(checkpoints, loaded, family):
     assert [sum(row) for row in report.confusion] == [2 * layers, 1 * layers]
 
 
+def test_a_wrappers_expert_count_is_checked_against_its_routers(checkpoints, tmp_path):
+    """The count inside `text_config` (Qwen3.5-MoE as published) is read like a plain model's."""
+    import json
+    import shutil
+
+    from studio.errors import StudioError
+
+    folder = shutil.copytree(checkpoints("qwen3_5_moe_text"), tmp_path / "liar")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["num_experts"] = 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StudioError, match=r"config.json says text_config.num_experts = 8, but the router "
+                                          r"model.language_model.layers.0.mlp.gate.weight"):
+        load_chat_model(folder, "fp32", "cpu")
+
+
 def test_route_names_a_model_whose_routers_it_cannot_find(tmp_path, capsys):
     """Doge is also published dense (`is_moe: false`) with its expert count in config.json: no router to read."""
     from studio.cli import main
