@@ -85,7 +85,8 @@ class ExpertWeights:
 
     def __init__(self, codec: ExpertCodec, data: torch.Tensor):
         self.codec, self.data = codec, data
-        self.shape, self.dtype = codec.shape, codec.dtype
+        # Set here so that reading them never goes through __getattr__'s whole-layer dequantization.
+        self.shape, self.dtype, self.device, self.ndim = codec.shape, codec.dtype, data.device, len(codec.shape)
 
     def __getitem__(self, expert) -> "QuantizedMatrix":
         if isinstance(expert, torch.Tensor) and expert.numel() == 1:
