@@ -262,8 +262,9 @@ class _LiveTrace:
         return self
 
     def __call__(self, input_ids, scores, **kwargs) -> bool:
-        routed = input_ids[0, :-1].tolist()
-        if (len(routed) - self.prompt_length) % self.every == 0 and len(routed) > self.prompt_length:
+        seen = input_ids.shape[1] - 1  # copied to the host only when a trace is due
+        if (seen - self.prompt_length) % self.every == 0 and seen > self.prompt_length:
+            routed = input_ids[0, :-1].tolist()
             tokens = token_texts(self.chat.tokenizer, routed)
             self.publish(self.recorder.trace(routed, tokens, self.prompt_length, self.chat.labels))
         return False
