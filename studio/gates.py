@@ -128,8 +128,8 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
     tokenizer, plan, options = job.tokenizer(), job.plan, job.options
     encode = job.encoder(tokenizer)
     experts = plan.config.experts
-    prompts = _all_prompts(experts)
-    longest = max(len(encode(p)) for p in prompts) + max(expert_text.NEW_TOKENS, expert_text.WINDOW + 1)
+    prompts = {p: encode(p) for p in _all_prompts(experts)}
+    longest = max(map(len, prompts.values())) + max(expert_text.NEW_TOKENS, expert_text.WINDOW + 1)
     moe = _merged_model(job, longest)  # before any text is written: a base it cannot run is named at once
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     texts = expert_text.expert_texts(
@@ -138,7 +138,7 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
         options.seed, options.trust_remote_code, job.log, job.check,
         lambda done: job.progress("text", done, len(experts), f"Experts writing calibration text: {done} of "
                                                               f"{len(experts)} done"))
-    encoded = {**{p: encode(p) for p in prompts}, **texts}
+    encoded = {**prompts, **texts}
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
     job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "
             f"by layer through the merged model")
