@@ -22,7 +22,7 @@ from studio.gates import prompt_ids
 from studio.quantize import footprint, load_model, precision_named
 from studio.report import human_bytes
 from studio.moe_layouts import expert_count
-from studio.routing import RouterCapture, find_routers, router_labels
+from studio.routing import RouterCapture, find_routers, route_sequence, router_labels
 from studio.moe_folder import open_moe_folder
 from studio.sources import ModelRef, ModelSource
 from studio.trace import RouterTrace
@@ -139,14 +139,10 @@ class ChatModel:
                                                      return_dict=True)
         return list(encoded["input_ids"])
 
-    @torch.inference_mode()
     def route(self, text: str) -> RouterTrace:
         """The routing of a text's own tokens (BOS + text, no template), generating nothing."""
         ids = self.encode(text)
-        device = self.model.get_input_embeddings().weight.device
-        with RouterCapture(self.model) as recorder:
-            self.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-        return recorder.trace(ids, token_texts(self.tokenizer, ids), len(ids), self.labels)
+        return route_sequence(self.model, ids, self.labels, token_texts(self.tokenizer, ids))
 
     def reply(self, prompt: Messages | str, settings: ChatSettings = ChatSettings(), capture: bool = True) -> Reply:
         """The whole answer at once."""

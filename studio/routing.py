@@ -70,13 +70,15 @@ def num_experts(model) -> int:
 
 
 @torch.inference_mode()
-def route_sequence(model, input_ids: list[int], labels: list[str] | None = None) -> RouterTrace:
-    """The RouterTrace of one plain forward over `input_ids` (no generation)."""
+def route_sequence(model, input_ids: list[int], labels: list[str] | None = None,
+                   tokens: list[str] | None = None) -> RouterTrace:
+    """The RouterTrace of one plain forward over `input_ids` (no generation); `tokens` are their texts (the ids
+    as strings without them)."""
     labels = labels or [f"expert {i}" for i in range(num_experts(model))]
     device = model.get_input_embeddings().weight.device
     with RouterCapture(model) as capture:
         model(input_ids=torch.tensor([input_ids], device=device), use_cache=False)
-    return capture.trace(input_ids, [str(i) for i in input_ids], len(input_ids), labels)
+    return capture.trace(input_ids, tokens or [str(i) for i in input_ids], len(input_ids), labels)
 
 
 def router_probabilities(model, input_ids: list[int]) -> torch.Tensor:
