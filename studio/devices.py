@@ -20,3 +20,10 @@ def check_device(device: str) -> None:
             build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch for CUDA {torch.version.cuda}"
             raise StudioError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
                               f"{build}). Use --device cpu, or auto to use a GPU when there is one.")
+
+
+def resolve_device(device: str) -> str:
+    """The one device a pass runs on: auto is the GPU when torch has one, else the CPU."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

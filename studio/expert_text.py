@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from studio.config import Expert
-from studio.devices import check_device
+from studio.devices import check_device, resolve_device
 from studio.errors import StudioError
 from studio.sources import ModelSource
 
@@ -74,11 +74,11 @@ def load_writer(source: ModelSource, device: str, trust_remote_code: bool = Fals
     from transformers import AutoModelForCausalLM
 
     check_device(device)
-    on_gpu = device != "cpu" and torch.cuda.is_available()
+    device = resolve_device(device)
     parameters = sum(i.nbytes // i.dtype.itemsize for i in source.tensors.values())
-    dtype = torch.bfloat16 if on_gpu or parameters > 500_000_000 else torch.float32
+    dtype = torch.bfloat16 if device != "cpu" or parameters > 500_000_000 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 device_map="auto" if device == "auto" else device)
+                                                 device_map=device)
     return model.eval()
 
 

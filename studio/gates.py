@@ -29,7 +29,7 @@ import torch
 from studio import expert_text
 from studio.calibrate import CONFIDENCE, calibrated_gates, fit_router, prompt_targets, ridge_router
 from studio.config import Expert, experts_with_gates
-from studio.devices import check_device
+from studio.devices import check_device, resolve_device
 from studio.errors import StudioError
 from studio.gate_modes import MODES
 from studio.families import Family
@@ -134,7 +134,7 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     texts = expert_text.expert_texts(
         experts, [plan.sources[e.source_model] for e in experts], plan.base, encode,
-        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, _device(options.device),
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, resolve_device(options.device),
         options.seed, options.trust_remote_code, job.log, job.check,
         lambda done: job.progress("text", done, len(experts), f"Experts writing calibration text: {done} of "
                                                               f"{len(experts)} done"))
@@ -177,10 +177,6 @@ COMPUTE: dict[str, GateFunction] = {"hidden": _hidden, "hidden_avg": _hidden, "c
 assert set(COMPUTE) == set(MODES), "every gate mode in studio/gate_modes.py needs its function here"
 
 
-def _device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) -> StreamedMoE:
     """The merged model of `plan`, run from its source checkpoints one layer at a time."""
     reason = why_not_streamable(plan.base.config, longest_prompt)
@@ -188,7 +184,7 @@ def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) 
         raise StudioError(f"Calibrated gates and the routing preview run the merged model from its checkpoints, "
                           f"which works for llama, mistral, qwen2 and qwen3 bases; here {reason}. Use "
                           f"`gate_mode: hidden`, and look at the routing after the merge.")
-    device = _device(device)
+    device = resolve_device(device)
     config = plan.config
     shared = (config.shared_experts or [None])[0]
     return StreamedMoE(base=plan.base, family=plan.family,
@@ -345,7 +341,7 @@ def _reduce(hidden: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Te
 
 def _streamed_states(base: ModelSource, family: Family, batches: list, device: str, average: bool,
                      check: Callable[[], None], progress: GateProgress) -> dict[str, torch.Tensor]:
-    decoder = StreamedDecoder(base, family, _device(device))
+    decoder = StreamedDecoder(base, family, resolve_device(device))
     running = [(prompts, decoder.start(ids, mask)) for prompts, ids, mask in batches]
     per_layer: dict[str, list[torch.Tensor]] = {p: [] for prompts, _ in running for p in prompts}
     layers = base.config["num_hidden_layers"]
