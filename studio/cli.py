@@ -229,12 +229,10 @@ def _merge(args: argparse.Namespace) -> int:
     from studio.config import load_config
     from studio.devices import check_device
     from studio.merge import CancelToken, MergeOptions, merge
-    from studio.quality import load_texts
 
     config = load_config(args.config)
     check_device(args.device)
-    if args.quality_text and args.quality_text != "zoo":
-        load_texts(args.quality_text)  # a bad texts file is named before the merge, not after
+    texts = _quality_texts(args.quality_text) if args.quality_text else None  # a bad file named before the merge
     options = MergeOptions(out_shard_size=args.out_shard_size, device=args.device, load_in_4bit=args.load_in_4bit,
                            load_in_8bit=args.load_in_8bit, random_seed=args.random_seed,
                            trust_remote_code=args.trust_remote_code,
@@ -256,19 +254,26 @@ def _merge(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if args.quality_text:
-        _report_quality(result.out, args.quality_text, args.trust_remote_code)
+    if texts:
+        _report_quality(result.out, texts, args.trust_remote_code)
     print(result.out)
     return 0
 
 
-def _report_quality(model: Path, texts: str, trust_remote_code: bool) -> None:
+def _quality_texts(arg: str) -> dict | str:
+    """`zoo`, or the texts of a YAML file (studio.quality.load_texts)."""
+    from studio.quality import load_texts
+
+    return "zoo" if arg == "zoo" else load_texts(arg)
+
+
+def _report_quality(model: Path, texts: dict | str, trust_remote_code: bool) -> None:
     """Score the finished merge on held-out text; the table goes to stderr and into the model card."""
     from studio.card import quality_section
-    from studio.quality import QualityReport, load_texts, measure_quality
+    from studio.quality import QualityReport, measure_quality
 
-    report = measure_quality(model, "zoo" if texts == "zoo" else load_texts(texts),
-                             trust_remote_code=trust_remote_code, log=lambda m: print(m, file=sys.stderr))
+    report = measure_quality(model, texts, trust_remote_code=trust_remote_code,
+                             log=lambda m: print(m, file=sys.stderr))
     print(report.table(), file=sys.stderr)
     with open(Path(model) / "README.md", "a", encoding="utf-8") as card:
         card.write(quality_section(report.rows(), QualityReport.HEADERS))
@@ -310,10 +315,9 @@ def _eval_routing(args: argparse.Namespace) -> int:
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from studio.quality import load_texts, measure_quality
+    from studio.quality import measure_quality
 
-    texts = "zoo" if args.texts == "zoo" else load_texts(args.texts)
-    report = measure_quality(args.model, texts, args.max_tokens, args.trust_remote_code,
+    report = measure_quality(args.model, _quality_texts(args.texts), args.max_tokens, args.trust_remote_code,
                              log=lambda m: print(m, file=sys.stderr))
     print(report.table())
     return 0
