@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--random-seed", type=int, help="seed for random gates and noise_scale")
     merge.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_identical_experts",
                        action="store_true", help="allow every expert to be the same model")
+    merge.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                       help="gate_mode expert_text: train the written routers end to end on the experts' text when "
+                            "the merged model fits the device (default on)")
     merge.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                        help="copy the base tokenizer into the output (default on)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder when done")
@@ -237,7 +240,8 @@ def _merge(args: argparse.Namespace) -> int:
                            load_in_8bit=args.load_in_8bit, random_seed=args.random_seed,
                            trust_remote_code=args.trust_remote_code,
                            allow_identical_experts=args.allow_identical_experts,
-                           copy_tokenizer=args.copy_tokenizer, overwrite=args.overwrite, batch_size=args.batch_size)
+                           copy_tokenizer=args.copy_tokenizer, overwrite=args.overwrite, batch_size=args.batch_size,
+                           refine_routers=args.refine)
     bar = None
 
     def progress(p) -> None:

@@ -30,6 +30,7 @@ import torch
 from studio.config import Expert
 from studio.devices import check_device, resolve_device
 from studio.errors import StudioError
+from studio.refine import Lesson, lessons
 from studio.sources import ModelSource
 
 TOKENS_PER_EXPERT = 6144  # calibration tokens written (or read) per expert
@@ -157,34 +158,43 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
                  encode: Callable[[str], list[int]], encode_text: Callable[[str], list[int]], bos: list[int],
                  device: str = "cpu", seed: int | None = None, trust_remote_code: bool = False,
                  log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
-                 done: Callable[[int], None] = lambda experts: None) -> dict[tuple, list[int]]:
+                 done: Callable[[int], None] = lambda experts: None,
+                 teach: bool = False) -> tuple[dict[tuple, list[int]], list[Lesson]]:
     """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts.
+    With `teach`, also what each expert predicts on its text (studio/refine.py), taken while it is in memory.
     `done(n)` hears that the first n experts' texts are ready."""
     texts: dict[tuple, list[int]] = {}
+    taught: list[Lesson] = []
     writes = any(not e.calibration_text for e in experts)
-    base_model = load_writer(base, device, trust_remote_code) if writes and CONTRAST else None
+    base_model = load_writer(base, device, trust_remote_code) if (writes and CONTRAST) or teach else None
     for index, (expert, source) in enumerate(zip(experts, sources)):
         check()
+        same = source is base and base_model is not None
         if expert.calibration_text:
             pieces = read_calibration_text(expert, index, encode_text, bos)
             log(f"Expert {index} ({expert.source_model}): {sum(map(len, pieces))} tokens of its calibration text")
+            if teach:
+                teacher = base_model if same else load_writer(source, device, trust_remote_code)
+                taught += lessons(teacher, base_model, pieces, index)
+                del teacher
         else:
             prompts = [encode(p) for p in expert.positive_prompts or []]
             samples = samples_per_prompt(len(prompts))
             log(f"Expert {index} ({expert.source_model}) writes {samples} continuations of each of its "
                 f"{len(prompts)} prompts, {NEW_TOKENS} tokens each")
-            same = source is base and base_model is not None
             writer = base_model if same else load_writer(source, device, trust_remote_code)
             pieces, advantages = write_text(writer, base_model, prompts, samples, seed=(seed or 0) + index,
                                             check=check)
-            del writer
             kept = typical_pieces(advantages)
             log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "
                 f"the expert (median {statistics.median(advantages):.2f} nats per token)")
             pieces = [pieces[i] for i in kept]
+            if teach:
+                taught += lessons(writer, base_model, pieces, index)
+            del writer
         texts.update((text_key(index, i), piece) for i, piece in enumerate(pieces))
         done(index + 1)
-    return texts
+    return texts, taught
 
 
 def text_targets(texts: dict[tuple, list[int]], experts: int) -> dict[tuple, torch.Tensor]:

@@ -20,8 +20,10 @@ class GateMode:
     studio_only: bool = False  # mergekit-moe does not know it
     whole_models: int = 0  # full models it holds in memory at once (expert_text: the base and the writing expert)
     reads_expert_text: bool = False  # fits on text the experts write (or their `calibration_text` files)
+    refines: bool = False  # its routers are trained end to end once the merged model is written (studio/refine.py)
     # The progress bar's share of each phase of its pass (studio/progress.py), measured on the zoo: a hidden-state
-    # pass of the prompts is most of a small model's merge, expert_text's writing of text most of its pass.
+    # pass of the prompts is most of a small model's merge; expert_text's writing of text half of its merge, and the
+    # refinement of the written routers a third.
     phases: tuple[tuple[str, float], ...] = ()
     summary: str = ""
 
@@ -38,7 +40,7 @@ MODES = {mode.name: mode for mode in (
     GateMode("calibrated", True, "merged", studio_only=True, phases=(("fit", 0.6),),
              summary="fitted on every token of the prompts, where the merged model's routers look"),
     GateMode("expert_text", True, "merged", studio_only=True, whole_models=2, reads_expert_text=True,
-             phases=(("text", 0.75), ("fit", 0.15)),
+             refines=True, phases=(("text", 0.5), ("fit", 0.1), ("refine", 0.3)),
              summary="fitted on text each expert writes from its prompts (or text you give), where the merged "
                      "model's routers look"),
     GateMode("expert_text_ridge", True, "merged", studio_only=True, whole_models=2, reads_expert_text=True,

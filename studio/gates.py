@@ -21,7 +21,7 @@ bounded, and positions follow the attention mask, so a prompt's vector does not 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -35,6 +35,7 @@ from studio.gate_modes import MODES
 from studio.families import Family
 from studio.forward import StreamedDecoder, StreamedMoE, why_not_streamable
 from studio.plan import MergePlan
+from studio.refine import Lesson
 from studio.sources import ModelSource
 
 DEGENERATE_CONDITION = 5.0
@@ -66,6 +67,8 @@ class GateJob:
     log: Callable[[str], None]
     check: Callable[[], None]
     progress: GateProgress = lambda phase, done, total, label: None
+    teach: bool = False  # modes that read expert text also keep what each expert predicts on it (studio/refine.py)
+    lessons: list[Lesson] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -87,7 +90,17 @@ def compute_gates(plan: MergePlan, options: GateOptions, log: Callable[[str], No
     `check` is called between layers or batches of the work; it raises to stop it. `progress` hears of each
     layer, batch or expert done.
     """
-    return COMPUTE[plan.config.gate_mode](GateJob(plan, options, log, check, progress))
+    return compute_routers(plan, options, log, check, progress)[0]
+
+
+def compute_routers(plan: MergePlan, options: GateOptions, log: Callable[[str], None] = print,
+                    check: Callable[[], None] = lambda: None,
+                    progress: GateProgress = lambda phase, done, total, label: None,
+                    teach: bool = False) -> tuple[torch.Tensor, list[Lesson]]:
+    """`compute_gates`, and, with `teach` and a mode that reads expert text, the lessons that refine the routers
+    once the merged model is written (else an empty list)."""
+    job = GateJob(plan, options, log, check, progress, teach=teach)
+    return COMPUTE[plan.config.gate_mode](job), job.lessons
 
 
 def _random(job: GateJob) -> torch.Tensor:
@@ -132,12 +145,12 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
     longest = max(map(len, prompts.values())) + max(expert_text.NEW_TOKENS, expert_text.WINDOW + 1)
     moe = _merged_model(job, longest)  # before any text is written: a base it cannot run is named at once
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    texts = expert_text.expert_texts(
+    texts, job.lessons = expert_text.expert_texts(
         experts, [plan.sources[e.source_model] for e in experts], plan.base, encode,
         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, resolve_device(options.device),
         options.seed, options.trust_remote_code, job.log, job.check,
         lambda done: job.progress("text", done, len(experts), f"Experts writing calibration text: {done} of "
-                                                              f"{len(experts)} done"))
+                                                              f"{len(experts)} done"), teach=job.teach)
     encoded = {**prompts, **texts}
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
     job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "

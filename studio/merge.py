@@ -1,4 +1,4 @@
-"""The merge: config -> plan -> gates -> tensors on disk, streamed, atomic and cancellable.
+"""The merge: config -> plan -> gates -> tensors on disk (-> routers refined), streamed, atomic and cancellable.
 
 The output is built in a hidden sibling folder and renamed into place only when every file is written, so
 an interrupted merge (error, cancel, Ctrl-C) leaves nothing that looks like a model.
@@ -19,11 +19,12 @@ import torch
 
 from studio import card, destination, integrity
 from studio.config import MoEConfig, check_rules, dump_yaml, experts_with_gates
-from studio.devices import check_device
+from studio.devices import check_device, resolve_device
 from studio.errors import Cancelled, StudioError
 from studio.gate_modes import gate_mode
-from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
+from studio.gates import GateOptions, compute_routers, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
+from studio.refine import refine_written, why_not_refined
 from studio.report import human_bytes
 from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm, read_json
 from studio.tokenizer_files import write_portable_tokenizer_config
@@ -49,7 +50,7 @@ class CancelToken:
 
 # A merge's stages: waiting for the one before it, opening the models, downloading, the router pass's phases
 # (a hidden-state pass, experts writing text, fitting routers), writing the weights, done.
-Stage = Literal["queued", "open", "download", "hidden", "text", "fit", "write", "done"]
+Stage = Literal["queued", "open", "download", "hidden", "text", "fit", "write", "refine", "done"]
 
 
 @dataclass
@@ -76,6 +77,7 @@ class MergeOptions:
     copy_tokenizer: bool = True
     overwrite: bool = False
     batch_size: int = 16
+    refine_routers: bool = True  # for the gate modes that refine (studio/refine.py), when the model fits
 
     def gate_options(self) -> GateOptions:
         return GateOptions(device=self.device, load_in_4bit=self.load_in_4bit, load_in_8bit=self.load_in_8bit,
@@ -151,6 +153,9 @@ def _build(config: MoEConfig, plan: MergePlan, out: Path, options: MergeOptions,
     try:
         files = _write_all(plan, gates, staging, options, report, cancel)
         routers = _gates_of(plan, gates)
+        lessons = gates.result()[1]
+        if lessons:
+            routers = _refine(staging, plan, routers, lessons, options, report, cancel, log)
         integrity.check_sources_unchanged(stamps)
         cancel.check()  # a signal whose KeyboardInterrupt was swallowed somewhere still stops the merge here
         destination.move_into_place(staging, out, options.overwrite)
@@ -183,9 +188,41 @@ def _start_gates(config: MoEConfig, plan: MergePlan, options: MergeOptions, canc
     def progress(phase: str, done: int, total: int, label: str) -> None:
         report(Progress(phase, done, total, label))
 
-    future = executor.submit(compute_gates, plan, options.gate_options(), log, check, progress)
+    teach = _will_refine(plan, options, log)
+    if not teach and "refine" in dict(gate_mode(config.gate_mode).phases):
+        report(Progress("refine", 1, 1, "Router refinement skipped"))
+    future = executor.submit(compute_routers, plan, options.gate_options(), log, check, progress, teach)
     executor.shutdown(wait=False)
     return future
+
+
+def _will_refine(plan: MergePlan, options: MergeOptions, log: Callable[[str], None]) -> bool:
+    """Whether the routers will be refined once written; says why not when the mode would."""
+    if not gate_mode(plan.config.gate_mode).refines:
+        return False
+    if not options.refine_routers:
+        log("Router refinement: off (--no-refine)")
+        return False
+    reason = why_not_refined(plan.parameters, resolve_device(options.device))
+    if reason:
+        log(f"Router refinement: skipped, because {reason}")
+    return reason is None
+
+
+def _refine(staging: Path, plan: MergePlan, routers: torch.Tensor, lessons: list, options: MergeOptions,
+            report: Callable[[Progress], None], cancel: CancelToken, log: Callable[[str], None]) -> torch.Tensor:
+    """The routers after refinement (written over the staged ones), with any shared-expert gate rows kept."""
+
+    def step(done: int, total: int) -> None:
+        report(Progress("refine", done, total, f"Refining the routers end to end: step {done} of {total}"))
+
+    report(Progress("refine", 0, 1, "Refining the routers: loading the merged model"))
+    refined = refine_written(staging, plan, lessons, resolve_device(options.device), options.trust_remote_code,
+                             log, cancel.check, step, options.random_seed or 0)
+    routers = routers.clone()
+    routers[:, :refined.rows.shape[1]] = refined.rows
+    integrity.check_routers(routers, plan)
+    return routers
 
 
 def _gate_warnings(config: MoEConfig, gates: torch.Tensor) -> list[str]:
@@ -236,7 +273,7 @@ def _write_all(plan: MergePlan, gates: Future, folder: Path, options: MergeOptio
 def _gates_of(plan: MergePlan, future: Future) -> torch.Tensor:
     """The computed gates, checked to be finite as the routers will be written; a failure becomes a named error."""
     try:
-        gates = future.result()
+        gates = future.result()[0]
     except StudioError:
         raise
     except Exception as exc:

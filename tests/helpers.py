@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -113,3 +114,12 @@ def tf4_python() -> Path:
 
 
 _TF4_READY: tuple[bool, str] | None = None
+
+
+ALPHABETS = ["0123456789", "abcdefghij", "KLMNOPQRST", "+-*/=<>()[]"]
+
+
+def domain_text(alphabet: str, seed: int, words: int = 600) -> str:
+    """Words drawn from one alphabet only: which expert a token belongs to is known by construction."""
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(words))

@@ -1,6 +1,5 @@
 """gate_mode: expert_text: routers fitted on each expert's own text, written by the expert or given by the user."""
 
-import random
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,7 @@ from studio.routing import load_moe, router_probabilities
 from studio.sources import open_model
 
 from conftest import moe_yaml
-
-ALPHABETS = ["0123456789", "abcdefghij", "KLMNOPQRST", "+-*/=<>()[]"]
-
-
-def domain_text(alphabet: str, seed: int, words: int = 600) -> str:
-    """Words drawn from one alphabet only: which expert a token belongs to is known by construction."""
-    rng = random.Random(seed)
-    return " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(words))
-
+from helpers import ALPHABETS, domain_text
 
 @pytest.fixture(scope="module", params=["expert_text", "expert_text_ridge"])
 def text_moe(mistral, tmp_path_factory, tokenizer, request):

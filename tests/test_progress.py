@@ -7,6 +7,7 @@ import yaml
 from studio.config import load_yaml
 from studio.jobs import MergeRunner
 from studio.merge import MergeOptions, Progress
+from studio.gate_modes import gate_mode
 from studio.progress import DOWNLOAD_SHARE, FINISH_SHARE, MergeBar
 from studio.ui.build import job_progress
 
@@ -48,7 +49,8 @@ def test_downloads_take_their_share_until_the_next_stage():
     bar.update(Progress("download", 5, 10, "model.safetensors"))
     assert bar.fraction == DOWNLOAD_SHARE * 0.5 and bar.label == "model.safetensors"
     bar.update(Progress("text", 1, 4, "Experts writing calibration text: 1 of 4 done"))
-    assert bar.fraction == DOWNLOAD_SHARE + (1 - DOWNLOAD_SHARE) * 0.75 * 0.25
+    text_share = dict(gate_mode("expert_text").phases)["text"]
+    assert bar.fraction == DOWNLOAD_SHARE + (1 - DOWNLOAD_SHARE) * text_share * 0.25
     assert bar.label == "Experts writing calibration text: 1 of 4 done"
 
 

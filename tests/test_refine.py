@@ -1,0 +1,140 @@
+"""Router refinement: the written routers trained end to end towards each expert's predictions."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from studio import refine
+from studio.config import parse_config
+from studio.expert_text import load_writer
+from studio.merge import MergeOptions, merge
+from studio.refine import Lesson, lessons, patch_tensors, refine_routers, why_not_refined
+from studio.routing import find_routers, load_moe
+from studio.sources import open_model
+
+from conftest import moe_yaml
+from helpers import ALPHABETS, domain_text
+
+
+def test_patch_tensors_rewrites_only_the_named_tensors_in_place(tmp_path):
+    single = {"a": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "b": torch.ones(4)}
+    save_file(single, tmp_path / "model.safetensors")
+    patch_tensors(tmp_path, {"a": torch.full((2, 3), 2.5)})
+    back = load_file(tmp_path / "model.safetensors")
+    assert back["a"].dtype == torch.bfloat16 and torch.equal(back["a"], torch.full((2, 3), 2.5, dtype=torch.bfloat16))
+    assert torch.equal(back["b"], single["b"])
+
+
+def test_patch_tensors_finds_each_tensor_in_its_shard(tmp_path):
+    shards = {"model-00001-of-00002.safetensors": {"x": torch.zeros(3)},
+              "model-00002-of-00002.safetensors": {"y": torch.zeros(2, 2), "z": torch.ones(1)}}
+    for name, tensors in shards.items():
+        save_file(tensors, tmp_path / name)
+    weight_map = {t: name for name, tensors in shards.items() for t in tensors}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    patch_tensors(tmp_path, {"x": torch.tensor([1.0, 2.0, 3.0]), "y": torch.eye(2)})
+    assert torch.equal(load_file(tmp_path / "model-00001-of-00002.safetensors")["x"], torch.tensor([1.0, 2.0, 3.0]))
+    second = load_file(tmp_path / "model-00002-of-00002.safetensors")
+    assert torch.equal(second["y"], torch.eye(2)) and torch.equal(second["z"], torch.ones(1))
+
+
+def test_patch_tensors_refuses_another_shape(tmp_path):
+    save_file({"a": torch.zeros(2, 3)}, tmp_path / "model.safetensors")
+    with pytest.raises(AssertionError, match="a: new shape"):
+        patch_tensors(tmp_path, {"a": torch.zeros(3, 2)})
+
+
+def test_large_models_are_refined_on_a_gpu_only():
+    assert why_not_refined(refine.CPU_PARAMETERS, "cpu") is None
+    assert "--device cuda" in why_not_refined(refine.CPU_PARAMETERS + 1, "cpu")
+
+
+@pytest.fixture(scope="module")
+def alphabet_lessons(mistral, tokenizer):
+    """What each expert of the synthetic family predicts on text of its own alphabet (16 pieces each)."""
+    base, experts = mistral
+    base_model = load_writer(open_model(str(base)), "cpu")
+    found = []
+    for k, path in enumerate(experts):
+        ids = tokenizer(domain_text(ALPHABETS[k], seed=k, words=900), add_special_tokens=False)["input_ids"]
+        pieces = [[tokenizer.bos_token_id] + ids[i:i + 48] for i in range(0, 16 * 48, 48)]
+        found += lessons(load_writer(open_model(str(path)), "cpu"), base_model, pieces, k)
+    return found
+
+
+def test_lessons_hold_each_experts_top_tokens_and_the_bases_distance(alphabet_lessons):
+    assert [sum(lesson.expert == k for lesson in alphabet_lessons) for k in range(4)] == [16] * 4
+    lesson = alphabet_lessons[0]
+    assert lesson.top_ids.shape == lesson.top_logp.shape == (49, refine.TOP_K)
+    assert bool((lesson.top_logp[:, :-1] >= lesson.top_logp[:, 1:]).all())  # most likely first
+    assert all(lesson.base_gap > 0 for lesson in alphabet_lessons)  # each expert differs from the base
+
+
+def test_refinement_raises_every_experts_held_out_share(mistral, alphabet_lessons, tmp_path):
+    """From nn.Linear-like random routers, trained towards each expert on its own alphabet: each expert keeps
+    more of its gain on held-out pieces, and the model's routers hold the kept rows."""
+    base, experts = mistral
+    merge(parse_config(moe_yaml(base, experts, gate_mode="uniform_random")), tmp_path / "moe", MergeOptions(random_seed=3),
+          log=lambda m: None)
+    model, _ = load_moe(tmp_path / "moe")
+    routers = find_routers(model)
+    log = []
+    refined = refine_routers(model, routers, alphabet_lessons, 4, log.append)
+    assert refined.step > 0, log
+    assert all(after > before for before, after in zip(refined.before, refined.after)), log
+    assert all(torch.equal(routers[layer].weight, rows) for layer, rows in zip(sorted(routers), refined.rows))
+    assert f"Kept the routers of step {refined.step}" in log[-1]
+
+
+def test_refinement_keeps_the_fitted_routers_when_no_step_helps(mistral, alphabet_lessons, tmp_path, monkeypatch):
+    base, experts = mistral
+    merge(parse_config(moe_yaml(base, experts, gate_mode="uniform_random")), tmp_path / "moe", MergeOptions(random_seed=3),
+          log=lambda m: None)
+    model, _ = load_moe(tmp_path / "moe")
+    routers = find_routers(model)
+    before = [routers[layer].weight.detach().clone() for layer in sorted(routers)]
+    monkeypatch.setattr(refine, "TOLERANCE", -1.0)  # a step is kept only if every share rose by 100 points
+    refined = refine_routers(model, routers, alphabet_lessons, 4, lambda m: None)
+    assert refined.step == 0 and refined.after == refined.before
+    assert all(torch.equal(routers[layer].weight, rows) for layer, rows in zip(sorted(routers), before))
+
+
+def _alphabet_config(mistral, folder):
+    base, experts = mistral
+    data = moe_yaml(base, experts, gate_mode="expert_text")
+    for k, expert in enumerate(data["experts"]):
+        path = folder / f"domain-{k}.txt"
+        path.write_text(domain_text(ALPHABETS[k], seed=k))
+        expert["calibration_text"] = [str(path)]
+    return parse_config(data)
+
+
+def _routers_on_disk(folder):
+    return {name: tensor for name, tensor in load_file(folder / "model.safetensors").items() if name.endswith(".gate.weight")
+            and ".experts." not in name}
+
+
+def test_a_merge_writes_the_refined_routers_and_no_refine_the_fitted_ones(mistral, tmp_path):
+    config = _alphabet_config(mistral, tmp_path)
+    refined_log, fitted_log = [], []
+    merge(config, tmp_path / "refined", MergeOptions(random_seed=0), log=refined_log.append)
+    merge(config, tmp_path / "fitted", MergeOptions(random_seed=0, refine_routers=False), log=fitted_log.append)
+    assert any(line.startswith("Refining the routers end to end") for line in refined_log)
+    assert "Router refinement: off (--no-refine)" in fitted_log
+    assert not any("Refining" in line for line in fitted_log)
+    kept = [line for line in refined_log if line.startswith("Kept the")]
+    assert len(kept) == 1
+    refined, fitted = _routers_on_disk(tmp_path / "refined"), _routers_on_disk(tmp_path / "fitted")
+    assert refined.keys() == fitted.keys() and len(refined) == 2
+    same = all(torch.equal(refined[name], fitted[name]) for name in refined)
+    assert same == kept[0].startswith("Kept the fitted routers"), kept
+
+
+def test_a_model_too_large_to_refine_is_merged_with_its_fitted_routers(mistral, tmp_path, monkeypatch):
+    monkeypatch.setattr(refine, "CPU_PARAMETERS", 1000)
+    log = []
+    merge(_alphabet_config(mistral, tmp_path), tmp_path / "moe", MergeOptions(random_seed=0), log=log.append)
+    assert any(line.startswith("Router refinement: skipped, because the merged model has") for line in log)
+    assert not any("Refining" in line for line in log)
