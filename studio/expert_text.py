@@ -107,33 +107,41 @@ def _threads_for(model):
 
 
 def _write(expert, base, prompts, samples, new_tokens, seed, check) -> tuple[list[list[int]], list[float]]:
+    """Every continuation of every prompt in one left-padded batch: a step costs the same for 1 row or 36 on a
+    small model, so the zoo writes 6x faster than prompt by prompt."""
     generator = torch.Generator().manual_seed(seed)
     device = expert.get_input_embeddings().weight.device
-    written, advantages = [], []
-    for prompt in prompts:
-        ids = torch.tensor([prompt] * samples, device=device)
-        step, caches = ids, [None, None]
-        advantage = torch.zeros(samples)
-        for _ in range(new_tokens):
-            check()
-            logits = expert_logp = _next_logits(expert, step, caches, 0)
-            if base is not None:
-                base_logp = _next_logits(base, step, caches, 1)
-                logits = expert_logp + CONTRAST * (expert_logp - base_logp)
-                too_unlikely = expert_logp < expert_logp.max(dim=-1, keepdim=True).values + math.log(PLAUSIBLE)
-                logits = logits.masked_fill(too_unlikely, float("-inf"))
-            probabilities = (logits / TEMPERATURE).softmax(dim=-1).cpu()
-            step = torch.multinomial(probabilities, 1, generator=generator).to(device)
-            if base is not None:
-                advantage += (expert_logp - base_logp).gather(1, step).squeeze(1).cpu()
-            ids = torch.cat([ids, step], dim=1)
-        written += ids.tolist()
-        advantages += (advantage / new_tokens).tolist()
-    return written, advantages
+    rows = [prompt for prompt in prompts for _ in range(samples)]
+    if not rows:
+        return [], []
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    step, positions, caches = ids, (mask.cumsum(-1) - 1).clamp_min(0), [None, None]
+    advantage, new = torch.zeros(len(rows)), []
+    for _ in range(new_tokens):
+        check()
+        logits = expert_logp = _next_logits(expert, step, mask, positions, caches, 0)
+        if base is not None:
+            base_logp = _next_logits(base, step, mask, positions, caches, 1)
+            logits = expert_logp + CONTRAST * (expert_logp - base_logp)
+            too_unlikely = expert_logp < expert_logp.max(dim=-1, keepdim=True).values + math.log(PLAUSIBLE)
+            logits = logits.masked_fill(too_unlikely, float("-inf"))
+        probabilities = (logits / TEMPERATURE).softmax(dim=-1).cpu()
+        step = torch.multinomial(probabilities, 1, generator=generator).to(device)
+        if base is not None:
+            advantage += (expert_logp - base_logp).gather(1, step).squeeze(1).cpu()
+        new.append(step)
+        mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+        positions = positions[:, -1:] + 1
+    written = torch.cat(new, dim=1).tolist()
+    return [row + more for row, more in zip(rows, written)], (advantage / new_tokens).tolist()
 
 
-def _next_logits(model, step: torch.Tensor, caches: list, slot: int) -> torch.Tensor:
-    out = model(input_ids=step, past_key_values=caches[slot], use_cache=True)
+def _next_logits(model, step: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, caches: list,
+                 slot: int) -> torch.Tensor:
+    out = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=caches[slot],
+                use_cache=True)
     caches[slot] = out.past_key_values
     return out.logits[:, -1].float().log_softmax(dim=-1)
 

@@ -100,3 +100,18 @@ def test_4bit_is_refused_before_any_text_is_written(mistral, tmp_path):
         merge(parse_config(moe_yaml(base, experts, gate_mode="expert_text")), tmp_path / "out",
               MergeOptions(load_in_4bit=True), log=log.append)
     assert not any("writes" in line for line in log)
+
+
+def test_prompts_written_in_one_padded_batch_continue_as_each_alone(mistral, tokenizer, monkeypatch):
+    """Greedy writing (only the expert's best token is plausible): the left padding of a short prompt among long ones
+    changes nothing of its continuation."""
+    import studio.expert_text as expert_text
+
+    monkeypatch.setattr(expert_text, "PLAUSIBLE", 1.0)
+    base, experts = mistral
+    writer, reference = load_writer(open_model(str(experts[0])), "cpu"), load_writer(open_model(str(base)), "cpu")
+    prompts = [tokenizer("12 + 7 = 19 and 3 * 4 = 12, so")["input_ids"], tokenizer("Once")["input_ids"]]
+    together, advantages = write_text(writer, reference, prompts, samples=1, new_tokens=12)
+    alone = [write_text(writer, reference, [prompt], samples=1, new_tokens=12) for prompt in prompts]
+    assert together == [texts[0] for texts, _ in alone]
+    assert advantages == pytest.approx([adv[0] for _, adv in alone], abs=1e-5)
