@@ -14,7 +14,9 @@ expert's median, and it is dropped (`typical_pieces`). An expert may bring its o
 
 Then, layer by layer through the merged model (studio/calibrate.py), each router is fitted where it will look,
 every token of an expert's text labelled with that expert, and keeps the fit's own probabilities: sure where the
-experts' texts are told apart, hesitant (two experts mixed) where they are not.
+experts' texts are told apart, hesitant (two experts mixed) where they are not. While each expert is in memory,
+what it predicts on its text is kept too (`teach`), so that the written routers can be refined end to end
+(studio/refine.py).
 """
 
 from __future__ import annotations

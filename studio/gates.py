@@ -9,7 +9,8 @@ cheap_embed the normalised sum of the prompts' token embeddings, the same row fo
 random      standard normal entries (for sparse upcycling that will be trained).
 uniform_random  U(-1/sqrt(H), 1/sqrt(H)), PyTorch's nn.Linear initialisation.
 calibrated  the studio's own: routers fitted where the merged model's routers look (studio/calibrate.py).
-expert_text the studio's own: the same fit, on text the experts write from their prompts (studio/expert_text.py).
+expert_text the studio's own: the same fit, on text the experts write from their prompts (studio/expert_text.py);
+            once written, the merge refines these routers end to end (studio/refine.py).
 
 Which modes exist, and what each needs, is data in studio/gate_modes.py; COMPUTE below maps each to its function.
 

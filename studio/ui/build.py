@@ -173,6 +173,8 @@ class BuildTab:
                 self.overwrite = gr.Checkbox(label="Overwrite an existing merge of that name")
                 self.trust = gr.Checkbox(label="Trust remote code (runs Python code shipped with the models)")
                 self.identical = gr.Checkbox(label="Allow identical experts (I will train the result)")
+                self.refine = gr.Checkbox(value=True, label="Refine the routers end to end (expert_text, when "
+                                                            "the merged model fits)", elem_id="refine-routers")
         with gr.Row():
             self.check = gr.Button("Check models", elem_id="check-models")
             self.start = gr.Button("Merge", variant="primary", elem_id="merge-button")
@@ -293,14 +295,15 @@ class BuildTab:
         path.write_text(text, encoding="utf-8")
         return str(path)
 
-    def run(self, yaml_text: str, name: str, overwrite: bool, trust: bool, identical: bool):
+    def run(self, yaml_text: str, name: str, overwrite: bool, trust: bool, identical: bool, refine: bool = True):
         try:
             config = load_yaml(yaml_text)
             out = output_folder(self.workspace, name)
         except StudioError as exc:
             yield None, progress_html(0, "Not started", "failed"), f"**Error:** {exc}", ""
             return
-        options = MergeOptions(overwrite=overwrite, trust_remote_code=trust, allow_identical_experts=identical)
+        options = MergeOptions(overwrite=overwrite, trust_remote_code=trust, allow_identical_experts=identical,
+                               refine_routers=refine)
         job = self.runner.start(config, out, options)
         while not job.finished.wait(POLL_SECONDS):
             yield job, job_progress(job), job_status(job), "\n".join(job.log)
@@ -384,7 +387,8 @@ class BuildTab:
         self.preview_button.click(self.preview, [self.editor, self.preview_prompts, self.trust],
                                   [self.preview_table, self.preview_figure, self.preview_tokens, self.preview_message])
         # concurrency_limit=None: the runner queues merges itself and says so in the log.
-        self.start.click(self.run, [self.editor, self.out_name, self.overwrite, self.trust, self.identical],
+        self.start.click(self.run, [self.editor, self.out_name, self.overwrite, self.trust, self.identical,
+                                    self.refine],
                          [self.current, self.progress, self.status, self.log], concurrency_limit=None,
                          show_progress="hidden").then(self.merge_list, None, [self.merges, self.push_merge])
         self.stop.click(lambda job: job.cancel() if job else None, self.current, None)
