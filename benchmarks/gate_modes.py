@@ -11,8 +11,11 @@ saw:
     gain over the base that it recovers, (base - MoE) / (base - expert);
   * the time to merge, as a ratio to `hidden` in the same run.
 
+`expert_text/fitted` is expert_text with its routers as fitted layer by layer (`--no-refine`); `expert_text`
+refines them end to end once written (studio/refine.py).
+
 Usage: python benchmarks/gate_modes.py [--configs sentences,keywords,assistant] [--modes hidden,cheap_embed,
-       calibrated,expert_text] [--seed 0]
+       calibrated,expert_text/fitted,expert_text,expert_text_ridge] [--seed 0]
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ NATURAL = ROOT / "benchmarks" / "natural"
 
 
 def measure(config_path: Path, mode: str, seed: int, prompts: dict) -> tuple[list[list[str]], float]:
-    config = load_config(config_path).model_copy(update={"gate_mode": mode})
+    """`mode` is a gate mode, or `expert_text/fitted` for expert_text's routers as fitted (`--no-refine`)."""
+    gate_mode, _, variant = mode.partition("/")
+    config = load_config(config_path).model_copy(update={"gate_mode": gate_mode})
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "moe"
         start = time.perf_counter()
-        merge(config, out, MergeOptions(random_seed=seed), log=lambda message: None)
+        merge(config, out, MergeOptions(random_seed=seed, refine_routers=variant != "fitted"), log=lambda message: None)
         seconds = time.perf_counter() - start
         routing = evaluate_routing(out, prompts)
         quality = measure_quality(out, "zoo", max_tokens=10**9, log=lambda message: None)
@@ -57,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="sentences,keywords,assistant",
                         help="names in benchmarks/natural/, or paths to other zoo configs")
-    parser.add_argument("--modes", default="hidden,cheap_embed,calibrated,expert_text")
+    parser.add_argument("--modes", default="hidden,cheap_embed,calibrated,expert_text/fitted,expert_text,"
+                                           "expert_text_ridge")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.chdir(ROOT)  # the configs' paths are relative to the project folder

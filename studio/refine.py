@@ -8,7 +8,8 @@ So, when the merged model fits the device, it is loaded whole from the staging f
 trained (Adam), on the experts' calibration text: on each piece of expert e's text, the MoE's next-token
 distribution is pulled towards e's, by the divergence KL(e || MoE) over e's top-TOP_K tokens, divided by
 KL(e || base) (so the loss is the share of e's gain the MoE loses, the same scale for every expert), averaged
-over the experts. A quarter of each expert's pieces is held out: the routers are kept at the step where the
+over the experts; plus a penalty on any expert that loses more than at the start, and the layer-by-layer fit's own
+loss, which keeps the routing the fit found wherever the divergence does not care. A quarter of each expert's pieces is held out: the routers are kept at the step where the
 held-out shares add up to most while no expert's share is more than TOLERANCE below where it started; if no
 step does that, the fitted routers stay as they are. The kept rows are written over the routers' bytes in the
 staging files, in place (same dtype, same shape).
@@ -21,19 +22,20 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-
-from studio.errors import StudioError
+import torch.nn.functional as F
 
 TOP_K = 32  # tokens of the expert's distribution kept per position
 STEPS = 20
 LEARNING_RATE = 3e-3
 BATCH = 24  # pieces per step
 CHECK_EVERY = 4  # steps between looks at the held-out pieces
+LABELS = 1.0  # weight of the layer-by-layer fit's loss
 PROTECT = 1.0  # weight of an expert's loss beyond where it started
 TOLERANCE = 0.01  # an expert's held-out share may fall this much at a kept step (noise of a few pieces)
 CPU_PARAMETERS = 50_000_000  # larger merged models are refined on a GPU only: a CPU step would take minutes
@@ -115,17 +117,22 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
                    on_step: Callable[[int, int], None] = lambda done, total: None, seed: int = 0) -> Refined:
     """Train the `routers` of `model` (layer -> module with an (experts, hidden) `weight`) on `lessons_`; the
     other weights stay frozen. Returns the kept rows and the held-out shares before and after."""
-    fit, held = _split(lessons_, experts)
+    weights = [routers[layer].weight for layer in sorted(routers)]
+    fitted = torch.stack([w.detach().float().cpu() for w in weights])
+    split = _split(lessons_, experts)
+    if split is None:
+        log("Router refinement: skipped, because an expert has fewer than 2 pieces of text (give it more "
+            "calibration text); the fitted routers are kept")
+        return Refined(fitted, 0, [], [])
+    fit, held = split
     device = next(model.parameters()).device
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    weights = [routers[layer].weight for layer in sorted(routers)]
-    original = [w.detach().clone() for w in weights]
-    start = _held_out_shares(model, held, experts, device)
-    floor = [1.0 - share for share in _held_out_shares(model, fit, experts, device)]  # each expert's start, fit text
-    best, best_step = (sum(start), 0), [w.clone() for w in original]
+    start = _shares_kept(model, held, experts, device)
+    floor = [1.0 - share for share in _shares_kept(model, fit, experts, device)]  # each expert's loss at the start
     log(f"Refining the routers end to end on {len(fit)} pieces of the experts' text ({len(held)} held out); "
         f"held-out share of each expert's gain: {_shares(start)}")
+    best_sum, best_step, best_rows = sum(start), 0, fitted
     optimizer = torch.optim.Adam([w.requires_grad_(True) for w in weights], lr=LEARNING_RATE)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
@@ -133,37 +140,38 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
             check()
             chosen = [fit[i] for i in torch.randperm(len(fit), generator=generator)[:BATCH].tolist()]
             optimizer.zero_grad()
-            _loss(model, chosen, experts, device, floor).backward()
+            _loss(model, routers, chosen, experts, device, floor).backward()
             optimizer.step()
             if step % CHECK_EVERY == 0 or step == STEPS:
-                shares = _held_out_shares(model, held, experts, device)
-                kept = all(s >= s0 - TOLERANCE for s, s0 in zip(shares, start)) and sum(shares) > best[0]
-                if kept:
-                    best, best_step = (sum(shares), step), [w.detach().clone() for w in weights]
-                log(f"  step {step} of {STEPS}: held-out shares {_shares(shares)}{' (best so far)' if kept else ''}")
+                shares = _shares_kept(model, held, experts, device)
+                better = all(s >= s0 - TOLERANCE for s, s0 in zip(shares, start)) and sum(shares) > best_sum
+                if better:
+                    best_sum, best_step = sum(shares), step
+                    best_rows = torch.stack([w.detach().float().cpu() for w in weights])
+                log(f"  step {step} of {STEPS}: held-out shares {_shares(shares)}{' (best so far)' if better else ''}")
             on_step(step, STEPS)
     with torch.no_grad():
-        for weight, rows in zip(weights, best_step):
-            weight.copy_(rows).requires_grad_(False)
-    after = _held_out_shares(model, held, experts, device) if best[1] else start
-    if best[1]:
-        log(f"Kept the routers of step {best[1]}: held-out shares {_shares(start)} -> {_shares(after)}")
-    else:
+        for weight, rows in zip(weights, best_rows):
+            weight.requires_grad_(False).copy_(rows)
+    if not best_step:
         log("Kept the fitted routers: no step raised the held-out shares without lowering an expert's")
-    return Refined(torch.stack([w.detach().float().cpu() for w in weights]), best[1], start, after)
+        return Refined(fitted, 0, start, start)
+    after = _shares_kept(model, held, experts, device)
+    log(f"Kept the routers of step {best_step}: held-out shares {_shares(start)} -> {_shares(after)}")
+    return Refined(best_rows, best_step, start, after)
 
 
-def _split(lessons_: list[Lesson], experts: int) -> tuple[list[Lesson], list[Lesson]]:
-    """Every fourth piece of each expert held out (at least one, and one left to fit on)."""
+def _split(lessons_: list[Lesson], experts: int) -> tuple[list[Lesson], list[Lesson]] | None:
+    """Every fourth piece of each expert held out (at least one, and one left to fit on); None when an expert has
+    fewer than 2 pieces."""
     fit, held = [], []
     for e in range(experts):
         own = [lesson for lesson in lessons_ if lesson.expert == e]
         if len(own) < 2:
-            raise StudioError(f"Router refinement needs at least 2 pieces of text per expert; expert {e} has "
-                              f"{len(own)}.")
-        step = min(4, len(own))
-        held += own[step - 1::step]
-        fit += [lesson for i, lesson in enumerate(own) if i % step != step - 1]
+            return None
+        every = min(4, len(own))
+        held += own[every - 1::every]
+        fit += [lesson for i, lesson in enumerate(own) if i % every != every - 1]
     return fit, held
 
 
@@ -185,19 +193,45 @@ def _per_expert(values: torch.Tensor, lessons_: list[Lesson], experts: int) -> d
     return {e: values[owner == e].mean() for e in range(experts) if bool((owner == e).any())}
 
 
-def _loss(model, chosen: list[Lesson], experts: int, device, floor: list[float]) -> torch.Tensor:
+def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], experts: int, device,
+          floor: list[float]) -> torch.Tensor:
     """The mean over experts of the share of its gain lost, plus PROTECT times what any expert lost beyond where
-    it started: one expert's gain is not bought with another's."""
-    lost = _per_expert(_divergences(model, chosen, device), chosen, experts)
+    it started (one expert's gain is not bought with another's), plus LABELS times the layer-by-layer fit's own
+    loss (each router's cross-entropy against the expert whose text it reads), which keeps the routing that the
+    fit found where the end-to-end loss does not care."""
+    with _router_inputs(routers) as inputs:
+        lost = _per_expert(_divergences(model, chosen, device), chosen, experts)
     worse = sum(torch.relu(value - floor[e]) for e, value in lost.items())
-    return torch.stack(list(lost.values())).mean() + PROTECT * worse
+    return torch.stack(list(lost.values())).mean() + PROTECT * worse + LABELS * _label_loss(inputs, chosen, device)
+
+
+@contextmanager
+def _router_inputs(routers: dict[int, torch.nn.Module]):
+    """Collects (router, its input) for every router call while in the block."""
+    inputs: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    hooks = [router.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0])))
+             for router in routers.values()]
+    try:
+        yield inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list[Lesson], device) -> torch.Tensor:
+    _, mask = _padded([lesson.ids for lesson in chosen], device)
+    keep = mask.reshape(-1).bool()
+    labels = torch.tensor([lesson.expert for lesson in chosen], device=device)[:, None].expand_as(mask).reshape(-1)
+    losses = [F.cross_entropy((x.reshape(-1, x.shape[-1]) @ router.weight.T)[keep], labels[keep])
+              for router, x in inputs]
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
-def _held_out_shares(model, held: list[Lesson], experts: int, device) -> list[float]:
-    """Each expert's held-out share of its gain over the base that the MoE keeps (1 - its normalised KL)."""
-    values = torch.cat([_divergences(model, held[i:i + BATCH], device) for i in range(0, len(held), BATCH)])
-    return [1.0 - float(v) for v in _per_expert(values, held, experts).values()]
+def _shares_kept(model, lessons_: list[Lesson], experts: int, device) -> list[float]:
+    """Each expert's share of its gain over the base that the MoE keeps on `lessons_` (1 - its normalised KL)."""
+    values = torch.cat([_divergences(model, lessons_[i:i + BATCH], device) for i in range(0, len(lessons_), BATCH)])
+    return [1.0 - float(v) for v in _per_expert(values, lessons_, experts).values()]
 
 
 def _shares(shares: list[float]) -> str:

@@ -10,7 +10,7 @@ from studio import refine
 from studio.config import parse_config
 from studio.expert_text import load_writer
 from studio.merge import MergeOptions, merge
-from studio.refine import Lesson, lessons, patch_tensors, refine_routers, why_not_refined
+from studio.refine import lessons, patch_tensors, refine_routers, why_not_refined
 from studio.routing import find_routers, load_moe
 from studio.sources import open_model
 
@@ -64,6 +64,16 @@ def alphabet_lessons(mistral, tokenizer):
     return found
 
 
+@pytest.fixture(scope="module")
+def random_router_moe(mistral, tmp_path_factory):
+    """The synthetic family merged with nn.Linear-like random routers: refinement has everything to win."""
+    base, experts = mistral
+    out = tmp_path_factory.mktemp("random-routers") / "moe"
+    merge(parse_config(moe_yaml(base, experts, gate_mode="uniform_random")), out, MergeOptions(random_seed=3),
+          log=lambda m: None)
+    return out
+
+
 def test_lessons_hold_each_experts_top_tokens_and_the_bases_distance(alphabet_lessons):
     assert [sum(lesson.expert == k for lesson in alphabet_lessons) for k in range(4)] == [16] * 4
     lesson = alphabet_lessons[0]
@@ -72,13 +82,10 @@ def test_lessons_hold_each_experts_top_tokens_and_the_bases_distance(alphabet_le
     assert all(lesson.base_gap > 0 for lesson in alphabet_lessons)  # each expert differs from the base
 
 
-def test_refinement_raises_every_experts_held_out_share(mistral, alphabet_lessons, tmp_path):
+def test_refinement_raises_every_experts_held_out_share(random_router_moe, alphabet_lessons):
     """From nn.Linear-like random routers, trained towards each expert on its own alphabet: each expert keeps
     more of its gain on held-out pieces, and the model's routers hold the kept rows."""
-    base, experts = mistral
-    merge(parse_config(moe_yaml(base, experts, gate_mode="uniform_random")), tmp_path / "moe", MergeOptions(random_seed=3),
-          log=lambda m: None)
-    model, _ = load_moe(tmp_path / "moe")
+    model, _ = load_moe(random_router_moe)
     routers = find_routers(model)
     log = []
     refined = refine_routers(model, routers, alphabet_lessons, 4, log.append)
@@ -88,11 +95,8 @@ def test_refinement_raises_every_experts_held_out_share(mistral, alphabet_lesson
     assert f"Kept the routers of step {refined.step}" in log[-1]
 
 
-def test_refinement_keeps_the_fitted_routers_when_no_step_helps(mistral, alphabet_lessons, tmp_path, monkeypatch):
-    base, experts = mistral
-    merge(parse_config(moe_yaml(base, experts, gate_mode="uniform_random")), tmp_path / "moe", MergeOptions(random_seed=3),
-          log=lambda m: None)
-    model, _ = load_moe(tmp_path / "moe")
+def test_refinement_keeps_the_fitted_routers_when_no_step_helps(random_router_moe, alphabet_lessons, monkeypatch):
+    model, _ = load_moe(random_router_moe)
     routers = find_routers(model)
     before = [routers[layer].weight.detach().clone() for layer in sorted(routers)]
     monkeypatch.setattr(refine, "TOLERANCE", -1.0)  # a step is kept only if every share rose by 100 points
@@ -138,3 +142,16 @@ def test_a_model_too_large_to_refine_is_merged_with_its_fitted_routers(mistral, 
     merge(_alphabet_config(mistral, tmp_path), tmp_path / "moe", MergeOptions(random_seed=0), log=log.append)
     assert any(line.startswith("Router refinement: skipped, because the merged model has") for line in log)
     assert not any("Refining" in line for line in log)
+
+
+def test_an_expert_with_one_piece_of_text_keeps_the_fitted_routers(random_router_moe, alphabet_lessons):
+    model, _ = load_moe(random_router_moe)
+    routers = find_routers(model)
+    before = torch.stack([routers[layer].weight.detach().clone() for layer in sorted(routers)])
+    one_for_expert_2 = [lesson for lesson in alphabet_lessons if lesson.expert != 2] + \
+        [next(lesson for lesson in alphabet_lessons if lesson.expert == 2)]
+    log = []
+    refined = refine_routers(model, routers, one_for_expert_2, 4, log.append)
+    assert refined.step == 0 and torch.equal(refined.rows, before)
+    assert log == ["Router refinement: skipped, because an expert has fewer than 2 pieces of text (give it more "
+                   "calibration text); the fitted routers are kept"]
