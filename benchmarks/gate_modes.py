@@ -12,7 +12,9 @@ saw:
   * the time to merge, as a ratio to `hidden` in the same run.
 
 `expert_text/fitted` is expert_text with its routers as fitted layer by layer (`--no-refine`); `expert_text`
-refines them end to end once written (studio/refine.py).
+refines them end to end once written (studio/refine.py). The config `domain-text` (not run by default) is
+`sentences` with each expert's `calibration_text` taken from the zoo's training corpora: routers from the user's
+own domain text instead of text the experts write.
 
 Usage: python benchmarks/gate_modes.py [--configs sentences,keywords,assistant] [--modes hidden,cheap_embed,
        calibrated,expert_text/fitted,expert_text,expert_text_ridge] [--seed 0]
@@ -31,18 +33,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studio.config import load_config  # noqa: E402
+from studio.gate_modes import gate_mode as gate_mode_of  # noqa: E402
 from studio.evaluate import evaluate_routing, load_prompts  # noqa: E402
 from studio.merge import MergeOptions, merge  # noqa: E402
 from studio.quality import measure_quality  # noqa: E402
+from studio.zoo.corpora import corpus  # noqa: E402
 
 NATURAL = ROOT / "benchmarks" / "natural"
+DOMAIN_TEXT_CHARS = 60_000  # enough for expert_text's 6144 tokens per expert
+
+
+def with_domain_text(config, folder: Path):
+    """The config with each expert's `calibration_text`: text of its domain from the zoo's training corpora (never
+    the held-out text that quality is measured on), as a user would give their own domain text."""
+    experts = []
+    for expert in config.experts:
+        path = folder / f"{Path(expert.source_model).name}.txt"
+        path.write_text(corpus(Path(expert.source_model).name, DOMAIN_TEXT_CHARS, seed=7), encoding="utf-8")
+        experts.append(expert.model_copy(update={"calibration_text": [str(path)]}))
+    return config.model_copy(update={"experts": experts})
 
 
 def measure(config_path: Path, mode: str, seed: int, prompts: dict) -> tuple[list[list[str]], float]:
-    """`mode` is a gate mode, or `expert_text/fitted` for expert_text's routers as fitted (`--no-refine`)."""
+    """`mode` is a gate mode, or `expert_text/fitted` for expert_text's routers as fitted (`--no-refine`).
+    The config `domain-text` is `sentences` with each expert's domain text as `calibration_text` (for the modes
+    that read it; the others see `sentences`)."""
     gate_mode, _, variant = mode.partition("/")
-    config = load_config(config_path).model_copy(update={"gate_mode": gate_mode})
+    domain_text = config_path.stem == "domain-text"
+    config = load_config(NATURAL / "sentences.yml" if domain_text else config_path)
+    config = config.model_copy(update={"gate_mode": gate_mode})
     with tempfile.TemporaryDirectory() as folder:
+        if domain_text and gate_mode_of(gate_mode).reads_expert_text:
+            config = with_domain_text(config, Path(folder))
         out = Path(folder) / "moe"
         start = time.perf_counter()
         merge(config, out, MergeOptions(random_seed=seed, refine_routers=variant != "fitted"), log=lambda message: None)
