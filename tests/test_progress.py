@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from studio.config import load_yaml
@@ -78,3 +79,13 @@ def test_a_real_merge_reports_its_stages_and_a_cancelled_one_stays_grey(mistral,
     assert cancelled.finished.wait(60) and cancelled.state == "cancelled"
     shown = job_progress(cancelled)
     assert 'data-state="cancelled"' in shown and 'data-fraction="0.000"' in shown and "Cancelled at 0%" in shown
+
+
+def test_refinement_has_its_share_after_the_weights_are_written():
+    bar = MergeBar.for_merge("expert_text", from_hub=False)
+    for stage in ("text", "fit", "write"):
+        bar.update(Progress(stage, 4, 4, f"{stage} done"))
+    bar.update(Progress("refine", 5, 20, "Refining the routers end to end: step 5 of 20"))
+    refine_share = dict(gate_mode("expert_text").phases)["refine"]
+    assert bar.fraction == pytest.approx(1 - FINISH_SHARE - refine_share * 15 / 20)
+    assert bar.label == "Refining the routers end to end: step 5 of 20"
