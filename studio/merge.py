@@ -24,7 +24,7 @@ from studio.errors import Cancelled, StudioError
 from studio.gate_modes import gate_mode
 from studio.gates import GateOptions, compute_routers, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
-from studio.refine import refine_written, why_not_refined
+from studio.refine import Lesson, refine_written, why_not_refined
 from studio.report import human_bytes
 from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm, read_json
 from studio.tokenizer_files import write_portable_tokenizer_config
@@ -209,7 +209,7 @@ def _will_refine(plan: MergePlan, options: MergeOptions, log: Callable[[str], No
     return reason is None
 
 
-def _refine(staging: Path, plan: MergePlan, routers: torch.Tensor, lessons: list, options: MergeOptions,
+def _refine(staging: Path, plan: MergePlan, routers: torch.Tensor, lessons: list[Lesson], options: MergeOptions,
             report: Callable[[Progress], None], cancel: CancelToken, log: Callable[[str], None]) -> torch.Tensor:
     """The routers after refinement (written over the staged ones), with any shared-expert gate rows kept."""
 
@@ -219,6 +219,7 @@ def _refine(staging: Path, plan: MergePlan, routers: torch.Tensor, lessons: list
     report(Progress("refine", 0, 1, "Refining the routers: loading the merged model"))
     refined = refine_written(staging, plan, lessons, resolve_device(options.device), options.trust_remote_code,
                              log, cancel.check, step, options.random_seed or 0)
+    report(Progress("refine", 1, 1, "Routers refined"))  # also when refinement stopped before its first step
     routers = routers.clone()
     routers[:, :refined.rows.shape[1]] = refined.rows
     integrity.check_routers(routers, plan)

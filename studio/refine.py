@@ -8,11 +8,11 @@ So, when the merged model fits the device, it is loaded whole from the staging f
 trained (Adam), on the experts' calibration text: on each piece of expert e's text, the MoE's next-token
 distribution is pulled towards e's, by the divergence KL(e || MoE) over e's top-TOP_K tokens, divided by
 KL(e || base) (so the loss is the share of e's gain the MoE loses, the same scale for every expert), averaged
-over the experts; plus a penalty on any expert that loses more than at the start, and the layer-by-layer fit's own
-loss, which keeps the routing the fit found wherever the divergence does not care. A quarter of each expert's pieces is held out: the routers are kept at the step where the
-held-out shares add up to most while no expert's share is more than TOLERANCE below where it started; if no
-step does that, the fitted routers stay as they are. The kept rows are written over the routers' bytes in the
-staging files, in place (same dtype, same shape).
+over the experts; plus a penalty on any expert that loses more than at the start, and the layer-by-layer fit's
+own loss, which keeps the routing the fit found wherever the divergence does not care. A quarter of each
+expert's pieces is held out: the routers are kept at the step where the held-out shares add up to most while no
+expert's share is more than TOLERANCE below where it started; if no step does that, the fitted routers stay as
+they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same shape).
 
 What each expert predicts is taken while the expert is in memory to write its text (`lessons`): its TOP_K
 most likely tokens at every position, and the base's divergence from it, a few MB for thousands of tokens.

@@ -116,8 +116,8 @@ def _alphabet_config(mistral, folder):
 
 
 def _routers_on_disk(folder):
-    return {name: tensor for name, tensor in load_file(folder / "model.safetensors").items() if name.endswith(".gate.weight")
-            and ".experts." not in name}
+    tensors = load_file(folder / "model.safetensors")
+    return {name: tensor for name, tensor in tensors.items() if name.endswith(".gate.weight") and ".experts." not in name}
 
 
 def test_a_merge_writes_the_refined_routers_and_no_refine_the_fitted_ones(mistral, tmp_path):
