@@ -177,7 +177,7 @@ class Model:
 
 def table(results: dict[tuple[Model, str], dict]) -> str:
     """One row per (model, precision); each ratio against the same model's bf16 row of this run."""
-    from studio.report import format_table, human_bytes, human_count
+    from studio.formatting import format_table, human_bytes, human_count
 
     headers = ["model", "params", "experts", "precision", "footprint", "vs bf16", "load s", "load peak", "bound",
                "peak RSS", "new tokens", "tok/s off", "vs bf16", "tok/s on", "capture cost"]

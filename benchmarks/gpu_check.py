@@ -140,7 +140,7 @@ def main() -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    from studio.report import format_table
+    from studio.formatting import format_table
 
     print(f"\nchat: greedy, up to {args.tokens} new tokens, median of {args.repeat} rounds, device {args.device}\n")
     print(table(results))

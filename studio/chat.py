@@ -18,9 +18,9 @@ import torch
 from jinja2 import TemplateError
 
 from studio.errors import StudioError
-from studio.gates import prompt_ids
+from studio.prompts import prompt_ids, token_texts
 from studio.quantize import footprint, load_model, precision_named
-from studio.report import human_bytes
+from studio.formatting import human_bytes
 from studio.moe_layouts import expert_count
 from studio.routing import RouterCapture, find_routers, route_sequence, router_labels
 from studio.moe_folder import open_moe_folder
@@ -34,7 +34,6 @@ FALLBACK_STOP = ("\nUser:",)
 # Files a chat needs beyond a merge's (sources.download fetches weights, JSON and tokenizer files).
 HUB_EXTRAS = ["mergekit_moe_config.yml"]
 HUB_REMOTE_CODE = ["*.py"]
-TOKEN_CONTEXT = 4  # tokens decoded before each one, so that its own text is the difference
 LIVE_TRACE_EVERY = 4  # while streaming, a router trace of the text so far every this many tokens
 
 Messages = list[dict]
@@ -331,15 +330,6 @@ def _text(content) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
-def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's own text (special tokens included), as the difference of two short decodes, so that
-    byte-level pieces and leading spaces come out as they read in the whole text."""
-    texts = []
-    for i in range(len(ids)):
-        start = max(0, i - TOKEN_CONTEXT)
-        before = tokenizer.decode(ids[start:i])
-        texts.append(tokenizer.decode(ids[start:i + 1])[len(before):])
-    return texts
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

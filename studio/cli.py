@@ -410,7 +410,7 @@ def _route(args: argparse.Namespace) -> int:
 
 
 def _print_trace(trace) -> None:
-    from studio.report import format_table
+    from studio.formatting import format_table
 
     rows = [[str(t), trace.part_of(t), repr(token)] + [f"{e} {p:.2f}" for e, p in zip(
             trace.top1()[:, t].tolist(), trace.probabilities[:, t].max(dim=-1).values.tolist())]

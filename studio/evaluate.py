@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from studio.errors import StudioError
-from studio.report import format_table
+from studio.formatting import format_table
 from studio.routing import load_moe, num_experts, route_sequence, router_labels
 
 

@@ -15,13 +15,12 @@ expert_text the studio's own: the same fit, on text the experts write from their
 Which modes exist, and what each needs, is data in studio/gate_modes.py; COMPUTE below maps each to its function.
 
 Prompts are the BOS string followed by the raw prompt text, as in mergekit (or, with `prompt_format: chat`,
-a user turn of the base's chat template). Unlike mergekit, batches are
-bounded, and positions follow the attention mask, so a prompt's vector does not depend on its batch mates.
+a user turn of the base's chat template; studio/prompts.py). The base's hidden states at the prompts come from
+studio/hidden_states.py.
 """
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,12 +29,14 @@ import torch
 from studio import expert_text
 from studio.calibrate import CONFIDENCE, calibrated_gates, fit_router, prompt_targets, ridge_router
 from studio.config import Expert, experts_with_gates
-from studio.devices import check_device, resolve_device
+from studio.devices import resolve_device
 from studio.errors import StudioError
 from studio.gate_modes import MODES
 from studio.families import Family
-from studio.forward import StreamedDecoder, StreamedMoE, why_not_streamable
+from studio.forward import StreamedMoE, why_not_streamable
+from studio.hidden_states import hidden_states_of_prompts, pad_id, padded_batches
 from studio.plan import MergePlan
+from studio.prompts import load_tokenizer, prompt_encoder
 from studio.refine import Lesson
 from studio.sources import ModelSource
 
@@ -175,7 +176,7 @@ def _merged_model(job: GateJob, longest: int) -> StreamedMoE:
 
 def _fit_through(moe: StreamedMoE, job: GateJob, tokenizer, encoded: dict, targets: dict, **fit) -> torch.Tensor:
     """Routers fitted layer by layer through `moe` on the tokens of `encoded`, each sequence wanting its target."""
-    batches = list(_batches(encoded, job.options.batch_size, _pad_id(tokenizer)))
+    batches = list(padded_batches(encoded, job.options.batch_size, pad_id(tokenizer)))
     ignored = [t for t in (tokenizer.bos_token_id,) if t is not None]
     layers = job.shape[0]
 
@@ -209,22 +210,6 @@ def streamed_moe(plan: MergePlan, device: str = "cpu", longest_prompt: int = 0) 
                        shared_scale=(shared.residual_scale or 1.0) if shared else 1.0)
 
 
-def prompt_encoder(tokenizer, prompt_format: str, label: str) -> Callable[[str], list[int]]:
-    """How prompts become token ids: mergekit's BOS + raw text, or a user turn of the chat template."""
-    if prompt_format == "raw":
-        return lambda prompt: prompt_ids(tokenizer, prompt)
-    if not getattr(tokenizer, "chat_template", None):
-        raise StudioError(f"`prompt_format: chat` needs a chat template, and the tokenizer of base_model ({label}) "
-                          f"has none. Use `prompt_format: raw` and write the chat markup into the prompts.")
-
-    def chat(prompt: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    return chat
-
-
 def random_gates(mode: str, shape: tuple[int, int, int], seed: int | None) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     if mode == "random":
@@ -235,22 +220,6 @@ def random_gates(mode: str, shape: tuple[int, int, int], seed: int | None) -> to
 
 def unit_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-
-
-def load_tokenizer(base: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(base.folder, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
-        raise StudioError(f"base_model ({base.label}): its tokenizer cannot be loaded from {base.folder} "
-                          f"({type(exc).__name__}: {str(exc)[:200]}). Prompt-based gate modes need it; add the "
-                          f"tokenizer files, or use `gate_mode: random`.") from exc
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """mergekit's prompt encoding: the BOS string, then the text, with no other special tokens."""
-    return tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"]
 
 
 def embedding_direction(expert: Expert, encode: Callable[[str], list[int]], base: ModelSource,
@@ -279,120 +248,6 @@ def _all_prompts(experts: list[Expert]) -> list[str]:
 
 def _mean(states: dict[str, torch.Tensor], prompts: list[str] | None) -> torch.Tensor | float:
     return torch.stack([states[p] for p in prompts]).mean(dim=0) if prompts else 0.0
-
-
-def load_base_model(base: ModelSource, options: GateOptions):
-    """The base model for the hidden-state pass, quantized when asked."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    check_device(options.device)
-    quantization = None
-    if options.load_in_4bit:
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
-    elif options.load_in_8bit:
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
-    kwargs = {"quantization_config": quantization} if quantization else {}
-    model = AutoModelForCausalLM.from_pretrained(base.folder, dtype=torch.bfloat16, device_map=options.device,
-                                                 trust_remote_code=options.trust_remote_code, **kwargs)
-    return model.eval()
-
-
-@torch.inference_mode()
-def hidden_states_of_prompts(base: ModelSource, family: Family, tokenizer, prompts: list[str], options: GateOptions,
-                             average: bool = False, log: Callable[[str], None] = print,
-                             check: Callable[[], None] = lambda: None,
-                             encode: Callable[[str], list[int]] | None = None,
-                             progress: GateProgress = lambda phase, done, total, label: None
-                             ) -> dict[str, torch.Tensor]:
-    """For each prompt, the residual stream entering every layer (layers, hidden), float32 on CPU.
-
-    Taken at the last token, or averaged over the prompt's tokens when `average`. Llama-shaped bases are run
-    one layer at a time straight from the checkpoint; others, and 4/8-bit requests, go through transformers.
-    """
-    encode = encode or (lambda prompt: prompt_ids(tokenizer, prompt))
-    encoded = {p: encode(p) for p in prompts}
-    batches = list(_batches(encoded, options.batch_size, _pad_id(tokenizer)))
-    longest = max((len(ids) for ids in encoded.values()), default=0)
-    quantized = options.load_in_4bit or options.load_in_8bit
-    reason = "4/8-bit loading asked for" if quantized else why_not_streamable(base.config, longest)
-    if reason is None:
-        log(f"Computing hidden states of {len(prompts)} prompts with {base.label}, one layer at a time")
-        return _streamed_states(base, family, batches, options.device, average, check, progress)
-    log(f"Computing hidden states of {len(prompts)} prompts with {base.label} via transformers ({reason})")
-    return _transformers_states(base, batches, options, average, check, progress)
-
-
-def _batches(encoded: dict[str, list[int]], size: int, pad: int):
-    """(prompts, ids, mask) batches, left-padded; similar lengths share a batch, so there is little padding."""
-    order = sorted(encoded, key=lambda p: len(encoded[p]))
-    for start in range(0, len(order), size):
-        batch = order[start:start + size]
-        width = max(1, max(len(encoded[p]) for p in batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, prompt in enumerate(batch):
-            seq = encoded[prompt]
-            if seq:
-                ids[row, width - len(seq):] = torch.tensor(seq)
-                mask[row, width - len(seq):] = 1
-        yield batch, ids, mask
-
-
-def _pad_id(tokenizer) -> int:
-    return next((t for t in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-                 if t is not None), 0)
-
-
-def _reduce(hidden: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
-    """(batch, seq, hidden) -> (batch, hidden): the last position (a real token: padding is on the left), or
-    the mean over real tokens."""
-    if not average:
-        return hidden[:, -1].float().cpu()
-    weights = mask[..., None].to(hidden.dtype)
-    return ((hidden * weights).sum(1) / weights.sum(1).clamp_min(1)).float().cpu()
-
-
-def _streamed_states(base: ModelSource, family: Family, batches: list, device: str, average: bool,
-                     check: Callable[[], None], progress: GateProgress) -> dict[str, torch.Tensor]:
-    decoder = StreamedDecoder(base, family, resolve_device(device))
-    running = [(prompts, decoder.start(ids, mask)) for prompts, ids, mask in batches]
-    per_layer: dict[str, list[torch.Tensor]] = {p: [] for prompts, _ in running for p in prompts}
-    layers = base.config["num_hidden_layers"]
-    for layer in range(layers):
-        check()
-        for prompts, batch in running:
-            for prompt, vector in zip(prompts, _reduce(batch.hidden, batch.mask, average)):
-                per_layer[prompt].append(vector)
-        if layer + 1 < layers:  # the last layer's output is never needed
-            step = decoder.layer(layer)
-            for _, batch in running:
-                step(batch)
-        progress("hidden", layer + 1, layers, f"Hidden states of the prompts: layer {layer + 1} of {layers}")
-    return {p: torch.stack(vectors) for p, vectors in per_layer.items()}
-
-
-def _transformers_states(base: ModelSource, batches: list, options: GateOptions, average: bool,
-                         check: Callable[[], None], progress: GateProgress) -> dict[str, torch.Tensor]:
-    model = load_base_model(base, options)
-    device = model.get_input_embeddings().weight.device
-    states, total = {}, sum(len(prompts) for prompts, _, _ in batches)
-    try:
-        for prompts, ids, mask in batches:
-            check()
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              position_ids=positions.to(device), output_hidden_states=True, use_cache=False)
-            entering = out.hidden_states[:-1]  # index l: the residual stream entering layer l
-            vectors = torch.stack([_reduce(h, mask.to(h.device), average) for h in entering], dim=1)
-            states.update(zip(prompts, vectors))
-            progress("hidden", len(states), total, f"Hidden states of the prompts: {len(states)} of {total}")
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return states
 
 
 def degenerate_gate_warning(gates: torch.Tensor, labels: list[str]) -> str | None:

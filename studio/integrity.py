@@ -13,7 +13,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.plan import MergePlan, TensorJob
-from studio.sources import ModelSource
+from studio.sources import ModelSource, nonfinite_count
 
 FileStamp = tuple[int, int]  # size, mtime in ns
 
@@ -59,12 +59,6 @@ def check_sources_unchanged(stamps: dict[Path, tuple[str, FileStamp]]) -> None:
             raise StudioError(f"Model {label}: {path} {what} while the merge was reading it, so the output could mix "
                               f"two versions of the model; it was not kept. Run the merge again once the model's "
                               f"files stay put.")
-
-
-def nonfinite_count(tensor: torch.Tensor) -> int:
-    if not tensor.is_floating_point():
-        return 0
-    return int((~torch.isfinite(tensor)).sum())
 
 
 def check_source_tensor(job: TensorJob, tensor: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from studio.gate_modes import gate_mode
 from studio.gates import GateOptions, compute_routers, degenerate_gate_warning
 from studio.plan import MergePlan, TensorJob, make_plan
 from studio.refine import Lesson, refine_written, why_not_refined
-from studio.report import human_bytes
+from studio.formatting import human_bytes
 from studio.sources import TOKENIZER_FILES, ModelSource, open_models, progress_tqdm, read_json
 from studio.tokenizer_files import write_portable_tokenizer_config
 from studio.writer import shard_names, write_shard

@@ -12,10 +12,9 @@ import re
 from pathlib import Path
 
 from studio.errors import StudioError
-from studio.integrity import nonfinite_count
 from studio.families import family_of
 from studio.moe_layouts import EXPERT_COUNT_KEYS, TOP_K_KEYS, config_entry, router_rows, text_config
-from studio.sources import ModelSource, open_model, read_json
+from studio.sources import ModelSource, nonfinite_count, open_model, read_json
 # A router's weight: `...layers.N.<block>.gate.weight` (Mixtral, Qwen-MoE, DeepSeek, Phi MoE) or `.router.weight`;
 # not a shared expert's one-row gate, nor an MLP's gate_proj.
 ROUTER_WEIGHT = re.compile(r"layers\.(\d+)\.(?:[\w.]+\.)?(?:gate|router)\.weight$")

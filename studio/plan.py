@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from studio.config import Expert, MoEConfig, experts_with_gates
+from studio.config import DTYPES as DTYPE_NAMES, Expert, experts_with_gates, MoEConfig
 from studio.gate_modes import gate_mode
 from studio.errors import StudioError
 from studio.families import Family, family_of, layer_of, shape_facts
@@ -19,7 +19,7 @@ from studio.forward import why_not_streamable
 from studio.outputs import MergeInputs, OutputArch, choose_output
 from studio.sources import ModelSource, TensorInfo, tensor_nbytes
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names config.py accepts
 # 4-bit NF4 stores half a byte per weight plus one float32 absmax per 64 weights.
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
 

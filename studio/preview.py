@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 
-from studio.chat import token_texts
 from studio.config import MAX_PROMPT_CHARS, MoEConfig
 from studio.errors import StudioError
-from studio.gates import compute_gates, load_tokenizer, prompt_encoder, streamed_moe
+from studio.gates import compute_gates, streamed_moe
+from studio.prompts import load_tokenizer, prompt_encoder, token_texts
 from studio.merge import MergeOptions, prepare
 from studio.trace import RouterTrace
 

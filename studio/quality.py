@@ -54,7 +54,7 @@ class QualityReport:
     HEADERS = ["domain (expert)", "tokens", "base loss", "expert loss", "MoE loss", "expert's gain recovered"]
 
     def table(self) -> str:
-        from studio.report import format_table
+        from studio.formatting import format_table
 
         return format_table(self.HEADERS, self.rows())
 
@@ -104,9 +104,9 @@ def _joined(key, value, folder: Path) -> str:
 
 def zoo_texts(tokenizer) -> dict[str, torch.Tensor]:
     """The bundled zoo's held-out text per domain, encoded: the same text as the zoo's loss table."""
-    from studio.zoo.train import held_out_ids
+    from studio.zoo.corpora import held_out_text_ids
 
-    return held_out_ids(tokenizer)
+    return held_out_text_ids(tokenizer)
 
 
 def measure_quality(model_path: str | Path, texts: dict[int | str, str] | str,

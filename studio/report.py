@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
+from studio.formatting import format_table, human_bytes, human_count
 from studio.plan import MergePlan, ModelRow
 
 COMPAT_HEADERS = ["role", "model", "family", "layers", "hidden", "intermediate", "heads", "kv heads",
                   "parameters", "dtype", "size", "where"]
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
-def human_count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
 def compatibility_rows(rows: list[ModelRow]) -> list[list[str]]:
@@ -38,15 +27,6 @@ def estimate_rows(plan: MergePlan) -> list[list[str]]:
         ["memory to run, 4-bit", human_bytes(e["4bit"])],
         ["peak memory of the merge", human_bytes(e["merge_peak"])],
     ]
-
-
-def format_table(headers: list[str] | None, rows: list[list[str]]) -> str:
-    table = ([headers] if headers else []) + rows
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    if headers:
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def compatibility_table(rows: list[ModelRow]) -> str:

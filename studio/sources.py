@@ -415,3 +415,10 @@ def copy_bytes(info: TensorInfo, out, chunk: int = 64 * 2**20) -> None:
                 raise StudioError(f"{info.path}: unexpected end of file while copying {info.name!r}.")
             offset += sent
             remaining -= sent
+
+
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """NaN and Inf elements of a tensor (none in an integer one)."""
+    if not tensor.is_floating_point():
+        return 0
+    return int((~torch.isfinite(tensor)).sum())

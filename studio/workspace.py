@@ -8,7 +8,7 @@ from pathlib import Path
 
 from studio.config import load_config
 from studio.errors import StudioError
-from studio.report import human_bytes
+from studio.formatting import human_bytes
 
 MERGE_CONFIG = "mergekit_moe_config.yml"
 

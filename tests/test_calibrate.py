@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 from studio.calibrate import CONFIDENCE, fit_router, prompt_targets, ridge_router
 from studio.config import Expert, load_yaml
 from studio.errors import StudioError
-from studio.gates import GateOptions, compute_gates, prompt_ids
+from studio.gates import GateOptions, compute_gates
+from studio.prompts import prompt_ids
 from studio.merge import merge
 from studio.synthetic import make_family
 

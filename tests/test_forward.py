@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from studio.families import family_of
-from studio.gates import GateOptions, _batches, hidden_states_of_prompts
+from studio.gates import GateOptions
+from studio.hidden_states import hidden_states_of_prompts, padded_batches
 from studio.sources import open_model
 from studio.synthetic import save_tokenizer
 
@@ -79,7 +80,7 @@ def test_transformers_path_is_used_for_8bit(mistral, tokenizer):
 
 def test_batches_are_left_padded_and_bounded():
     encoded = {"a": [5, 6, 7], "b": [8], "c": [9, 10]}
-    batches = list(_batches(encoded, 2, pad=0))
+    batches = list(padded_batches(encoded, 2, pad=0))
     assert [b[0] for b in batches] == [["b", "c"], ["a"]]
     prompts, ids, mask = batches[0]
     assert ids.tolist() == [[0, 8], [9, 10]] and mask.tolist() == [[0, 1], [1, 1]]

@@ -260,3 +260,19 @@ def held_out_prompts(domain: str, count: int, seed: int = 12345, exclude: tuple[
         if not any(text in other or other in text for other in exclude):
             texts[text] = None
     return list(texts)
+
+
+def encode(tokenizer, text: str):
+    import torch
+
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+# The held-out text of the zoo's loss table: characters per domain, and the seed of the default training recipe
+# (studio/zoo/train.py's Recipe.seed, 0) plus one.
+EVAL_CHARS, EVAL_SEED = 60_000, 1
+
+
+def held_out_text_ids(tokenizer, chars: int = EVAL_CHARS, seed: int = EVAL_SEED) -> dict:
+    """Each domain's held-out text, encoded: what the zoo's loss table and `quality ... zoo` measure on."""
+    return {d: encode(tokenizer, corpus(d, chars, seed, held_out=True)) for d in DOMAINS}

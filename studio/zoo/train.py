@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from studio.synthetic import save_tokenizer, train_bpe_tokenizer
-from studio.zoo.corpora import DOMAINS, corpus
+from studio.zoo.corpora import DOMAINS, EVAL_CHARS, corpus, encode, held_out_text_ids
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "assets" / "zoo"
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>")
@@ -37,7 +37,7 @@ class Recipe:
     seq: int = 128
     batch: int = 16
     train_chars: int = 1_200_000
-    eval_chars: int = 60_000
+    eval_chars: int = EVAL_CHARS
     base_steps: int = 600
     expert_steps: int = 600
     base_lr: float = 3e-3
@@ -50,13 +50,9 @@ def train_tokenizer(texts: list[str], vocab: int):
     return train_bpe_tokenizer(texts, vocab, extra_special_tokens=CHAT_TOKENS)
 
 
-def encode(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
 def held_out_ids(tokenizer, recipe: Recipe = Recipe()) -> dict[str, torch.Tensor]:
     """Each domain's held-out text, encoded: what the loss table is measured on."""
-    return {d: encode(tokenizer, corpus(d, recipe.eval_chars, recipe.seed + 1, held_out=True)) for d in DOMAINS}
+    return held_out_text_ids(tokenizer, recipe.eval_chars, recipe.seed + 1)
 
 
 def make_model(recipe: Recipe, tokenizer):
