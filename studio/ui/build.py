@@ -215,77 +215,75 @@ class BuildTab:
     def message_widgets(self) -> list:
         return [self.messages[a] for a in AREAS]
 
-    @staticmethod
-    def form_values(data: dict, selected: int) -> list:
+    def form_values(self, data: dict, selected: int) -> dict:
         expert = form.expert_view(data, selected)
         shared = form.expert_view(data, 0, "shared_experts")
         names = form.expert_names(data)
         picked = names[selected] if 0 <= selected < len(names) else None
-        return [str(data.get("base_model") or ""), _choice(data.get("gate_mode")), _choice(data.get("dtype")),
-                _number(data.get("experts_per_token", 2)), _choice(data.get("architecture")),
-                data.get("prompt_format", "raw"), gr.update(choices=names, value=picked), expert.source_model,
-                expert.positive_prompts, expert.negative_prompts, _number(expert.noise_scale),
-                _number(expert.residual_scale), shared.source_model, shared.positive_prompts]
+        return dict(zip(self.form_widgets, [
+            str(data.get("base_model") or ""), _choice(data.get("gate_mode")), _choice(data.get("dtype")),
+            _number(data.get("experts_per_token", 2)), _choice(data.get("architecture")),
+            data.get("prompt_format", "raw"), gr.update(choices=names, value=picked), expert.source_model,
+            expert.positive_prompts, expert.negative_prompts, _number(expert.noise_scale),
+            _number(expert.residual_scale), shared.source_model, shared.positive_prompts]))
 
-    @staticmethod
-    def message_values(data: dict, selected: int, identical: bool) -> list[str]:
+    def message_values(self, data: dict, selected: int, identical: bool) -> dict:
         areas = form.messages_by_area(form.field_problems(data, identical), selected)
-        return [areas[a] for a in AREAS]
+        return {self.messages[a]: areas[a] for a in AREAS}
 
-    # Handlers -------------------------------------------------------------------------------------------------
-    def rewritten(self, text: str, data: dict, selected: int, identical: bool) -> list:
+    # Handlers: each returns {widget: value}; a widget left out keeps what it shows --------------------------------
+    def rewritten(self, text: str, data: dict, selected: int, identical: bool) -> dict:
         """The editor's new text after a form edit, and the messages (saying so when comments were dropped)."""
         yaml_text, note = form.rewritten_yaml(text or "", data)
-        *messages, config_message = self.message_values(data, selected, identical)
-        return [yaml_text, *messages, "\n".join(m for m in (config_message, note) if m)]
+        messages = self.message_values(data, selected, identical)
+        config = self.messages["config"]
+        messages[config] = "\n".join(m for m in (messages[config], note) if m)
+        return {self.editor: yaml_text, **messages}
 
     def _field(self, key: str):
-        def edit(data: dict, value, selected: int, identical: bool, text: str):
+        def edit(data: dict, value, selected: int, identical: bool, text: str) -> dict:
             data = form.set_field(data, key, value)
-            yaml_text, *messages = self.rewritten(text, data, selected, identical)
-            return [data, yaml_text, gr.update(choices=form.expert_names(data)), *messages]
+            return {self.data: data, self.picker: gr.update(choices=form.expert_names(data)),
+                    **self.rewritten(text, data, selected, identical)}
 
         return edit
 
     def _expert_field(self, key: str, group: str = "experts"):
-        def edit(data: dict, value, selected: int | None, identical: bool, text: str):
+        def edit(data: dict, value, selected: int | None, identical: bool, text: str) -> dict:
             selected = selected or 0
             try:
                 data = form.set_expert_field(data, selected if group == "experts" else 0, key, value, group)
             except StudioError as exc:  # nothing selected: there are no experts yet
-                return [gr.skip(), gr.skip(), gr.skip(), *([gr.skip()] * 5), f"- {exc}"]
+                return {self.messages["config"]: f"- {exc}"}
             names = form.expert_names(data)
-            picked = names[selected] if group == "experts" and selected < len(names) else gr.skip()
-            yaml_text, *messages = self.rewritten(text, data, selected, identical)
-            return [data, yaml_text, gr.update(choices=names, value=picked), *messages]
+            shown = group == "experts" and selected < len(names)
+            picker = gr.update(choices=names, value=names[selected]) if shown else gr.update(choices=names)
+            return {self.data: data, self.picker: picker, **self.rewritten(text, data, selected, identical)}
 
         return edit
 
     def _restructure(self, change, rewrite: bool = True):
         """A change of the experts' list (or, without `rewrite`, only of which expert the form shows)."""
-        def edit(data: dict, selected: int, identical: bool, text: str):
+        def edit(data: dict, selected: int, identical: bool, text: str) -> dict:
             data, selected = change(data, selected or 0)
             selected = max(0, min(selected, len(form.expert_names(data)) - 1))
-            if not rewrite:
-                return [data, gr.skip(), *self.form_values(data, selected),
-                        *self.message_values(data, selected, identical)]
-            yaml_text, *messages = self.rewritten(text, data, selected, identical)
-            return [data, yaml_text, *self.form_values(data, selected), *messages]
+            messages = self.rewritten(text, data, selected, identical) if rewrite else \
+                self.message_values(data, selected, identical)
+            return {self.data: data, **self.form_values(data, selected), **messages}
 
         return edit
 
-    def from_yaml(self, text: str, selected: int | None, identical: bool):
+    def from_yaml(self, text: str, selected: int | None, identical: bool) -> dict:
         """The editor's text into the form, or its parse error next to the editor (the form keeps its values)."""
         try:
             data = form.parse_mapping(text)
         except StudioError as exc:
-            return [gr.skip()] * (1 + len(self.form_widgets)) + [gr.skip()] * (len(AREAS) - 1) + [f"- {exc}"]
+            return {self.messages["config"]: f"- {exc}"}
         selected = max(0, min(selected or 0, len(form.expert_names(data)) - 1))
-        return [data, *self.form_values(data, selected), *self.message_values(data, selected, identical)]
+        return {self.data: data, **self.form_values(data, selected), **self.message_values(data, selected, identical)}
 
-    def load_text(self, text: str, identical: bool):
-        data, *rest = self.from_yaml(text, 0, identical)
-        return [data, text, *rest]
+    def load_text(self, text: str, identical: bool) -> dict:
+        return {**self.from_yaml(text, 0, identical), self.editor: text}
 
     def save_download(self, text: str) -> str:
         """The editor's text as a file for the download button, named by its content so that sessions never
@@ -309,8 +307,7 @@ class BuildTab:
             yield job, job_progress(job), job_status(job), "\n".join(job.log)
         yield job, job_progress(job), job_status(job), "\n".join(job.log)
 
-    @staticmethod
-    def preview(yaml_text: str, prompts_text: str, trust: bool):
+    def preview(self, yaml_text: str, prompts_text: str, trust: bool) -> dict:
         """The routing preview of the editor's config: table, side-by-side heatmaps, tokens coloured at the last
         layer, and a message (an error, never a traceback)."""
         try:
@@ -320,12 +317,13 @@ class BuildTab:
                 raise StudioError("Write at least one test prompt.")
             traces = preview_routing(config, prompts, MergeOptions(trust_remote_code=trust), log=lambda m: None)
         except Exception as exc:  # shown as text, never as a traceback
-            return gr.skip(), gr.skip(), gr.skip(), error_text(exc)
+            return {self.preview_message: error_text(exc)}
         rows = summary_rows(prompts, traces)
         table = gr.update(value=rows, headers=["prompt", *(f"L{layer}" for layer in traces[0].layers)])
         tokens = "".join(token_text_html(trace, trace.layers[-1]) for trace in traces)
         figure = compare_heatmaps(traces, prompts)
-        return table, figure, tokens, f"Preview of `{config.gate_mode}` gates for {len(prompts)} prompt(s)."
+        return {self.preview_table: table, self.preview_figure: figure, self.preview_tokens: tokens,
+                self.preview_message: f"Preview of `{config.gate_mode}` gates for {len(prompts)} prompt(s)."}
 
     def merge_list(self):
         merges = finished_merges(self.workspace)
@@ -396,11 +394,12 @@ class BuildTab:
         self.push.click(self.push_merge_to_hub, [self.push_merge, self.repo, self.token, self.private],
                         self.push_message)
 
-    def on_load(self) -> list:
+    def on_load(self) -> dict:
         """What the page shows when it opens: the initial config in the form, and the finished merges."""
         data = self.data.value
-        return [*self.form_values(data, 0), *self.message_values(data, 0, False), self.save_download(self.initial_text),
-                *self.merge_list()]
+        return {**self.form_values(data, 0), **self.message_values(data, 0, False),
+                self.download: self.save_download(self.initial_text),
+                **dict(zip([self.merges, self.push_merge], self.merge_list()))}
 
     @property
     def load_outputs(self) -> list:

@@ -24,7 +24,7 @@ def layer_slider(layers: list[int], position: int | None = None):
                      label=f"MoE layer for the token colouring (decoder layer {layers[position]})")
 
 
-def routing_views(trace: RouterTrace | None, part: str, position: int | None):
+def routing_views(trace: RouterTrace | None, part: str, position: int | None) -> tuple:
     """Heatmap, token colouring and the layer slider for a trace (position: index among the MoE layers)."""
     if trace is None:
         return None, "", gr.update()
@@ -124,15 +124,18 @@ class ChatTab:
         """The settings that follow a model loaded now: its defaults, and where they come from."""
         return [self.temperature, self.top_p, self.top_k, self.max_new, self.repetition, self.note]
 
-    @staticmethod
-    def follow_model(chat: ChatModel, fresh: bool) -> list:
+    def follow_model(self, chat: ChatModel, fresh: bool) -> dict:
         if not fresh:  # the same model again: the settings are the person's own by now
-            return [gr.skip()] * 6
+            return {}
         d = chat.defaults
-        return [d.temperature, d.top_p, d.top_k, d.max_new_tokens, d.repetition_penalty, settings_note(chat)]
+        return dict(zip(self.model_views, [d.temperature, d.top_p, d.top_k, d.max_new_tokens, d.repetition_penalty,
+                                           settings_note(chat)]))
 
-    def follow_load(self, chat: ChatModel, fresh: bool) -> list:
-        return [*self.follow_model(chat, fresh), layer_slider(chat.moe_layers())]
+    def follow_load(self, chat: ChatModel, fresh: bool) -> dict:
+        return {**self.follow_model(chat, fresh), self.layer: layer_slider(chat.moe_layers())}
+
+    def shown(self, trace: RouterTrace, part: str) -> dict:
+        return dict(zip([self.heatmap, self.tokens, self.layer], routing_views(trace, part, None)))
 
     @staticmethod
     def settings(system, temperature, top_p, top_k, max_new, repetition, seed, stop) -> ChatSettings:
@@ -140,50 +143,52 @@ class ChatTab:
         return ChatSettings(system or "", float(temperature), float(top_p), int(top_k), int(max_new),
                             float(repetition), stops, None if seed is None or seed < 0 else int(seed))
 
-    @staticmethod
-    def submit(message: str, raw: bool, conversation: Conversation | None):
-        """(textbox, chat, status, conversation): the message joins the conversation's queue (with `raw`, to be
-        continued as plain text), or stays in the textbox with a word on why."""
+    def submit(self, message: str, raw: bool, conversation: Conversation | None) -> dict:
+        """The message joins the conversation's queue (with `raw`, to be continued as plain text), or stays in the
+        textbox with a word on why."""
         if not (message or "").strip():
-            return gr.skip(), gr.skip(), "Type a message first.", conversation
+            return {self.picker.status: "Type a message first."}
         conversation = conversation or Conversation()
         note = conversation.submit(message, raw)
-        return "", chat_view(conversation.shown()), note, conversation
+        return {self.message: "", self.chatbot: chat_view(conversation.shown()), self.picker.status: note,
+                self.conversation: conversation}
 
     def respond(self, conversation: Conversation | None, model: str, precision: str, trust: bool, *rest):
-        """Streams (textbox, chat, status, loaded line, heatmap, tokens, slider, trace, json, csv, *model views)
-        while answering the conversation's queued messages. A model loaded now answers with its own defaults."""
+        """Streams {widget: value} while answering the conversation's queued messages: the chat, the status, the
+        routing views, the trace and its files. A model loaded now answers with its own defaults."""
         *settings, part = rest
-        views = [gr.skip()] * (len(self.model_views) + 7)  # from the loaded-model line on
         if conversation is None or not conversation.waiting:  # answered already by the reply before it
-            yield gr.skip(), gr.skip(), gr.skip(), *views  # (a generator that yields nothing blanks every output)
+            yield gr.skip()  # (a generator that yields nothing blanks every output)
             return
         try:
             chosen = self.settings(*settings)
             for step in load_with_progress(self.loaded, model, precision, trust):
                 if isinstance(step, str):
-                    yield gr.skip(), gr.skip(), step, *views
+                    yield {self.picker.status: step}
             chat, fresh = step
-            followed = self.follow_model(chat, fresh)
+            once = {**self.follow_model(chat, fresh), self.layer: layer_slider(chat.moe_layers())}
             if fresh:
                 chosen = replace(chat.defaults, system_prompt=chosen.system_prompt, stop=chosen.stop,
                                  seed=chosen.seed)
             status, pace = loaded_status(chat, fresh), Pace()
-            shown = [gr.skip(), gr.skip(), layer_slider(chat.moe_layers())]
             for update in conversation.answer_waiting(chat, chosen):
                 if not pace.due("text", update.final):
                     continue
-                if update.trace is not None and pace.due("routing", update.final):
-                    shown = routing_views(update.trace, part, None)
-                files = self.export(update.trace) if update.final else (gr.skip(), gr.skip())
-                yield (gr.skip(), chat_view(update.messages), f"{status}. {update.status}",
-                       loaded_now(self.loaded), *shown, update.trace or gr.skip(), *files, *followed)
-                shown, followed = [gr.skip()] * 3, [gr.skip()] * len(followed)
+                views = dict(once)
+                if update.trace is not None:
+                    views[self.trace] = update.trace
+                    if pace.due("routing", update.final):
+                        views.update(self.shown(update.trace, part))
+                    if update.final:
+                        views.update(zip([self.json, self.csv], self.export(update.trace)))
+                yield {self.chatbot: chat_view(update.messages), self.picker.status: f"{status}. {update.status}",
+                       self.picker.current: loaded_now(self.loaded), **views}
+                once = {}
         except Exception as exc:  # every failure is shown as a message, never as a traceback
             unsent = "\n".join(text for text, _ in conversation.waiting)
             conversation.waiting.clear()  # back into the textbox, to send again
-            yield (unsent or gr.skip(), chat_view(conversation.shown()), error_text(exc), loaded_now(self.loaded),
-                   *views[1:])
+            yield {self.message: unsent or gr.skip(), self.chatbot: chat_view(conversation.shown()),
+                   self.picker.status: error_text(exc), self.picker.current: loaded_now(self.loaded)}
 
     def export(self, trace: RouterTrace) -> tuple[str, str]:
         folder = Path(tempfile.mkdtemp(dir=self.exports))  # one per reply: sessions never share a download

@@ -76,17 +76,17 @@ class ModelPicker:
         paths = model_choices(self.workspace)
         return gr.update(choices=paths, value=current or (paths[0] if paths else None))
 
-    def load_messages(self, model: str, precision: str, trust: bool) -> Iterator[list]:
-        keep = [gr.skip()] * (1 + len(self.followers))
+    def load_messages(self, model: str, precision: str, trust: bool) -> Iterator[dict]:
+        """{widget: value} while the model loads, then its status and what the tab's `followers` show of it."""
         try:
             for step in load_with_progress(self.loaded, model, precision, trust):
                 if isinstance(step, str):
-                    yield [step, *keep]
+                    yield {self.status: step}
         except Exception as exc:  # shown as a message
-            yield [error_text(exc), loaded_now(self.loaded), *keep[1:]]
+            yield {self.status: error_text(exc), self.current: loaded_now(self.loaded)}
             return
-        follow = self.follow(*step) if self.follow else []
-        yield [loaded_status(*step), loaded_now(self.loaded), *follow]
+        follow = self.follow(*step) if self.follow else {}
+        yield {self.status: loaded_status(*step), self.current: loaded_now(self.loaded), **follow}
 
 
 def loaded_now(loaded: LoadedModel) -> str:

@@ -69,37 +69,39 @@ class InspectTab:
         self.traces = gr.State([])
         self._wire()
 
-    def fill_expert_prompts(self, model: str | None):
+    def fill_expert_prompts(self, model: str | None) -> dict:
+        status = self.picker.status
         prompts = expert_prompts(model) if model else {}
         if not prompts:
-            return gr.skip(), "This model has no merge config with positive prompts; type prompts instead."
-        return prompts_to_text([p for texts in prompts.values() for p in texts]), \
-            f"Filled in the positive prompts of {len(prompts)} experts."
+            return {status: "This model has no merge config with positive prompts; type prompts instead."}
+        return {self.prompts: prompts_to_text([p for texts in prompts.values() for p in texts]),
+                status: f"Filled in the positive prompts of {len(prompts)} experts."}
 
     def run_compare(self, model: str, precision: str, trust: bool, text: str):
-        keep = [gr.skip()] * 6
+        status = self.picker.status
         try:
             prompts = text_to_prompts(text)
             if not prompts:
                 raise StudioError("Type at least one prompt (separate prompts with a line holding only ---).")
             for step in load_with_progress(self.loaded, model, precision, trust):
                 if isinstance(step, str):
-                    yield step, *keep
+                    yield {status: step}
             chat, _ = step
             traces = []
             for i, prompt in enumerate(prompts):
-                yield f"Routing prompt {i + 1} of {len(prompts)}…", *keep
+                yield {status: f"Routing prompt {i + 1} of {len(prompts)}…"}
                 traces.append(chat.route(prompt))
         except Exception as exc:  # shown as a message
-            yield error_text(exc), *keep
+            yield {status: error_text(exc)}
             return
         folder = Path(tempfile.mkdtemp(dir=self.exports))  # one per comparison: sessions never share a download
         json_path, csv_path = folder / "router-traces.json", folder / "router-traces.csv"
         save_traces(traces, json_path, csv_path)
-        figure = compare_heatmaps(traces, prompts)
         layer = len(traces[0].layers) - 1
-        yield (f"Compared {len(prompts)} prompts on {chat.name}.", figure, self.token_views(traces, layer),
-               gr.update(minimum=0, maximum=layer, value=layer), traces, str(json_path), str(csv_path))
+        yield {status: f"Compared {len(prompts)} prompts on {chat.name}.",
+               self.figure: compare_heatmaps(traces, prompts), self.tokens: self.token_views(traces, layer),
+               self.layer: gr.update(minimum=0, maximum=layer, value=layer), self.traces: traces,
+               self.json: str(json_path), self.csv: str(csv_path)}
 
     @staticmethod
     def token_views(traces: list, position: int) -> str:
@@ -117,7 +119,7 @@ class InspectTab:
             prompts = load_prompts(file or ZOO_EVAL)
             for step in load_with_progress(self.loaded, model, precision, trust):
                 if isinstance(step, str):
-                    yield step, gr.skip(), *cleared
+                    yield step, gr.skip(), *cleared  # (status, loaded line, figure, table)
             chat, _ = step
             total = sum(len(v) for v in prompts.values())
 
