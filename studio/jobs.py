@@ -6,12 +6,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from studio.config import MoEConfig
 from studio.errors import Cancelled, StudioError
 from studio.merge import CancelToken, MergeOptions, MergeResult, Progress, merge
 from studio.progress import MergeBar
 from studio.sources import ModelRef
+
+JobState = Literal["queued", "running", "done", "cancelled", "failed"]
 
 
 @dataclass
@@ -48,7 +51,7 @@ class MergeJob:
         return (self.ended or time.monotonic()) - self.started
 
     @property
-    def state(self) -> str:
+    def state(self) -> JobState:
         if not self.finished.is_set():
             return "queued" if self.progress.stage == "queued" else "running"
         return "done" if self.result else ("cancelled" if self.token.cancelled else "failed")

@@ -119,8 +119,8 @@ def _outputs(module: torch.nn.Module) -> int | None:
 
 def _experts_modules(model, routers: dict[int, torch.nn.Module]) -> dict[int, torch.nn.Module]:
     """Each router's sibling `experts` module, which the MoE block calls with the chosen experts and weights."""
-    names = {module: name for name, module in model.named_modules()}
     modules = dict(model.named_modules())
+    names = {module: name for name, module in modules.items()}
     found = {}
     for layer, router in routers.items():
         sibling = modules.get(names[router].rpartition(".")[0] + ".experts")
