@@ -25,10 +25,15 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+
+from studio.sources import DTYPE_CODES
+
+if TYPE_CHECKING:
+    from studio.plan import MergePlan
 
 TOP_K = 32  # tokens of the expert's distribution kept per position
 STEPS = 20
@@ -241,8 +246,6 @@ def _shares(shares: list[float]) -> str:
 def patch_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Overwrite the bytes of existing tensors of a safetensors checkpoint in `folder`, in place. Each new value
     must have the stored shape; it is cast to the stored dtype."""
-    from studio.sources import DTYPE_CODES
-
     dtypes = {code: dtype for dtype, code in DTYPE_CODES.items()}
     for path, names in _files_of(folder, list(tensors)).items():
         with open(path, "r+b") as file:
@@ -273,8 +276,7 @@ def _files_of(folder: Path, names: list[str]) -> dict[Path, list[str]]:
     return files
 
 
-
-def refine_written(folder: Path, plan, lessons_: list[Lesson], device: str, trust_remote_code: bool = False,
+def refine_written(folder: Path, plan: MergePlan, lessons_: list[Lesson], device: str, trust_remote_code: bool = False,
                    log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
                    on_step: Callable[[int, int], None] = lambda done, total: None, seed: int = 0) -> Refined:
     """Refine the routers of the merged model written to `folder` (the merge's staging folder) and write the

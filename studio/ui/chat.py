@@ -20,7 +20,7 @@ from studio.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_pro
 def layer_slider(layers: list[int], position: int | None = None):
     """The slider over a model's MoE layers (position: index among them; None: the last)."""
     position = len(layers) - 1 if position is None else min(int(position), len(layers) - 1)
-    return gr.update(minimum=0, maximum=len(layers) - 1, value=position, step=1,
+    return gr.update(minimum=0, maximum=len(layers) - 1, value=position, step=1, interactive=True,
                      label=f"MoE layer for the token colouring (decoder layer {layers[position]})")
 
 
@@ -102,7 +102,8 @@ class ChatTab:
                 gr.Markdown("### Routing of the last exchange")
                 self.part = gr.Radio(["answer", "prompt"], value="answer", label="Tokens", elem_id="chat-part")
                 self.heatmap = gr.Plot(label="Mean router probability, layer x expert", elem_id="chat-heatmap")
-                self.layer = gr.Slider(0, 1, value=0, step=1, label="MoE layer for the token colouring",
+                self.layer = gr.Slider(0, 1, value=0, step=1, interactive=False,  # until a model is loaded
+                                       label="MoE layer for the token colouring (load a model first)",
                                        elem_id="chat-layer")
                 self.tokens = gr.HTML(elem_id="chat-tokens")
                 with gr.Row():

@@ -42,7 +42,8 @@ class InspectTab:
                     self.csv = gr.DownloadButton("Traces CSV", elem_id="inspect-csv")
             with gr.Column(scale=5, elem_classes="panel"):
                 self.figure = gr.Plot(label="Side by side", elem_id="inspect-compare")
-                self.layer = gr.Slider(0, 1, value=0, step=1, label="MoE layer for the token colouring",
+                self.layer = gr.Slider(0, 1, value=0, step=1, interactive=False,  # until prompts are compared
+                                       label="MoE layer for the token colouring (compare prompts first)",
                                        elem_id="inspect-layer")
                 self.tokens = gr.HTML(elem_id="inspect-tokens")
         with gr.Row(equal_height=False):
@@ -100,7 +101,8 @@ class InspectTab:
         layer = len(traces[0].layers) - 1
         yield {status: f"Compared {len(prompts)} prompts on {chat.name}.",
                self.figure: compare_heatmaps(traces, prompts), self.tokens: self.token_views(traces, layer),
-               self.layer: gr.update(minimum=0, maximum=layer, value=layer), self.traces: traces,
+               self.layer: gr.update(minimum=0, maximum=layer, value=layer, interactive=True,
+                                     label="MoE layer for the token colouring"), self.traces: traces,
                self.json: str(json_path), self.csv: str(csv_path)}
 
     @staticmethod
