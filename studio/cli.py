@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from studio.errors import StudioError
@@ -172,10 +173,15 @@ class Stopped(KeyboardInterrupt):
 # (an early Ctrl-C during imports) still stops the merge before anything is renamed into place.
 STOP = threading.Event()
 MAX_MESSAGE = 4000
+SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+_DEFERRED: dict = {"on": False, "pending": None}  # inside _signals_deferred: a signal waits for the block's end
 
 
 def _on_signal(signum: int, frame) -> None:
     STOP.set()
+    if _DEFERRED["on"]:
+        _DEFERRED["pending"] = signum
+        return
     raise Stopped(signum)
 
 
@@ -184,8 +190,20 @@ def _catch_signals() -> dict:
     STOP.clear()
     if threading.current_thread() is not threading.main_thread():
         return {}
-    signums = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    return {signum: signal.signal(signum, _on_signal) for signum in signums}
+    return {signum: signal.signal(signum, _on_signal) for signum in SIGNALS}
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT, SIGTERM and SIGHUP that arrive while the block runs are raised (as Stopped) when it ends."""
+    _DEFERRED["on"] = True
+    try:
+        yield
+    finally:
+        _DEFERRED["on"] = False
+        pending, _DEFERRED["pending"] = _DEFERRED["pending"], None
+        if pending is not None:
+            raise Stopped(pending)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +267,8 @@ def _merge(args: argparse.Namespace) -> int:
         if p.stage != "write":
             return
         if bar is None:
-            bar = tqdm(total=p.total, unit="B", unit_scale=True, desc="Writing", file=sys.stderr)
+            with _signals_deferred():  # a bar half-built by an interrupt prints a traceback when collected
+                bar = tqdm(total=p.total, unit="B", unit_scale=True, desc="Writing", file=sys.stderr)
         bar.update(p.done - bar.n)
 
     try:

@@ -131,3 +131,26 @@ def test_plan_reports_a_rule_before_any_model_is_opened(write_config):
     done = studio("plan", write_config({"base_model": HUB_BASE, **fields}), env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and rule in done.stderr
     assert "could not be fetched" not in done.stderr and done.stdout == ""
+
+
+def test_a_signal_during_a_deferred_block_is_handled_when_it_ends():
+    """A bar built while SIGTERM arrives is built whole; the interrupt comes right after."""
+    import os
+    import signal
+    import time
+
+    from studio import cli
+
+    previous = cli._catch_signals()
+    reached = False
+    try:
+        with pytest.raises(cli.Stopped):
+            with cli._signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                reached = True
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        cli.STOP.clear()
+    assert reached
