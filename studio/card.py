@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from studio.config import dump_yaml
+from studio.gate_modes import gate_mode
 
 if TYPE_CHECKING:
     from studio.plan import MergePlan
@@ -69,8 +70,20 @@ output = model.generate(**inputs, max_new_tokens=256)
 print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-The routers are not trained: they come from the prompts above. Fine-tune the model for best results.
+{_router_origin(config.gate_mode)} Fine-tune the model for best results.
 """
+
+
+def _router_origin(mode_name: str) -> str:
+    """How the routers were made, in a sentence, from the gate mode's facts."""
+    mode = gate_mode(mode_name)
+    if mode.refines:
+        return ("The routers were fitted on text the experts wrote from the prompts above and then, when the merged "
+                "model fit the merge's device, trained end to end for a few steps (the merge log says which); no "
+                "other weight was trained.")
+    if not mode.needs_prompts:
+        return "The routers are random: the model routes nothing useful until it is trained."
+    return "The routers are not trained: they come from the prompts above."
 
 
 def quality_section(rows: list[list[str]], headers: list[str]) -> str:

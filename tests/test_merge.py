@@ -104,6 +104,7 @@ def test_side_files_tokenizer_card_and_config(mistral, merged):
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "tags:" in card and "| 3 |" in card and "12 + 7 =" in card
     assert "```yaml" in card and "AutoModelForCausalLM" in card
+    assert "The routers are not trained: they come from the prompts above." in card  # gate_mode: hidden
     assert sorted(result.files) == sorted(p.name for p in out.iterdir())
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 

@@ -155,3 +155,11 @@ def test_an_expert_with_one_piece_of_text_keeps_the_fitted_routers(random_router
     assert refined.step == 0 and torch.equal(refined.rows, before)
     assert log == ["Router refinement: skipped, because an expert has fewer than 2 pieces of text (give it more "
                    "calibration text); the fitted routers are kept"]
+
+
+def test_the_model_card_says_how_the_routers_were_made(mistral, tmp_path):
+    merge(_alphabet_config(mistral, tmp_path), tmp_path / "moe", MergeOptions(random_seed=0, refine_routers=False),
+          log=lambda m: None)
+    card = (tmp_path / "moe" / "README.md").read_text()
+    assert "The routers were fitted on text the experts wrote from the prompts above" in card
+    assert "The routers are not trained" not in card
