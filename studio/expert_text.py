@@ -177,31 +177,32 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
     taught: list[Lesson] = []
     writes = any(not e.calibration_text for e in experts)
     base_model = load_writer(base, device, trust_remote_code) if (writes and CONTRAST) or teach else None
+
+    def model_of(source: ModelSource):
+        return base_model if source is base and base_model is not None else load_writer(source, device,
+                                                                                         trust_remote_code)
+
     for index, (expert, source) in enumerate(zip(experts, sources)):
         check()
-        same = source is base and base_model is not None
         if expert.calibration_text:
             pieces = read_calibration_text(expert, index, encode_text, bos)
             log(f"Expert {index} ({expert.source_model}): {sum(map(len, pieces))} tokens of its calibration text")
-            if teach:
-                teacher = base_model if same else load_writer(source, device, trust_remote_code)
-                taught += lessons(teacher, base_model, pieces, index)
-                del teacher
+            model = model_of(source) if teach else None
         else:
             prompts = [encode(p) for p in expert.positive_prompts or []]
             samples = samples_per_prompt(len(prompts))
             log(f"Expert {index} ({expert.source_model}) writes {samples} continuations of each of its "
                 f"{len(prompts)} prompts, {NEW_TOKENS} tokens each")
-            writer = base_model if same else load_writer(source, device, trust_remote_code)
-            pieces, advantages = write_text(writer, base_model, prompts, samples, seed=(seed or 0) + index,
+            model = model_of(source)
+            pieces, advantages = write_text(model, base_model, prompts, samples, seed=(seed or 0) + index,
                                             check=check)
             kept = typical_pieces(advantages)
             log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "
                 f"the expert (median {statistics.median(advantages):.2f} nats per token)")
             pieces = [pieces[i] for i in kept]
-            if teach:
-                taught += lessons(writer, base_model, pieces, index)
-            del writer
+        if teach:
+            taught += lessons(model, base_model, pieces, index)
+        del model
         texts.update((text_key(index, i), piece) for i, piece in enumerate(pieces))
         done(index + 1)
     return texts, taught

@@ -49,7 +49,8 @@ class CancelToken:
 
 
 # A merge's stages: waiting for the one before it, opening the models, downloading, the router pass's phases
-# (a hidden-state pass, experts writing text, fitting routers), writing the weights, done.
+# (a hidden-state pass, experts writing text, fitting routers), writing the weights, refining the written routers,
+# done.
 Stage = Literal["queued", "open", "download", "hidden", "text", "fit", "write", "refine", "done"]
 
 

@@ -134,7 +134,7 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     start = _shares_kept(model, held, experts, device)
-    floor = [1.0 - share for share in _shares_kept(model, fit, experts, device)]  # each expert's loss at the start
+    floor = _shares_lost(model, fit, experts, device)  # each expert's loss at the start, on the text it fits
     log(f"Refining the routers end to end on {len(fit)} pieces of the experts' text ({len(held)} held out); "
         f"held-out share of each expert's gain: {_shares(start)}")
     best_sum, best_step, best_rows = sum(start), 0, fitted
@@ -180,9 +180,10 @@ def _split(lessons_: list[Lesson], experts: int) -> tuple[list[Lesson], list[Les
     return fit, held
 
 
-def _divergences(model, lessons_: list[Lesson], device) -> torch.Tensor:
-    """Per lesson: the mean over its positions of the truncated KL(expert || MoE), divided by the base's."""
-    ids, mask = _padded([lesson.ids for lesson in lessons_], device)
+def _divergences(model, lessons_: list[Lesson], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per lesson (padded into `ids` and `mask`): the mean over its positions of the truncated KL(expert || MoE),
+    divided by the base's."""
+    device = ids.device
     logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
     out = []
     for row, lesson in enumerate(lessons_):
@@ -204,10 +205,11 @@ def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], expe
     it started (one expert's gain is not bought with another's), plus LABELS times the layer-by-layer fit's own
     loss (each router's cross-entropy against the expert whose text it reads), which keeps the routing that the
     fit found where the end-to-end loss does not care."""
+    ids, mask = _padded([lesson.ids for lesson in chosen], device)
     with _router_inputs(routers) as inputs:
-        lost = _per_expert(_divergences(model, chosen, device), chosen, experts)
+        lost = _per_expert(_divergences(model, chosen, ids, mask), chosen, experts)
     worse = sum(torch.relu(value - floor[e]) for e, value in lost.items())
-    return torch.stack(list(lost.values())).mean() + PROTECT * worse + LABELS * _label_loss(inputs, chosen, device)
+    return torch.stack(list(lost.values())).mean() + PROTECT * worse + LABELS * _label_loss(inputs, chosen, mask)
 
 
 @contextmanager
@@ -223,20 +225,27 @@ def _router_inputs(routers: dict[int, torch.nn.Module]):
             hook.remove()
 
 
-def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list[Lesson], device) -> torch.Tensor:
-    _, mask = _padded([lesson.ids for lesson in chosen], device)
+def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list[Lesson],
+                mask: torch.Tensor) -> torch.Tensor:
     keep = mask.reshape(-1).bool()
-    labels = torch.tensor([lesson.expert for lesson in chosen], device=device)[:, None].expand_as(mask).reshape(-1)
+    labels = torch.tensor([lesson.expert for lesson in chosen], device=mask.device)[:, None].expand_as(mask).reshape(-1)
     losses = [F.cross_entropy((x.reshape(-1, x.shape[-1]) @ router.weight.T)[keep], labels[keep])
               for router, x in inputs]
     return torch.stack(losses).mean()
 
 
 @torch.no_grad()
+def _shares_lost(model, lessons_: list[Lesson], experts: int, device) -> list[float]:
+    """Each expert's share of its gain over the base that the MoE loses on `lessons_` (its normalised KL)."""
+    values = []
+    for start in range(0, len(lessons_), BATCH):
+        chunk = lessons_[start:start + BATCH]
+        values.append(_divergences(model, chunk, *_padded([lesson.ids for lesson in chunk], device)))
+    return [float(v) for v in _per_expert(torch.cat(values), lessons_, experts).values()]
+
+
 def _shares_kept(model, lessons_: list[Lesson], experts: int, device) -> list[float]:
-    """Each expert's share of its gain over the base that the MoE keeps on `lessons_` (1 - its normalised KL)."""
-    values = torch.cat([_divergences(model, lessons_[i:i + BATCH], device) for i in range(0, len(lessons_), BATCH)])
-    return [1.0 - float(v) for v in _per_expert(values, lessons_, experts).values()]
+    return [1.0 - lost for lost in _shares_lost(model, lessons_, experts, device)]
 
 
 def _shares(shares: list[float]) -> str:
