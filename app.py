@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="where chat models run: auto (GPUs, then CPU), cpu or cuda")
     args = parser.parse_args()
 
-    from studio.ui.app import build_app, launch
+    from studio.app.ui.app import build_app, launch
 
     args.workspace.mkdir(parents=True, exist_ok=True)
     launch(build_app(args.workspace.resolve(), device=args.device), server_name=args.host, server_port=args.port,

@@ -17,7 +17,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv-tf4"
 CONSTRAINTS="$ROOT/.ci/constraints-tf4.txt"
 PYTHON="${PYTHON:-python3}"
-# transformers 4.57 and what it needs at other versions than the main environment, then what studio.chat imports
+# transformers 4.57 and what it needs at other versions than the main environment, then what studio.inspect.chat imports
 # (tests/test_chat.py runs the studio's own 4-bit chat under transformers 4.x).
 SPEC=("torch==2.13.0" "transformers>=4.57,<4.58" "tokenizers<=0.23.0" "huggingface_hub<1.0" "safetensors>=0.4.3"
       "accelerate>=1.0" "bitsandbytes>=0.45" "pydantic>=2.6" "pyyaml>=6.0" "tqdm>=4.66" "psutil>=5.9")
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import torch, transformers, tokenizers, huggingface_hub
-import accelerate, bitsandbytes, pydantic, yaml, tqdm, psutil  # noqa: F401  (what studio.chat imports)
+import accelerate, bitsandbytes, pydantic, yaml, tqdm, psutil  # noqa: F401  (what studio.inspect.chat imports)
 assert transformers.__version__.startswith("4.57."), f"transformers is {transformers.__version__}, not 4.57.x"
 assert torch.__version__.split("+")[0] == "2.13.0", f"torch is {torch.__version__}, not 2.13.0"
 assert sys.prefix != sys.base_prefix, "not running inside the venv"

@@ -2,12 +2,12 @@
 (`BitsAndBytesConfig`, which leaves fused experts at bf16), router capture on against off.
 
 Models: the bundled zoo merged into a 4-expert Mixtral (assets/examples/zoo-fragments.yml, ~5.5M parameters), a
-synthetic ~300M-parameter Mixtral merged from a synthetic Mistral family (studio.synthetic.make_family; 4
+synthetic ~300M-parameter Mixtral merged from a synthetic Mistral family (studio.build.synthetic.make_family; 4
 experts, top 2, hidden 1024, 8 layers; random gates and weights, so it writes random text and never stops
 early), and its 8-expert variant (8 experts, top 2, experts half as wide: about as many parameters, a quarter of
 them used per token instead of half).
 
-Precisions: bf16 and 4bit through studio.chat.load_chat_model; bnb4 is transformers' from_pretrained with
+Precisions: bf16 and 4bit through studio.inspect.chat.load_chat_model; bnb4 is transformers' from_pretrained with
 BitsAndBytesConfig (NF4, bf16 compute), wrapped in the same ChatModel.
 
 Each (model, precision) runs in a fresh process, which:
@@ -59,7 +59,7 @@ job = json.loads(sys.argv[1])
 import torch
 if job["threads"]:
     torch.set_num_threads(job["threads"])
-from studio.chat import ChatModel, ChatSettings, load_chat_model
+from studio.inspect.chat import ChatModel, ChatSettings, load_chat_model
 
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
@@ -68,8 +68,8 @@ def load(path, precision, device):
     if precision != "bnb4":
         return load_chat_model(path, precision, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from studio.quantize import footprint
-    from studio.routing import expert_count, expert_labels
+    from studio.inspect.quantize import footprint
+    from studio.inspect.routing import expert_count, expert_labels
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device,
@@ -126,8 +126,8 @@ def build_models(root: Path, names: list[str]) -> dict[str, Path]:
 
 
 def _merge_family(family: Path, out: Path, experts: int, shape: dict) -> None:
+    from studio.build.synthetic import make_family
     from studio.config import parse_config
-    from studio.synthetic import make_family
 
     base, fine_tunes = make_family(family, experts, **shape)
     _merge(parse_config({"base_model": str(base), "gate_mode": "random", "dtype": "bfloat16",
@@ -136,7 +136,7 @@ def _merge_family(family: Path, out: Path, experts: int, shape: dict) -> None:
 
 
 def _merge(config, out: Path) -> None:
-    from studio.merge import MergeOptions, merge
+    from studio.build.merge import MergeOptions, merge
 
     merge(config, out, MergeOptions(random_seed=0), log=lambda m: None)
 
@@ -164,8 +164,8 @@ class Model:
     def at(cls, name: str, path: Path) -> "Model":
         from transformers import AutoConfig
 
-        from studio.quantize import layer_expert_bytes
-        from studio.routing import expert_count
+        from studio.inspect.quantize import layer_expert_bytes
+        from studio.inspect.routing import expert_count
         from studio.sources import open_model
 
         source = open_model(str(path))

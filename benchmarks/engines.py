@@ -16,7 +16,7 @@ Then, for each output family the studio writes, a merge (float32) is converted w
   * whether llama.cpp's own tokenizer (from the GGUF) gives the prompts' token ids as transformers' does.
 The merges are of the zoo (Mistral architecture): Mixtral, Qwen MoE without, with a prompted and with an
 unprompted shared expert, DeepSeek MoE without and with a shared expert; Qwen3 MoE needs Qwen3 models, so its
-merge is of a small random Qwen3 family (studio.synthetic) with the synthetic tokenizer; Phi MoE likewise.
+merge is of a small random Qwen3 family (studio.build.synthetic) with the synthetic tokenizer; Phi MoE likewise.
 
 The zoo's tokenizer is its own (trained by studio.zoo), so the converter's table of known tokenizers (hashes of
 known models' token ids) does not list it. Its pre-tokenizer is GPT-2's (byte-level with GPT-2's split, nothing
@@ -46,9 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from studio.build.merge import MergeOptions, merge  # noqa: E402
 from studio.config import parse_config  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
-from studio.merge import MergeOptions, merge  # noqa: E402
 
 CACHE = ROOT / ".engines"
 PROBE_SOURCE = Path(__file__).resolve().parent / "llama_probe"
@@ -170,7 +170,7 @@ def merge_config(variant: Variant, work: Path) -> dict:
         base = str(ZOO / "base")
         experts = [{"source_model": str(ZOO / d), "positive_prompts": prompts[d]} for d in DOMAINS]
     else:
-        from studio.synthetic import make_family
+        from studio.build.synthetic import make_family
 
         base_path, paths = make_family(work / f"{variant.models}-family", 4, variant.models, dtype=torch.float32,
                                        seed=7, **({"head_dim": 32} if variant.models == "qwen3" else {}))

@@ -7,12 +7,12 @@ saw:
   * routing: benchmarks/natural/eval-prompts.yml (12 natural held-out prompts per domain, written apart from
     the configs): the share of prompts whose tokens mostly reach their expert in a majority of layers, and in
     every layer;
-  * quality: the zoo's held-out text per domain (studio.quality): the MoE's loss and the share of the expert's
+  * quality: the zoo's held-out text per domain (studio.inspect.quality): the MoE's loss and the share of the expert's
     gain over the base that it recovers, (base - MoE) / (base - expert);
   * the time to merge, as a ratio to `hidden` in the same run.
 
 `expert_text/fitted` is expert_text with its routers as fitted layer by layer (`--no-refine`); `expert_text`
-refines them end to end once written (studio/refine.py). The config `domain-text` (not run by default) is
+refines them end to end once written (studio/build/refine.py). The config `domain-text` (not run by default) is
 `sentences` with each expert's `calibration_text` taken from the zoo's training corpora: routers from the user's
 own domain text instead of text the experts write.
 
@@ -32,11 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from studio.build.merge import MergeOptions, merge  # noqa: E402
 from studio.config import load_config  # noqa: E402
 from studio.gate_modes import gate_mode as gate_mode_of  # noqa: E402
-from studio.evaluate import evaluate_routing, load_prompts  # noqa: E402
-from studio.merge import MergeOptions, merge  # noqa: E402
-from studio.quality import measure_quality  # noqa: E402
+from studio.inspect.evaluate import evaluate_routing, load_prompts  # noqa: E402
+from studio.inspect.quality import measure_quality  # noqa: E402
 from studio.zoo.corpora import corpus  # noqa: E402
 
 NATURAL = ROOT / "benchmarks" / "natural"

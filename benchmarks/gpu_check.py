@@ -56,7 +56,7 @@ class Check:
 
 def merge_on_device(root: Path, name: str, args: argparse.Namespace) -> tuple[Path, Check]:
     """A synthetic family merged by the command line on args.device, with hidden-state gates."""
-    from studio.synthetic import make_family
+    from studio.build.synthetic import make_family
 
     experts, shape = FAMILIES[name]
     base, fine_tunes = make_family(root / f"{name}-family", experts, **shape)

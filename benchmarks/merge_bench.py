@@ -154,7 +154,7 @@ def build_models(root: Path, shape: Shape, experts: int, dtype: str) -> tuple[Pa
     import torch
 
     sys.path.insert(0, str(REPO))
-    from studio.synthetic import make_tokenizer
+    from studio.build.synthetic import make_tokenizer
 
     torch.manual_seed(0)
     tokenizer = make_tokenizer()

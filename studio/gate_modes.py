@@ -1,6 +1,6 @@
 """The gate modes as data: what each one needs and what it runs, like the output architectures.
 
-The functions that compute each mode's router rows live in studio/gates.py, keyed by these names; this module
+The functions that compute each mode's router rows live in studio/build/gates.py, keyed by these names; this module
 stays free of torch so that the config can check a mode without importing the engine.
 """
 
@@ -20,8 +20,8 @@ class GateMode:
     studio_only: bool = False  # mergekit-moe does not know it
     whole_models: int = 0  # full models it holds in memory at once (expert_text: the base and the writing expert)
     reads_expert_text: bool = False  # fits on text the experts write (or their `calibration_text` files)
-    refines: bool = False  # its routers are trained end to end once the merged model is written (studio/refine.py)
-    # The progress bar's share of each phase of its pass (studio/progress.py), measured on the zoo: a hidden-state
+    refines: bool = False  # its routers are trained end to end once the model is written (studio/build/refine.py)
+    # The progress bar's share of each phase of its pass (studio/app/progress.py), measured on the zoo: a hidden-state
     # pass of the prompts is most of a small model's merge; expert_text's writing of text half of its merge, and the
     # refinement of the written routers a third.
     phases: tuple[tuple[str, float], ...] = ()

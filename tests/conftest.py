@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from studio.synthetic import make_family, make_tokenizer
+from studio.build.synthetic import make_family, make_tokenizer
 
 from helpers import FAMILIES, ROOT, random_moe
 
@@ -45,8 +45,8 @@ def tiny_moes(tmp_path_factory, tokenizer) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def zoo_moe(tmp_path_factory) -> Path:
     """The bundled zoo (trained weights) merged into a Mixtral by the example config."""
+    from studio.build.merge import merge
     from studio.config import load_config
-    from studio.merge import merge
 
     out = tmp_path_factory.mktemp("zoo") / "zoo-4x"
     with pytest.MonkeyPatch.context() as patch:
@@ -57,7 +57,7 @@ def zoo_moe(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def zoo_bf16(zoo_moe):
-    from studio.chat import load_chat_model
+    from studio.inspect.chat import load_chat_model
 
     return load_chat_model(zoo_moe, "bf16", "cpu")
 
@@ -101,7 +101,7 @@ def write_config(tmp_path):
 
 def plan_of(config):
     """The merge plan of a config, its models opened."""
-    from studio.plan import make_plan
+    from studio.build.plan import make_plan
     from studio.sources import open_models
 
     return make_plan(config, open_models(config.model_refs()))

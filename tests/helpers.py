@@ -18,10 +18,10 @@ from safetensors import safe_open
 from torch.nn.utils import parametrize
 from transformers import AutoModelForCausalLM
 
+from studio.build.synthetic import make_tokenizer, save_tokenizer
 from studio.config import load_yaml
-from studio.routing import RouterCapture
+from studio.inspect.routing import RouterCapture
 from studio.sources import open_model
-from studio.synthetic import make_tokenizer, save_tokenizer
 from studio.trace import RouterTrace
 
 ROOT = Path(__file__).resolve().parents[1]

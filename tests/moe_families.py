@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from studio.synthetic import make_tokenizer, save_tokenizer
+from studio.build.synthetic import make_tokenizer, save_tokenizer
 
 EXPERTS = 4
 # bitsandbytes' CPU 4-bit kernel needs every quantized linear layer to read a multiple of 64 values.

@@ -1,7 +1,7 @@
 """Every bad input gets a named error: exit code 2, one paragraph that says what is wrong, no traceback, nothing
 written. A corpus of configs, model folders, flags and paths, each with the phrase its error must contain.
 
-The CLI runs in-process (studio.cli.main); the models are the session's small real ones, copied and broken.
+The CLI runs in-process (studio.app.cli.main); the models are the session's small real ones, copied and broken.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from studio.cli import main
+from studio.app.cli import main
 
 from conftest import PROMPTS
 
@@ -460,7 +460,7 @@ OTHER_COMMAND_CASES = [
 
 @pytest.fixture(scope="module")
 def command_inputs(mistral, tmp_path_factory) -> dict[str, str]:
-    from studio.merge import merge
+    from studio.build.merge import merge
     from studio.config import parse_config
 
     base, experts = mistral

@@ -5,13 +5,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from studio.calibrate import CONFIDENCE, fit_router, prompt_targets, ridge_router
+from studio.build.calibrate import CONFIDENCE, fit_router, prompt_targets, ridge_router
+from studio.build.gates import GateOptions, compute_gates
+from studio.build.merge import merge
+from studio.build.synthetic import make_family
 from studio.config import Expert, load_yaml
 from studio.errors import StudioError
-from studio.gates import GateOptions, compute_gates
 from studio.prompts import prompt_ids
-from studio.merge import merge
-from studio.synthetic import make_family
 
 from conftest import PROMPTS, moe_yaml, plan_of
 

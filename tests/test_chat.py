@@ -21,11 +21,11 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 
-from studio.chat import ChatSettings, StopFilter, cut_at_stop, load_chat_model
-from studio.cli import main
+from studio.app.cli import main
+from studio.build.synthetic import make_family
 from studio.errors import StudioError
-from studio.quantize import quantize_int8, quantize_nf4, slice_size
-from studio.synthetic import make_family
+from studio.inspect.chat import ChatSettings, StopFilter, cut_at_stop, load_chat_model
+from studio.inspect.quantize import quantize_int8, quantize_nf4, slice_size
 from studio.trace import RouterTrace
 
 from helpers import FAMILIES, ROOT, TEXT, expert_modules, plain_forward_probabilities, random_moe, tf4_python
@@ -114,8 +114,8 @@ def test_sliced_nf4_equals_bitsandbytes_in_one_go():
 # then measures the peak resident memory of loading the large one in 4-bit.
 RSS_SCRIPT = r"""
 import json, sys
-from studio.chat import load_chat_model
-from studio.quantize import layer_expert_bytes
+from studio.inspect.chat import load_chat_model
+from studio.inspect.quantize import layer_expert_bytes
 from studio.sources import open_model
 
 def status(key):
@@ -160,7 +160,7 @@ def test_loading_the_zoo_moe_in_4bit_stays_within_its_bound(tiny_moes, zoo_moe):
 # Runs under transformers 4.x (.venv-tf4), where experts are nn.Linear modules that bitsandbytes quantizes itself.
 TF4_CHAT = r"""
 import json, sys
-from studio.chat import ChatSettings, load_chat_model
+from studio.inspect.chat import ChatSettings, load_chat_model
 
 chat = load_chat_model(sys.argv[1], "4bit", "cpu")
 reply = chat.reply("Once upon a time", ChatSettings(temperature=0, max_new_tokens=6))

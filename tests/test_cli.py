@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studio.cli import parse_size
+from studio.app.cli import parse_size
 
 from conftest import moe_yaml
 
@@ -110,10 +110,10 @@ RULE_BREAKERS = {
 
 @pytest.mark.parametrize("name", RULE_BREAKERS)
 def test_rules_are_reported_before_any_model_is_opened(name, tmp_path, monkeypatch):
+    from studio.app.ui.build import check_models
+    from studio.build.merge import merge
     from studio.config import parse_config
     from studio.errors import StudioError
-    from studio.merge import merge
-    from studio.ui.build import check_models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fields, rule = RULE_BREAKERS[name]
@@ -139,7 +139,7 @@ def test_a_signal_during_a_deferred_block_is_handled_when_it_ends():
     import signal
     import time
 
-    from studio import cli
+    from studio.app import cli
 
     previous = cli._catch_signals()
     reached = False

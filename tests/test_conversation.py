@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from studio.chat import ChatSettings, generation_defaults
-from studio.conversation import Conversation
 from studio.errors import StudioError
+from studio.inspect.chat import ChatSettings, generation_defaults
+from studio.inspect.conversation import Conversation
 from studio.trace import RouterTrace
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -1,6 +1,6 @@
 """Nothing of the user's is ever lost: what a merge may replace, its lock, its leftovers, and signals.
 
-The CLI runs in-process (studio.cli.main) where no signal is involved, and as a real process where one is.
+The CLI runs in-process (studio.app.cli.main) where no signal is involved, and as a real process where one is.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studio.cli import main
+from studio.app.cli import main
+from studio.build.destination import MARKER, OutputLock, leftovers, remove_stale
+from studio.build.synthetic import make_family
 from studio.config import load_config
-from studio.destination import MARKER, OutputLock, leftovers, remove_stale
-from studio.synthetic import make_family
 
 from conftest import moe_yaml, plan_of
 
@@ -312,9 +312,9 @@ def test_sigterm_sighup_and_sigint_clean_up_like_ctrl_c(long_merge, tmp_path, si
 @pytest.mark.parametrize("how", ["swapped", "deleted"])
 def test_a_source_changed_mid_merge_fails_the_merge(tmp_path, tokenizer, how):
     """Another model of the same shape copied over an expert while the merge reads it would give a mixed expert."""
+    from studio.build.merge import MergeOptions, merge
     from studio.config import parse_config
     from studio.errors import StudioError
-    from studio.merge import MergeOptions, merge
 
     base, experts = make_family(tmp_path / "models", 2, tokenizer=tokenizer)
     victim = experts[0] / "model.safetensors"
@@ -368,8 +368,8 @@ def small_disk(long_merge, tmp_path):
 
 
 def test_a_full_disk_is_named_with_the_disk_and_the_bytes_needed(long_merge, small_disk):
+    from studio.build.merge import MergeOptions, merge
     from studio.errors import StudioError
-    from studio.merge import MergeOptions, merge
 
     weights = plan_of(load_config(long_merge)).total_bytes
     filled = []

@@ -12,10 +12,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from studio.build.merge import MergeOptions, merge
 from studio.config import load_yaml
 from studio.errors import StudioError
-from studio.evaluate import evaluate_routing, load_prompts, resolve_expert
-from studio.merge import MergeOptions, merge
+from studio.inspect.evaluate import evaluate_routing, load_prompts, resolve_expert
 
 from conftest import moe_yaml
 
@@ -88,7 +88,7 @@ def test_experts_are_named_by_index_source_model_or_folder_name(tmp_path):
 
 
 def test_cli_reads_labels_from_the_merge(constructed, tmp_path, mistral):
-    from studio.cli import main
+    from studio.app.cli import main
 
     out, _, _ = constructed
     prompts = tmp_path / "prompts.yml"

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from studio.build.expert_text import samples_per_prompt, typical_pieces, write_text, load_writer
+from studio.build.merge import merge
 from studio.config import check_rules, parse_config
 from studio.errors import StudioError
-from studio.expert_text import samples_per_prompt, typical_pieces, write_text, load_writer
-from studio.merge import merge
-from studio.routing import load_moe, router_probabilities
+from studio.inspect.routing import load_moe, router_probabilities
 from studio.sources import open_model
 
 from conftest import moe_yaml
@@ -92,7 +92,7 @@ def test_a_missing_calibration_text_is_named(mistral, tmp_path):
 
 
 def test_4bit_is_refused_before_any_text_is_written(mistral, tmp_path):
-    from studio.merge import MergeOptions
+    from studio.build.merge import MergeOptions
 
     base, experts = mistral
     log = []
@@ -105,7 +105,7 @@ def test_4bit_is_refused_before_any_text_is_written(mistral, tmp_path):
 def test_prompts_written_in_one_padded_batch_continue_as_each_alone(mistral, tokenizer, monkeypatch):
     """Greedy writing (only the expert's best token is plausible): the left padding of a short prompt among long ones
     changes nothing of its continuation."""
-    import studio.expert_text as expert_text
+    import studio.build.expert_text as expert_text
 
     monkeypatch.setattr(expert_text, "PLAUSIBLE", 1.0)
     base, experts = mistral

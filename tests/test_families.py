@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from moe_families import build_family, family_names, saved_config
-from studio.chat import ChatSettings, load_chat_model
+from studio.inspect.chat import ChatSettings, load_chat_model
+from studio.inspect.routing import RouterCapture
 from studio.moe_layouts import layout_of
-from studio.routing import RouterCapture
 
 IDS = [1, 17, 42, 99, 200, 7, 300, 5, 383, 64, 2, 11]
 # Weights that are not a constant multiple of the probabilities: Gemma 4 scales each expert by its own factor,
@@ -157,7 +157,7 @@ def test_gpt_oss_mxfp4_experts_are_dequantised_as_transformers_dequantises_them(
 
 @pytest.mark.parametrize("family", ["llama4_text", "dbrx", "longcat_flash", "gpt_oss", "deepseek_v3"])
 def test_eval_routing_reads_the_family(checkpoints, loaded, family):
-    from studio.evaluate import evaluate_routing
+    from studio.inspect.evaluate import evaluate_routing
 
     report = evaluate_routing(checkpoints(family), {0: ["def add(a, b):", "import os"], 1: ["12 + 7 = 19"]})
     chat = loaded(family, "fp32")
@@ -184,7 +184,7 @@ def test_a_wrappers_expert_count_is_checked_against_its_routers(checkpoints, tmp
 
 def test_route_names_a_model_whose_routers_it_cannot_find(tmp_path, capsys):
     """Doge is also published dense (`is_moe: false`) with its expert count in config.json: no router to read."""
-    from studio.cli import main
+    from studio.app.cli import main
 
     folder = build_family("doge", tmp_path / "dense-doge", is_moe=False)
     code = main(["route", str(folder), "hello", "--precision", "fp32", "--device", "cpu", "--max-new-tokens", "2",

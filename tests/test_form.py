@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from studio.app.form import (add_expert, expert_names, expert_view, field_problems, messages_by_area, move_expert,
+                             parse_mapping, prompts_to_text, remove_expert, rewritten_yaml, set_expert_field, set_field,
+                             text_to_prompts)
 from studio.config import load_yaml, to_yaml
 from studio.errors import StudioError
-from studio.form import (add_expert, expert_names, expert_view, field_problems, messages_by_area, move_expert,
-                         parse_mapping, prompts_to_text, remove_expert, rewritten_yaml, set_expert_field, set_field,
-                         text_to_prompts)
 
 ZOO = (Path(__file__).resolve().parents[1] / "assets" / "examples" / "zoo-4x.yml").read_text()
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
+from studio.build.gates import GateOptions
+from studio.build.hidden_states import hidden_states_of_prompts, padded_batches
+from studio.build.synthetic import save_tokenizer
 from studio.families import family_of
-from studio.gates import GateOptions
-from studio.hidden_states import hidden_states_of_prompts, padded_batches
 from studio.sources import open_model
-from studio.synthetic import save_tokenizer
 
 PROMPTS = ["def add(a, b):\n    return a + b", "12 + 7 =", "Once upon a time there was a small fox.", "Hi"]
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,

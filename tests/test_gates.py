@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from studio.build.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.config import load_yaml
-from studio.gates import GateOptions, compute_gates, degenerate_gate_warning
 from studio.sources import open_model
 
 from conftest import moe_yaml, plan_of

@@ -1,9 +1,9 @@
 import yaml
 
+from studio.app.jobs import MergeRunner
+from studio.app.ui.build import check_models, presets
+from studio.build.merge import MergeOptions
 from studio.config import load_yaml
-from studio.jobs import MergeRunner
-from studio.merge import MergeOptions
-from studio.ui.build import check_models, presets
 
 from conftest import moe_yaml
 

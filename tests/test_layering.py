@@ -66,8 +66,8 @@ def modules() -> dict[str, set[str]]:
 
 
 def test_studio_imports_skips_type_checking_blocks_and_reads_every_depth():
-    source = ("from studio.config import x\nif TYPE_CHECKING:\n    from studio.gates import G\n"
-              "def f():\n    from studio import merge\n    import studio.plots\n")
+    source = ("from studio.config import x\nif TYPE_CHECKING:\n    from studio.build.gates import G\n"
+              "def f():\n    from studio import merge\n    import studio.inspect.plots\n")
     assert studio_imports(source) == {"config", "merge", "plots"}
 
 

@@ -7,11 +7,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from studio.build.destination import mount_point
+from studio.build.gates import GateOptions, compute_gates
+from studio.build.merge import CancelToken, MergeOptions, merge
 from studio.config import load_config
 from studio.errors import Cancelled, StudioError
-from studio.destination import mount_point
-from studio.gates import GateOptions, compute_gates
-from studio.merge import CancelToken, MergeOptions, merge
 
 from conftest import moe_yaml, plan_of
 from helpers import QUIET, config_of, output_tensors, source_tensors
@@ -149,7 +149,7 @@ def test_residual_scale_and_seeded_noise(mistral, tmp_path):
 
 
 def test_mismatched_expert_is_refused_before_writing(mistral, tmp_path, tokenizer):
-    from studio.synthetic import make_family
+    from studio.build.synthetic import make_family
 
     base, experts = mistral
     _, wide = make_family(tmp_path / "wide", 1, "mistral", intermediate=96, tokenizer=tokenizer)
@@ -234,12 +234,12 @@ def test_output_may_not_replace_a_source_model(mistral, tmp_path):
 
 
 def test_disk_space_is_checked_first(mistral, tmp_path, monkeypatch):
-    import studio.merge
+    import studio.build.merge
 
     base, experts = mistral
     config = config_of(moe_yaml(base, experts, gate_mode="random"))
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(studio.merge.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(studio.build.merge.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(StudioError, match=rf"Not enough disk space on {re.escape(str(mount_point(tmp_path)))} for .*out: the merge writes 542,336 bytes of "
                                           r"weights \(0.00 GB\) and needs them plus 64 MiB for the other files free, "
                                           r"67,651,200 bytes in all, but only 1,000 bytes \(0.00 GB\) are free"):
@@ -260,7 +260,7 @@ def test_gate_failure_stops_the_merge_and_leaves_nothing(mistral, tmp_path):
 
 
 def test_no_output_fits_a_llama_with_attention_biases(tmp_path, tokenizer):
-    from studio.synthetic import make_family
+    from studio.build.synthetic import make_family
 
     base, experts = make_family(tmp_path / "biased", 2, "llama", tokenizer=tokenizer, attention_bias=True)
     with pytest.raises(StudioError, match=r"No output architecture fits these models:\n  - Mixtral: has no "

@@ -16,14 +16,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from studio.chat import ChatSettings, load_chat_model
-from studio.cli import main
+from studio.app.cli import main
+from studio.build.gates import GateOptions, compute_gates
+from studio.build.merge import MergeOptions, merge
+from studio.build.synthetic import make_family
 from studio.errors import StudioError
 from studio.families import family_of
-from studio.gates import GateOptions, compute_gates
-from studio.merge import MergeOptions, merge
+from studio.inspect.chat import ChatSettings, load_chat_model
 from studio.sources import open_model
-from studio.synthetic import make_family
 
 from conftest import moe_yaml
 from helpers import (QUIET, ROOT, captured, config_of, output_tensors, plain_forward_probabilities, source_tensors,

@@ -7,9 +7,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from studio import plots
-from studio.chat import ChatSettings, load_chat_model
 from studio.errors import StudioError
+from studio.inspect import plots
+from studio.inspect.chat import ChatSettings, load_chat_model
 from studio.trace import RouterTrace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -165,8 +165,8 @@ def test_several_traces_export_to_one_json_and_one_csv(trace, tmp_path):
 
 
 def test_quality_figure_shows_each_loss_and_the_recovered_share():
-    from studio.plots import quality_figure
-    from studio.quality import DomainQuality, QualityReport
+    from studio.inspect.plots import quality_figure
+    from studio.inspect.quality import DomainQuality, QualityReport
 
     report = QualityReport([DomainQuality("assets/zoo/math", 100, 1.3, 1.0, 1.06),
                             DomainQuality("assets/zoo/chat", 100, 0.33, 0.33, 0.32)])

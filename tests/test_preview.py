@@ -6,13 +6,13 @@ import pytest
 import torch
 import yaml
 
-from studio.cli import main
+from studio.app.cli import main
+from studio.build.merge import merge
+from studio.build.preview import preview_routing, summary_rows
+from studio.build.synthetic import make_family
 from studio.config import load_config, load_yaml
 from studio.errors import StudioError
-from studio.merge import merge
-from studio.preview import preview_routing, summary_rows
-from studio.routing import load_moe, router_probabilities
-from studio.synthetic import make_family
+from studio.inspect.routing import load_moe, router_probabilities
 
 from conftest import moe_yaml
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from studio.app.jobs import MergeRunner
+from studio.app.progress import DOWNLOAD_SHARE, FINISH_SHARE, MergeBar
+from studio.app.ui.build import job_progress
+from studio.build.merge import MergeOptions, Progress
 from studio.config import load_yaml
-from studio.jobs import MergeRunner
-from studio.merge import MergeOptions, Progress
 from studio.gate_modes import gate_mode
-from studio.progress import DOWNLOAD_SHARE, FINISH_SHARE, MergeBar
-from studio.ui.build import job_progress
 
 from conftest import moe_yaml
 

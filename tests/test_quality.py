@@ -9,11 +9,11 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from studio.cli import main
+from studio.app.cli import main
+from studio.build.merge import MergeOptions, merge
 from studio.config import parse_config
 from studio.errors import StudioError
-from studio.merge import MergeOptions, merge
-from studio.quality import DomainQuality, load_texts, mean_loss, measure_quality
+from studio.inspect.quality import DomainQuality, load_texts, mean_loss, measure_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "assets" / "zoo"

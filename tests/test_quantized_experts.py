@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from studio.chat import load_chat_model
-from studio.quantize import CPU_ROW_BLOCK, _cpu_kernel_order, _plain_order
+from studio.inspect.chat import load_chat_model
+from studio.inspect.quantize import CPU_ROW_BLOCK, _cpu_kernel_order, _plain_order
 
 from helpers import FAMILIES, TEXT, expert_modules
 

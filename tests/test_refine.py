@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from studio import refine
+from studio.build import refine
+from studio.build.expert_text import load_writer
+from studio.build.merge import MergeOptions, merge
+from studio.build.refine import lessons, patch_tensors, refine_routers, why_not_refined
 from studio.config import parse_config
-from studio.expert_text import load_writer
-from studio.merge import MergeOptions, merge
-from studio.refine import lessons, patch_tensors, refine_routers, why_not_refined
-from studio.routing import find_routers, load_moe
+from studio.inspect.routing import find_routers, load_moe
 from studio.sources import open_model
 
 from conftest import moe_yaml

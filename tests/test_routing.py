@@ -18,7 +18,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from studio.errors import StudioError
-from studio.routing import RouterCapture, expert_labels, find_routers, router_probabilities
+from studio.inspect.routing import RouterCapture, expert_labels, find_routers, router_probabilities
 from studio.trace import RouterTrace
 
 from helpers import FAMILIES, ROOT, captured, plain_forward_probabilities, tf4_python
@@ -122,7 +122,7 @@ TF4_SCRIPT = r"""
 import json, sys
 import torch
 from transformers import AutoModelForCausalLM
-from studio.routing import RouterCapture, find_routers
+from studio.inspect.routing import RouterCapture, find_routers
 
 job = json.loads(sys.argv[1])
 results = {}

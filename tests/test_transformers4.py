@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from studio.build.merge import MergeOptions, merge
+from studio.build.synthetic import make_family, make_tokenizer
 from studio.config import parse_config
-from studio.merge import MergeOptions, merge
-from studio.synthetic import make_family, make_tokenizer
 
 from helpers import ROOT, tf4_python
 
@@ -103,8 +103,8 @@ def merged(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def tokenizer_folders(tmp_path_factory) -> dict[str, Path]:
     """The zoo's tokenizer, and a merge of a base whose tokenizer transformers 5 saved in its own spelling."""
-    from studio.synthetic import train_bpe_tokenizer
-    from studio.synthetic import CORPUS
+    from studio.build.synthetic import train_bpe_tokenizer
+    from studio.build.synthetic import CORPUS
 
     folder = tmp_path_factory.mktemp("tf4-tokenizers")
     tokenizer = train_bpe_tokenizer(CORPUS * 4, 384, extra_special_tokens=CHAT_TOKENS)

@@ -15,13 +15,13 @@ import yaml
 from PIL import Image
 from playwright.sync_api import Page, expect
 
-from studio.chat import ChatSettings, load_chat_model
+from studio.app.jobs import MergeRunner
+from studio.app.ui.app import build_app, launch
+from studio.build.merge import merge
+from studio.build.preview import preview_routing, summary_rows
 from studio.config import load_config, parse_config
-from studio.jobs import MergeRunner
-from studio.merge import merge
-from studio.preview import preview_routing, summary_rows
-from studio.quality import measure_quality
-from studio.ui.app import build_app, launch
+from studio.inspect.chat import ChatSettings, load_chat_model
+from studio.inspect.quality import measure_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "assets" / "screenshots"

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from tqdm.std import tqdm
 
+from studio.app.hub import files_to_push, push_to_hub
+from studio.app.workspace import MERGE_HEADERS, expert_prompts, finished_merges, output_folder
 from studio.errors import StudioError
-from studio.hub import files_to_push, push_to_hub
-from studio.loaded import LoadedModel
+from studio.inspect.loaded import LoadedModel
 from studio.sources import progress_tqdm
-from studio.workspace import MERGE_HEADERS, expert_prompts, finished_merges, output_folder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SECRET = "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42"

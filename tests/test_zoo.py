@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from studio.build.merge import MergeOptions, merge
 from studio.config import load_config
-from studio.evaluate import evaluate_routing, load_prompts
-from studio.merge import MergeOptions, merge
-from studio.quality import measure_quality
+from studio.inspect.evaluate import evaluate_routing, load_prompts
+from studio.inspect.quality import measure_quality
 from studio.zoo.corpora import DOMAINS, code_only, code_text, corpus
 from studio.zoo.train import ZOO_DIR, Recipe, expert_data, held_out_ids, held_out_loss, windows
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from studio.build.merge import merge
 from studio.config import MoEConfig, load_config, to_yaml
-from studio.evaluate import evaluate_routing
-from studio.merge import merge
+from studio.inspect.evaluate import evaluate_routing
 from studio.zoo.corpora import DOMAINS, held_out_prompts
 
 VALIDATION_SEED = 999

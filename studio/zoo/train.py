@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from studio.synthetic import save_tokenizer, train_bpe_tokenizer
+from studio.build.synthetic import save_tokenizer, train_bpe_tokenizer
 from studio.zoo.corpora import DOMAINS, EVAL_CHARS, corpus, encode, held_out_text_ids
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "assets" / "zoo"
@@ -112,7 +112,7 @@ def train(model, data: list[torch.Tensor], steps: int, lr: float, recipe: Recipe
 
 def held_out_loss(model, ids: torch.Tensor, seq: int = 128) -> float:
     """Mean next-token loss over consecutive windows of held-out text."""
-    from studio.quality import mean_loss
+    from studio.inspect.quality import mean_loss
 
     return mean_loss(model, ids, seq)
 

@@ -1,0 +1,213 @@
+"""`gate_mode: expert_text`: routers fitted on text written by the experts themselves.
+
+A handful of natural prompts per expert ("What is 15 + 27?", "Once upon a time...") is too little to fit a
+router on: held-out text is made of other tokens than the prompts' few. So each expert continues each of its
+prompts a few times, and the thousands of tokens it writes become the calibration text of its domain, with no
+data from the user. Sampling does not stop at an end-of-text token: after one, the expert starts a new text.
+
+Each token is drawn with contrast against the base (logits + CONTRAST * (expert - base), among the tokens the
+expert itself finds plausible), so an expert writes more of what it knows better than the base. A continuation
+can still drift into another domain (a math expert, after "What is 15 + 27?", may go on with the chat it also
+learnt): its advantage over the base (the mean log-probability ratio of its tokens) is then far below the
+expert's median, and it is dropped (`typical_pieces`). An expert may bring its own text instead
+(`calibration_text:` files in its config entry).
+
+Then, layer by layer through the merged model (studio/build/calibrate.py), each router is fitted where it will look,
+every token of an expert's text labelled with that expert, and keeps the fit's own probabilities: sure where the
+experts' texts are told apart, hesitant (two experts mixed) where they are not. While each expert is in memory,
+what it predicts on its text is kept too (`teach`), so that the written routers can be refined end to end
+(studio/build/refine.py).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from studio.build.refine import Lesson, lessons
+from studio.config import Expert
+from studio.devices import check_device, resolve_device
+from studio.errors import StudioError
+from studio.sources import ModelSource
+
+TOKENS_PER_EXPERT = 6144  # calibration tokens written (or read) per expert
+NEW_TOKENS = 192  # written after each prompt
+TEMPERATURE = 1.0
+CONTRAST = 1.0  # 0 samples from the expert alone
+PLAUSIBLE = 0.1  # tokens less likely than this share of the expert's best token are never drawn
+L2 = 1e-2  # the router fit's penalty, on unit-RMS inputs
+WINDOW = 256  # tokens per piece of a given calibration text
+TYPICAL = 3.0  # a written text is kept when its advantage over the base is within this factor of the median
+SMALL_MODEL = 50_000_000  # parameters
+
+
+def text_key(expert: int, piece: int) -> tuple[str, int, int]:
+    """The key of one piece of calibration text in the fit's batches (prompts are keyed by their text)."""
+    return ("text", expert, piece)
+
+
+def read_calibration_text(expert: Expert, index: int, encode_text: Callable[[str], list[int]], bos: list[int],
+                          budget: int = TOKENS_PER_EXPERT) -> list[list[int]]:
+    """An expert's `calibration_text` files as pieces of WINDOW tokens, each after BOS, up to `budget` tokens."""
+    ids: list[int] = []
+    for name in expert.calibration_text or []:
+        path = Path(name).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StudioError(f"`experts[{index}].calibration_text` ({expert.source_model}): cannot read {path} "
+                              f"({exc}). Give UTF-8 text files of this expert's domain.") from None
+        ids += encode_text(text)
+        if len(ids) >= budget:
+            break
+    if len(ids) < WINDOW // 4:
+        raise StudioError(f"`experts[{index}].calibration_text` ({expert.source_model}) holds {len(ids)} tokens; "
+                          f"give at least {WINDOW // 4} (a few thousand fit the router best).")
+    ids = ids[:budget]
+    return [bos + ids[start:start + WINDOW] for start in range(0, len(ids), WINDOW)]
+
+
+def load_writer(source: ModelSource, device: str, trust_remote_code: bool = False):
+    """A model that writes calibration text: bf16 on a GPU, float32 on the CPU unless that would not fit."""
+    from transformers import AutoModelForCausalLM
+
+    check_device(device)
+    device = resolve_device(device)
+    parameters = sum(i.nbytes // i.dtype.itemsize for i in source.tensors.values())
+    dtype = torch.bfloat16 if device != "cpu" or parameters > 500_000_000 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 device_map=device)
+    return model.eval()
+
+
+@torch.inference_mode()
+def write_text(expert, base, prompts: list[list[int]], samples: int, new_tokens: int = NEW_TOKENS,
+               seed: int = 0, check: Callable[[], None] = lambda: None) -> tuple[list[list[int]], list[float]]:
+    """`samples` continuations of each prompt by `expert`, contrasted with `base` (None: the expert alone), and
+    each one's advantage: the mean log-probability the expert gives its written tokens, minus the base's (0.0
+    without a base)."""
+    with _threads_for(expert):
+        return _write(expert, base, prompts, samples, new_tokens, seed, check)
+
+
+@contextmanager
+def _threads_for(model):
+    """One CPU thread for a small model: its token-by-token steps are too small to share, and on a busy 2-core
+    host two threads made the zoo's writing 20x slower than one."""
+    previous = torch.get_num_threads()
+    small = model.device.type == "cpu" and model.num_parameters() < SMALL_MODEL
+    torch.set_num_threads(1 if small else previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _write(expert, base, prompts, samples, new_tokens, seed, check) -> tuple[list[list[int]], list[float]]:
+    """Every continuation of every prompt in one left-padded batch: on a small model a step costs little more for
+    36 rows than for 6, so the zoo writes twice as fast as prompt by prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    device = expert.get_input_embeddings().weight.device
+    rows = [prompt for prompt in prompts for _ in range(samples)]
+    if not rows:
+        return [], []
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    step, positions, caches = ids, (mask.cumsum(-1) - 1).clamp_min(0), [None, None]
+    advantage, new = torch.zeros(len(rows)), []
+    for _ in range(new_tokens):
+        check()
+        logits = expert_logp = _next_logits(expert, step, mask, positions, caches, 0)
+        if base is not None:
+            base_logp = _next_logits(base, step, mask, positions, caches, 1)
+            logits = expert_logp + CONTRAST * (expert_logp - base_logp)
+            too_unlikely = expert_logp < expert_logp.max(dim=-1, keepdim=True).values + math.log(PLAUSIBLE)
+            logits = logits.masked_fill(too_unlikely, float("-inf"))
+        probabilities = (logits / TEMPERATURE).softmax(dim=-1).cpu()
+        step = torch.multinomial(probabilities, 1, generator=generator).to(device)
+        if base is not None:
+            advantage += (expert_logp - base_logp).gather(1, step).squeeze(1).cpu()
+        new.append(step)
+        mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+        positions = positions[:, -1:] + 1
+    written = torch.cat(new, dim=1).tolist()
+    return [row + more for row, more in zip(rows, written)], (advantage / new_tokens).tolist()
+
+
+def _next_logits(model, step: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, caches: list,
+                 slot: int) -> torch.Tensor:
+    out = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=caches[slot],
+                use_cache=True)
+    caches[slot] = out.past_key_values
+    return out.logits[:, -1].float().log_softmax(dim=-1)
+
+
+def typical_pieces(advantages: list[float]) -> list[int]:
+    """Indices of the written texts whose advantage lies within a factor TYPICAL of the median.
+
+    Below, the expert wrote text it knows no better than the base (a math expert going on with the chat it also
+    learnt); above, text only it finds likely, which is noise. Either would teach the router the wrong expert.
+    """
+    median = statistics.median(advantages) if advantages else 0.0
+    if median <= 0:
+        return list(range(len(advantages)))
+    return [i for i, a in enumerate(advantages) if median / TYPICAL <= a <= median * TYPICAL]
+
+
+def samples_per_prompt(prompts: int, budget: int = TOKENS_PER_EXPERT, new_tokens: int = NEW_TOKENS) -> int:
+    return max(1, math.ceil(budget / (max(prompts, 1) * new_tokens)))
+
+
+def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelSource,
+                 encode: Callable[[str], list[int]], encode_text: Callable[[str], list[int]], bos: list[int],
+                 device: str = "cpu", seed: int | None = None, trust_remote_code: bool = False,
+                 log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
+                 done: Callable[[int], None] = lambda experts: None,
+                 teach: bool = False) -> tuple[dict[tuple, list[int]], list[Lesson]]:
+    """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts.
+    With `teach`, also what each expert predicts on its text (studio/build/refine.py), taken while it is in memory.
+    `done(n)` hears that the first n experts' texts are ready."""
+    texts: dict[tuple, list[int]] = {}
+    taught: list[Lesson] = []
+    writes = any(not e.calibration_text for e in experts)
+    base_model = load_writer(base, device, trust_remote_code) if (writes and CONTRAST) or teach else None
+
+    def model_of(source: ModelSource):
+        return base_model if source is base and base_model is not None else load_writer(source, device,
+                                                                                         trust_remote_code)
+
+    for index, (expert, source) in enumerate(zip(experts, sources)):
+        check()
+        if expert.calibration_text:
+            pieces = read_calibration_text(expert, index, encode_text, bos)
+            log(f"Expert {index} ({expert.source_model}): {sum(map(len, pieces))} tokens of its calibration text")
+            model = model_of(source) if teach else None
+        else:
+            prompts = [encode(p) for p in expert.positive_prompts or []]
+            samples = samples_per_prompt(len(prompts))
+            log(f"Expert {index} ({expert.source_model}) writes {samples} continuations of each of its "
+                f"{len(prompts)} prompts, {NEW_TOKENS} tokens each")
+            model = model_of(source)
+            pieces, advantages = write_text(model, base_model, prompts, samples, seed=(seed or 0) + index,
+                                            check=check)
+            kept = typical_pieces(advantages)
+            log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "
+                f"the expert (median {statistics.median(advantages):.2f} nats per token)")
+            pieces = [pieces[i] for i in kept]
+        if teach:
+            taught += lessons(model, base_model, pieces, index)
+        del model
+        texts.update((text_key(index, i), piece) for i, piece in enumerate(pieces))
+        done(index + 1)
+    return texts, taught
+
+
+def text_targets(texts: dict[tuple, list[int]], experts: int) -> dict[tuple, torch.Tensor]:
+    """Every token of an expert's text wants that expert."""
+    return {key: torch.nn.functional.one_hot(torch.tensor(key[1]), experts).float() for key in texts}

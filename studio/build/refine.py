@@ -1,0 +1,306 @@
+"""Router refinement: the written MoE's routers trained end to end to predict what each expert predicts.
+
+Each router is fitted alone, on its own layer (studio/build/calibrate.py). What the merged model loses is set by all of
+its layers together: a story token mixed 80/20 with a second expert in every layer keeps 70% of the stories
+expert's gain; sent to another expert in one layer of four, almost none. A per-layer fit cannot see that cost.
+
+So, when the merged model fits the device, it is loaded whole from the staging folder and only its routers are
+trained (Adam), on the experts' calibration text: on each piece of expert e's text, the MoE's next-token
+distribution is pulled towards e's, by the divergence KL(e || MoE) over e's top-TOP_K tokens, divided by
+KL(e || base) (so the loss is the share of e's gain the MoE loses, the same scale for every expert), averaged
+over the experts; plus a penalty on any expert that loses more than at the start, and the layer-by-layer fit's
+own loss, which keeps the routing the fit found wherever the divergence does not care. A quarter of each
+expert's pieces is held out: the routers are kept at the step where the held-out shares add up to most while no
+expert's share is more than TOLERANCE below where it started; if no step does that, the fitted routers stay as
+they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same shape).
+
+What each expert predicts is taken while the expert is in memory to write its text (`lessons`): its TOP_K
+most likely tokens at every position, and the base's divergence from it, a few MB for thousands of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+from studio.sources import DTYPE_CODES
+
+if TYPE_CHECKING:
+    from studio.build.plan import MergePlan
+
+TOP_K = 32  # tokens of the expert's distribution kept per position
+STEPS = 20
+LEARNING_RATE = 3e-3
+BATCH = 24  # pieces per step
+CHECK_EVERY = 4  # steps between looks at the held-out pieces
+LABELS = 1.0  # weight of the layer-by-layer fit's loss
+PROTECT = 1.0  # weight of an expert's loss beyond where it started
+TOLERANCE = 0.01  # an expert's held-out share may fall this much at a kept step (noise of a few pieces)
+CPU_PARAMETERS = 50_000_000  # larger merged models are refined on a GPU only: a CPU step would take minutes
+GPU_HEADROOM = 1.5  # the float32 model times this must fit the GPU's free memory (activations, Adam, logits)
+
+
+@dataclass
+class Lesson:
+    """One piece of an expert's text and what the expert predicts at each of its positions."""
+
+    expert: int
+    ids: list[int]
+    top_ids: torch.Tensor  # (positions, TOP_K) int64
+    top_logp: torch.Tensor  # (positions, TOP_K) float32: the expert's log-probabilities of those tokens
+    base_gap: float  # mean over positions of the truncated KL(expert || base): what the MoE can win here
+
+
+@torch.no_grad()  # not inference mode: the lessons' tensors take part in the refinement's autograd
+def lessons(expert, base, pieces: list[list[int]], index: int, batch: int = 16) -> list[Lesson]:
+    """What `expert` (index `index`) predicts on each of its `pieces`, and how far the base is from it."""
+    device = expert.get_input_embeddings().weight.device
+    found = []
+    for start in range(0, len(pieces), batch):
+        group = pieces[start:start + batch]
+        ids, mask = _padded(group, device)
+        expert_logp = expert(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        base_logp = base(input_ids=ids.to(base.device), attention_mask=mask.to(base.device)).logits.float()
+        base_logp = base_logp.log_softmax(-1).to(device)
+        top_logp, top_ids = expert_logp.topk(TOP_K, dim=-1)
+        gap = _truncated_kl(top_logp, base_logp.gather(-1, top_ids))
+        for row, piece in enumerate(group):
+            n = len(piece)
+            found.append(Lesson(index, piece, top_ids[row, :n].cpu(), top_logp[row, :n].cpu(),
+                                float(gap[row, :n].mean())))
+    return found
+
+
+def _padded(pieces: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask (the pieces start at position 0, as the MoE will see text)."""
+    width = max(map(len, pieces))
+    ids = torch.zeros(len(pieces), width, dtype=torch.long)
+    mask = torch.zeros(len(pieces), width, dtype=torch.long)
+    for row, piece in enumerate(pieces):
+        ids[row, :len(piece)] = torch.tensor(piece)
+        mask[row, :len(piece)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _truncated_kl(top_logp: torch.Tensor, other_logp: torch.Tensor) -> torch.Tensor:
+    """Per position: sum over the expert's top tokens of p (log p - log q)."""
+    return (top_logp.exp() * (top_logp - other_logp)).sum(-1)
+
+
+def why_not_refined(parameters: int, device: str) -> str | None:
+    """Why a merged model of this size is not refined on `device` ("cpu" or "cuda..."), or None if it is."""
+    if device == "cpu":
+        if parameters > CPU_PARAMETERS:
+            return (f"the merged model has {parameters / 1e6:.0f}M parameters, and on the CPU refinement runs up to "
+                    f"{CPU_PARAMETERS / 1e6:.0f}M; merge with --device cuda to refine it on a GPU")
+        return None
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    needed = parameters * 4 * GPU_HEADROOM
+    if needed > free:
+        return (f"the merged model in float32 needs about {needed / 2**30:.1f} GiB and the GPU has "
+                f"{free / 2**30:.1f} GiB free")
+    return None
+
+
+@dataclass
+class Refined:
+    rows: torch.Tensor  # (layers, experts, hidden) float32: the routers as written
+    step: int  # the kept step; 0: the fitted routers were kept
+    before: list[float]  # each expert's held-out share of its gain, with the fitted routers
+    after: list[float]  # ... with the kept routers
+
+
+def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Lesson], experts: int,
+                   log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
+                   on_step: Callable[[int, int], None] = lambda done, total: None, seed: int = 0) -> Refined:
+    """Train the `routers` of `model` (layer -> module with an (experts, hidden) `weight`) on `lessons_`; the
+    other weights stay frozen. Returns the kept rows and the held-out shares before and after."""
+    weights = [routers[layer].weight for layer in sorted(routers)]
+    fitted = torch.stack([w.detach().float().cpu() for w in weights])
+    split = _split(lessons_, experts)
+    if split is None:
+        log("Router refinement: skipped, because an expert has fewer than 2 pieces of text (give it more "
+            "calibration text); the fitted routers are kept")
+        return Refined(fitted, 0, [], [])
+    fit, held = split
+    device = next(model.parameters()).device
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    start = _shares_kept(model, held, experts, device)
+    floor = _shares_lost(model, fit, experts, device)  # each expert's loss at the start, on the text it fits
+    log(f"Refining the routers end to end on {len(fit)} pieces of the experts' text ({len(held)} held out); "
+        f"held-out share of each expert's gain: {_shares(start)}")
+    best_sum, best_step, best_rows = sum(start), 0, fitted
+    optimizer = torch.optim.Adam([w.requires_grad_(True) for w in weights], lr=LEARNING_RATE)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for step in range(1, STEPS + 1):
+            check()
+            chosen = [fit[i] for i in torch.randperm(len(fit), generator=generator)[:BATCH].tolist()]
+            optimizer.zero_grad()
+            _loss(model, routers, chosen, experts, device, floor).backward()
+            optimizer.step()
+            if step % CHECK_EVERY == 0 or step == STEPS:
+                shares = _shares_kept(model, held, experts, device)
+                better = all(s >= s0 - TOLERANCE for s, s0 in zip(shares, start)) and sum(shares) > best_sum
+                if better:
+                    best_sum, best_step = sum(shares), step
+                    best_rows = torch.stack([w.detach().float().cpu() for w in weights])
+                log(f"  step {step} of {STEPS}: held-out shares {_shares(shares)}{' (best so far)' if better else ''}")
+            on_step(step, STEPS)
+    with torch.no_grad():
+        for weight, rows in zip(weights, best_rows):
+            weight.requires_grad_(False).copy_(rows)
+    if not best_step:
+        log("Kept the fitted routers: no step raised the held-out shares without lowering an expert's")
+        return Refined(fitted, 0, start, start)
+    after = _shares_kept(model, held, experts, device)
+    log(f"Kept the routers of step {best_step}: held-out shares {_shares(start)} -> {_shares(after)}")
+    return Refined(best_rows, best_step, start, after)
+
+
+def _split(lessons_: list[Lesson], experts: int) -> tuple[list[Lesson], list[Lesson]] | None:
+    """Every fourth piece of each expert held out (at least one, and one left to fit on); None when an expert has
+    fewer than 2 pieces."""
+    fit, held = [], []
+    for e in range(experts):
+        own = [lesson for lesson in lessons_ if lesson.expert == e]
+        if len(own) < 2:
+            return None
+        every = min(4, len(own))
+        held += own[every - 1::every]
+        fit += [lesson for i, lesson in enumerate(own) if i % every != every - 1]
+    return fit, held
+
+
+def _divergences(model, lessons_: list[Lesson], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per lesson (padded into `ids` and `mask`): the mean over its positions of the truncated KL(expert || MoE),
+    divided by the base's."""
+    device = ids.device
+    logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+    out = []
+    for row, lesson in enumerate(lessons_):
+        n = len(lesson.ids)
+        top_ids, top_logp = lesson.top_ids.to(device), lesson.top_logp.to(device)
+        kl = _truncated_kl(top_logp, logp[row, :n].gather(-1, top_ids)).mean()
+        out.append(kl / max(lesson.base_gap, 1e-6))
+    return torch.stack(out)
+
+
+def _per_expert(values: torch.Tensor, lessons_: list[Lesson], experts: int) -> dict[int, torch.Tensor]:
+    owner = torch.tensor([lesson.expert for lesson in lessons_], device=values.device)
+    return {e: values[owner == e].mean() for e in range(experts) if bool((owner == e).any())}
+
+
+def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], experts: int, device,
+          floor: list[float]) -> torch.Tensor:
+    """The mean over experts of the share of its gain lost, plus PROTECT times what any expert lost beyond where
+    it started (one expert's gain is not bought with another's), plus LABELS times the layer-by-layer fit's own
+    loss (each router's cross-entropy against the expert whose text it reads), which keeps the routing that the
+    fit found where the end-to-end loss does not care."""
+    ids, mask = _padded([lesson.ids for lesson in chosen], device)
+    with _router_inputs(routers) as inputs:
+        lost = _per_expert(_divergences(model, chosen, ids, mask), chosen, experts)
+    worse = sum(torch.relu(value - floor[e]) for e, value in lost.items())
+    return torch.stack(list(lost.values())).mean() + PROTECT * worse + LABELS * _label_loss(inputs, chosen, mask)
+
+
+@contextmanager
+def _router_inputs(routers: dict[int, torch.nn.Module]):
+    """Collects (router, its input) for every router call while in the block."""
+    inputs: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    hooks = [router.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0])))
+             for router in routers.values()]
+    try:
+        yield inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list[Lesson],
+                mask: torch.Tensor) -> torch.Tensor:
+    keep = mask.reshape(-1).bool()
+    labels = torch.tensor([lesson.expert for lesson in chosen], device=mask.device)[:, None].expand_as(mask).reshape(-1)
+    losses = [F.cross_entropy((x.reshape(-1, x.shape[-1]) @ router.weight.T)[keep], labels[keep])
+              for router, x in inputs]
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def _shares_lost(model, lessons_: list[Lesson], experts: int, device) -> list[float]:
+    """Each expert's share of its gain over the base that the MoE loses on `lessons_` (its normalised KL)."""
+    values = []
+    for start in range(0, len(lessons_), BATCH):
+        chunk = lessons_[start:start + BATCH]
+        values.append(_divergences(model, chunk, *_padded([lesson.ids for lesson in chunk], device)))
+    return [float(v) for v in _per_expert(torch.cat(values), lessons_, experts).values()]
+
+
+def _shares_kept(model, lessons_: list[Lesson], experts: int, device) -> list[float]:
+    return [1.0 - lost for lost in _shares_lost(model, lessons_, experts, device)]
+
+
+def _shares(shares: list[float]) -> str:
+    return " / ".join(f"{s:.0%}" for s in shares)
+
+
+def patch_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Overwrite the bytes of existing tensors of a safetensors checkpoint in `folder`, in place. Each new value
+    must have the stored shape; it is cast to the stored dtype."""
+    dtypes = {code: dtype for dtype, code in DTYPE_CODES.items()}
+    for path, names in _files_of(folder, list(tensors)).items():
+        with open(path, "r+b") as file:
+            length = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(length))
+            for name in names:
+                entry = header[name]
+                value = tensors[name].detach().to(dtypes[entry["dtype"]]).contiguous().cpu()
+                if list(value.shape) != entry["shape"]:
+                    raise AssertionError(f"{name}: new shape {list(value.shape)}, stored {entry['shape']}")
+                data = value.reshape(-1).view(torch.uint8).numpy().tobytes()
+                begin, end = entry["data_offsets"]
+                assert len(data) == end - begin, name
+                file.seek(8 + length + begin)
+                file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def _files_of(folder: Path, names: list[str]) -> dict[Path, list[str]]:
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return {folder / "model.safetensors": names}
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files: dict[Path, list[str]] = {}
+    for name in names:
+        files.setdefault(folder / weight_map[name], []).append(name)
+    return files
+
+
+def refine_written(folder: Path, plan: MergePlan, lessons_: list[Lesson], device: str, trust_remote_code: bool = False,
+                   log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
+                   on_step: Callable[[int, int], None] = lambda done, total: None, seed: int = 0) -> Refined:
+    """Refine the routers of the merged model written to `folder` (the merge's staging folder) and write the
+    kept rows over the stored ones."""
+    from studio.inspect.routing import find_routers, load_moe
+
+    model, _ = load_moe(folder, torch.float32, trust_remote_code)
+    try:
+        model.to(device)
+        routers = find_routers(model)
+        refined = refine_routers(model, routers, lessons_, len(plan.config.experts), log, check, on_step, seed)
+    finally:
+        del model
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    if refined.step:
+        patch_tensors(folder, {plan.output.router(layer): rows for layer, rows in zip(sorted(routers), refined.rows)})
+    return refined
