@@ -82,17 +82,26 @@ def test_lessons_hold_each_experts_top_tokens_and_the_bases_distance(alphabet_le
     assert all(lesson.base_gap > 0 for lesson in alphabet_lessons)  # each expert differs from the base
 
 
-def test_refinement_raises_every_experts_held_out_share(random_router_moe, alphabet_lessons):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_refinement_raises_every_experts_held_out_share(random_router_moe, alphabet_lessons, dtype):
     """From nn.Linear-like random routers, trained towards each expert on its own alphabet: each expert keeps
-    more of its gain on held-out pieces, and the model's routers hold the kept rows."""
-    model, _ = load_moe(random_router_moe)
+    more of its gain on held-out pieces, and the model's routers hold the kept rows. In bfloat16 (as on a GPU)
+    the model's routers stay bfloat16 and hold the float32 rows rounded."""
+    model, _ = load_moe(random_router_moe, dtype)
     routers = find_routers(model)
     log = []
     refined = refine_routers(model, routers, alphabet_lessons, 4, log.append)
     assert refined.step > 0, log
     assert all(after > before for before, after in zip(refined.before, refined.after)), log
-    assert all(torch.equal(routers[layer].weight, rows) for layer, rows in zip(sorted(routers), refined.rows))
+    assert refined.rows.dtype == torch.float32
+    assert all(routers[layer].weight.dtype == dtype and torch.equal(routers[layer].weight, rows.to(dtype))
+               for layer, rows in zip(sorted(routers), refined.rows))
     assert f"Kept the routers of step {refined.step}" in log[-1]
+
+
+def test_a_gpu_refines_in_bfloat16_and_the_cpu_in_float32():
+    assert refine.refine_dtype("cpu") == torch.float32
+    assert refine.refine_dtype("cuda:0") == torch.bfloat16
 
 
 def test_refinement_keeps_the_fitted_routers_when_no_step_helps(random_router_moe, alphabet_lessons, monkeypatch):

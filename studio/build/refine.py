@@ -14,6 +14,10 @@ expert's pieces is held out: the routers are kept at the step where the held-out
 expert's share is more than TOLERANCE below where it started; if no step does that, the fitted routers stay as
 they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same shape).
 
+On a GPU the model runs in bfloat16, as it will once merged (half the memory of float32); the optimiser keeps
+float32 copies of the routers and writes them into the model after each step, so that small updates are not lost
+to bfloat16's rounding. On the CPU, whose bfloat16 matmuls are slow, everything is float32.
+
 What each expert predicts is taken while the expert is in memory to write its text (`lessons`): its TOP_K
 most likely tokens at every position, and the base's divergence from it, a few MB for thousands of tokens.
 """
@@ -44,7 +48,7 @@ LABELS = 1.0  # weight of the layer-by-layer fit's loss
 PROTECT = 1.0  # weight of an expert's loss beyond where it started
 TOLERANCE = 0.01  # an expert's held-out share may fall this much at a kept step (noise of a few pieces)
 CPU_PARAMETERS = 50_000_000  # larger merged models are refined on a GPU only: a CPU step would take minutes
-GPU_HEADROOM = 1.5  # the float32 model times this must fit the GPU's free memory (activations, Adam, logits)
+GPU_HEADROOM = 1.5  # the bfloat16 model times this must fit the GPU's free memory (activations, Adam, logits)
 
 
 @dataclass
@@ -94,6 +98,11 @@ def _truncated_kl(top_logp: torch.Tensor, other_logp: torch.Tensor) -> torch.Ten
     return (top_logp.exp() * (top_logp - other_logp)).sum(-1)
 
 
+def refine_dtype(device: str) -> torch.dtype:
+    """The dtype the merged model is refined in on `device` ("cpu" or "cuda...")."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
 def why_not_refined(parameters: int, device: str) -> str | None:
     """Why a merged model of this size is not refined on `device` ("cpu" or "cuda..."), or None if it is."""
     if device == "cpu":
@@ -102,9 +111,9 @@ def why_not_refined(parameters: int, device: str) -> str | None:
                     f"{CPU_PARAMETERS / 1e6:.0f}M; merge with --device cuda to refine it on a GPU")
         return None
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    needed = parameters * 4 * GPU_HEADROOM
+    needed = parameters * refine_dtype(device).itemsize * GPU_HEADROOM
     if needed > free:
-        return (f"the merged model in float32 needs about {needed / 2**30:.1f} GiB and the GPU has "
+        return (f"the merged model in bfloat16 needs about {needed / 2**30:.1f} GiB to refine, and the GPU has "
                 f"{free / 2**30:.1f} GiB free")
     return None
 
@@ -121,9 +130,10 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
                    log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
                    on_step: Callable[[int, int], None] = lambda done, total: None, seed: int = 0) -> Refined:
     """Train the `routers` of `model` (layer -> module with an (experts, hidden) `weight`) on `lessons_`; the
-    other weights stay frozen. Returns the kept rows and the held-out shares before and after."""
+    other weights stay frozen. Returns the kept rows (float32) and the held-out shares before and after."""
     weights = [routers[layer].weight for layer in sorted(routers)]
-    fitted = torch.stack([w.detach().float().cpu() for w in weights])
+    masters = [w.detach().float().clone().requires_grad_(True) for w in weights]  # what Adam updates
+    fitted = torch.stack([m.detach().cpu() for m in masters])
     split = _split(lessons_, experts)
     if split is None:
         log("Router refinement: skipped, because an expert has fewer than 2 pieces of text (give it more "
@@ -138,21 +148,19 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     log(f"Refining the routers end to end on {len(fit)} pieces of the experts' text ({len(held)} held out); "
         f"held-out share of each expert's gain: {_shares(start)}")
     best_sum, best_step, best_rows = sum(start), 0, fitted
-    optimizer = torch.optim.Adam([w.requires_grad_(True) for w in weights], lr=LEARNING_RATE)
+    optimizer = torch.optim.Adam(masters, lr=LEARNING_RATE)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for step in range(1, STEPS + 1):
             check()
             chosen = [fit[i] for i in torch.randperm(len(fit), generator=generator)[:BATCH].tolist()]
-            optimizer.zero_grad()
-            _loss(model, routers, chosen, experts, device, floor).backward()
-            optimizer.step()
+            _step(optimizer, weights, masters, lambda: _loss(model, routers, chosen, experts, device, floor))
             if step % CHECK_EVERY == 0 or step == STEPS:
                 shares = _shares_kept(model, held, experts, device)
                 better = all(s >= s0 - TOLERANCE for s, s0 in zip(shares, start)) and sum(shares) > best_sum
                 if better:
                     best_sum, best_step = sum(shares), step
-                    best_rows = torch.stack([w.detach().float().cpu() for w in weights])
+                    best_rows = torch.stack([m.detach().cpu() for m in masters])
                 log(f"  step {step} of {STEPS}: held-out shares {_shares(shares)}{' (best so far)' if better else ''}")
             on_step(step, STEPS)
     with torch.no_grad():
@@ -164,6 +172,21 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     after = _shares_kept(model, held, experts, device)
     log(f"Kept the routers of step {best_step}: held-out shares {_shares(start)} -> {_shares(after)}")
     return Refined(best_rows, best_step, start, after)
+
+
+def _step(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], masters: list[torch.Tensor],
+          loss: Callable[[], torch.Tensor]) -> None:
+    """One Adam step on the float32 `masters`, from the gradient of `loss` with respect to the model's `weights`
+    (in the model's dtype), which then take the masters' new values."""
+    for weight in weights:
+        weight.requires_grad_(True).grad = None
+    loss().backward()
+    for weight, master in zip(weights, masters):
+        master.grad = weight.grad.float()
+    optimizer.step()
+    with torch.no_grad():
+        for weight, master in zip(weights, masters):
+            weight.copy_(master)
 
 
 def _split(lessons_: list[Lesson], experts: int) -> tuple[list[Lesson], list[Lesson]] | None:
@@ -229,7 +252,7 @@ def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list
                 mask: torch.Tensor) -> torch.Tensor:
     keep = mask.reshape(-1).bool()
     labels = torch.tensor([lesson.expert for lesson in chosen], device=mask.device)[:, None].expand_as(mask).reshape(-1)
-    losses = [F.cross_entropy((x.reshape(-1, x.shape[-1]) @ router.weight.T)[keep], labels[keep])
+    losses = [F.cross_entropy((x.reshape(-1, x.shape[-1]) @ router.weight.T).float()[keep], labels[keep])
               for router, x in inputs]
     return torch.stack(losses).mean()
 
@@ -292,7 +315,7 @@ def refine_written(folder: Path, plan: MergePlan, lessons_: list[Lesson], device
     kept rows over the stored ones."""
     from studio.inspect.routing import find_routers, load_moe
 
-    model, _ = load_moe(folder, torch.float32, trust_remote_code)
+    model, _ = load_moe(folder, refine_dtype(device), trust_remote_code)
     try:
         model.to(device)
         routers = find_routers(model)
