@@ -8,8 +8,10 @@ One unattended run on a machine with a CUDA GPU, from a fresh venv with the proj
   2. chats with both merges on the GPU as benchmarks/chat_bench.py does (a fresh process per run, greedy,
      --tokens new tokens, median of --repeat rounds) at bf16, in our 4-bit, and in transformers' own 4-bit
      (BitsAndBytesConfig, which leaves fused experts at bf16), and prints chat_bench's table;
-  3. prints one table of checks against the targets (4-bit tok/s at least 0.8x bf16 and faster than
-     transformers + bitsandbytes; 4-bit footprint at most 0.3x bf16), each PASS or FAIL.
+  3. merges the bundled zoo with `gate_mode: expert_text` on the device: the experts write calibration text,
+     the routers are fitted, then refined end to end (bfloat16 on a GPU);
+  4. prints one table of checks against the targets (4-bit tok/s at least 0.8x bf16 and faster than
+     transformers + bitsandbytes; 4-bit footprint at most 0.3x bf16; the zoo's routers refined), each PASS or FAIL.
 
 Exit status: 0 when every check passes, 1 when one fails, 2 when there is no CUDA GPU. `--device cpu` runs the
 same steps on the CPU (a dry run of the script itself; the GPU targets do not apply there).
@@ -60,22 +62,49 @@ def merge_on_device(root: Path, name: str, args: argparse.Namespace) -> tuple[Pa
 
     experts, shape = FAMILIES[name]
     base, fine_tunes = make_family(root / f"{name}-family", experts, **shape)
-    config = root / f"{name}.yml"
-    config.write_text(yaml.safe_dump({
+    out, measured, passed, _ = merge_command(root, name, {
         "base_model": str(base), "gate_mode": "hidden", "dtype": "bfloat16",
-        "experts": [{"source_model": str(e), "positive_prompts": PROMPTS[i]} for i, e in enumerate(fine_tunes)]}))
+        "experts": [{"source_model": str(e), "positive_prompts": PROMPTS[i]} for i, e in enumerate(fine_tunes)]},
+        args)
+    return out, Check(f"merge --device {args.device}, {name} (hidden gates)", measured, "exit 0", passed)
+
+
+def refine_on_device(root: Path, args: argparse.Namespace) -> Check:
+    """The zoo merged with `gate_mode: expert_text` on args.device: the experts write their text, the routers are
+    fitted, then refined end to end (in bfloat16 on a GPU). Passes when the merge ends with refinement's verdict."""
+    config = yaml.safe_load((REPO / "benchmarks/natural/sentences.yml").read_text())
+    config["gate_mode"] = "expert_text"
+    config["base_model"] = str(REPO / config["base_model"])
+    for expert in config["experts"]:
+        expert["source_model"] = str(REPO / expert["source_model"])
+    _, measured, passed, log = merge_command(root, "zoo-expert-text", config, args)
+    name = f"merge --device {args.device}, zoo (expert_text, routers refined)"
+    verdict = next((line for line in log if line.startswith("Kept the")), None)
+    if passed and verdict is None:
+        skipped = next((line for line in log if line.startswith("Router refinement")), "no verdict in its log")
+        return Check(name, f"{measured}; refinement did not run: {skipped[:80]}", "refined", False)
+    return Check(name, measured + (f"; {verdict[:60]}" if verdict else ""), "refined", passed)
+
+
+def merge_command(root: Path, name: str, config: dict, args: argparse.Namespace) -> tuple[Path, str, bool,
+                                                                                            list[str]]:
+    """`python -m studio merge` of `config` on args.device: the output folder, what was measured, whether it
+    exited 0, and its log lines."""
+    path = root / f"{name}.yml"
+    path.write_text(yaml.safe_dump(config))
     out = root / name
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "studio", "merge", str(config), str(out), "--device", args.device]
+    command = [sys.executable, "-m", "studio", "merge", str(path), str(out), "--device", args.device]
     start = time.perf_counter()
     try:
         proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
-        failure = proc.stderr.strip().splitlines()[-1:] if proc.returncode else []
+        log = proc.stderr.strip().splitlines()
+        failure = log[-1:] if proc.returncode else []
     except subprocess.TimeoutExpired:
-        failure = [f"no result after {args.timeout:.0f} s"]
+        log, failure = [], [f"no result after {args.timeout:.0f} s"]
     seconds = time.perf_counter() - start
     measured = f"{seconds:.0f} s, " + (f"failed: {failure[0][:80]}" if failure else "written")
-    return out, Check(f"merge --device {args.device}, {name} (hidden gates)", measured, "exit 0", not failure)
+    return out, measured, not failure, log
 
 
 def chat_checks(model: Model, results: dict) -> list[Check]:
@@ -137,6 +166,7 @@ def main() -> int:
                 except (SystemExit, subprocess.TimeoutExpired) as exc:  # one failed run fails its checks only
                     print(f"{name} at {precision}: {str(exc)[-1500:]}", file=sys.stderr)
             checks += chat_checks(model, results)
+        checks.append(refine_on_device(root, args))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
