@@ -194,13 +194,12 @@ def prompt_texts(tokenizer) -> list[str]:
 
 
 def held_out_texts(tokenizer) -> list[list[int]]:
-    """PPL_TOKENS tokens of each zoo domain's held-out text, after BOS."""
-    from studio.zoo.corpora import corpus
+    """The first PPL_TOKENS tokens of each zoo domain's held-out text (the text `quality ... zoo` scores), after
+    BOS."""
+    from studio.zoo.corpora import held_out_text_ids
 
-    bos = [tokenizer.bos_token_id]
-    chars = 16 * PPL_TOKENS  # more than enough: the zoo's tokens hold 3 to 4 characters
-    return [bos + tokenizer(corpus(d, chars, 1, held_out=True),
-                            add_special_tokens=False)["input_ids"][:PPL_TOKENS] for d in DOMAINS]
+    texts = held_out_text_ids(tokenizer)
+    return [[tokenizer.bos_token_id] + texts[d][:PPL_TOKENS].tolist() for d in DOMAINS]
 
 
 class TransformersRun:

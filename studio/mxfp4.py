@@ -45,7 +45,8 @@ def packed_pairs(names) -> dict[str, tuple[str, str]]:
 
 
 class PackedTensor:
-    """A packed checkpoint tensor, read and dequantised only when transformers slices it."""
+    """A packed checkpoint tensor, read and dequantised only when transformers slices it. transformers slices each
+    checkpoint tensor once, so nothing is cached: a cache would keep a dequantised copy for the whole load."""
 
     def __init__(self, read, blocks: str, scales: str):
         self.read, self.blocks, self.scales = read, blocks, scales

@@ -131,6 +131,7 @@ def merge(config: MoEConfig, out: str | Path, options: MergeOptions | None = Non
         plan, warnings = prepare(config, options, log=log, progress=report)
         for warning in warnings:
             log(f"Warning: {warning}")
+        # Again with every source opened: a Hub model's folder in the cache is known only now.
         destination.check_not_a_source(out, [s.folder for s in integrity.plan_sources(plan)])
         in_progress = destination.remove_stale(out.parent, lock, log)
         destination.check_disk_space(out, plan.total_bytes, in_progress)
