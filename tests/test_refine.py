@@ -51,6 +51,19 @@ def test_large_models_are_refined_on_a_gpu_only():
     assert "--device cuda" in why_not_refined(refine.CPU_PARAMETERS + 1, "cpu")
 
 
+def test_an_experts_share_lost_is_a_ratio_of_means_as_in_the_quality_measure():
+    """Two pieces of expert 0: on one it is barely better than the base (gap 0.01) and the MoE matches the base
+    there (divergence 0.01); on the other (gap 1.0) the MoE matches the expert. The MoE loses 0.01 of the 1.01
+    the expert wins over the base: about 1%, not the 50% a mean of per-piece ratios would say."""
+    lessons_ = [refine.Lesson(0, [1, 2], torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), gap)
+                for gap in (0.01, 1.0)] + [refine.Lesson(1, [1, 2], torch.zeros(2, 1, dtype=torch.long),
+                                                          torch.zeros(2, 1), 0.5)]
+    gaps = refine._gaps(lessons_)
+    assert gaps == pytest.approx({0: 0.505, 1: 0.5})
+    lost = refine._per_expert(torch.tensor([0.01, 0.0, 0.25]), lessons_, gaps)
+    assert float(lost[0]) == pytest.approx(0.01 / 1.01) and float(lost[1]) == pytest.approx(0.5)
+
+
 @pytest.fixture(scope="module")
 def alphabet_lessons(mistral, tokenizer):
     """What each expert of the synthetic family predicts on text of its own alphabet (16 pieces each)."""
