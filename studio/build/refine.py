@@ -7,12 +7,13 @@ expert's gain; sent to another expert in one layer of four, almost none. A per-l
 So, when the merged model fits the device, it is loaded whole from the staging folder and only its routers are
 trained (Adam), on the experts' calibration text: on each piece of expert e's text, the MoE's next-token
 distribution is pulled towards e's, by the divergence KL(e || MoE) over e's top-TOP_K tokens; e's mean over its
-pieces, divided by e's mean KL(e || base), is the share of e's gain the MoE loses (the same scale for every
-expert), and the loss averages it over the experts; plus a penalty on any expert that loses more than at the start, and the layer-by-layer fit's
-own loss, which keeps the routing the fit found wherever the divergence does not care. A quarter of each
-expert's pieces is held out: the routers are kept at the step where the held-out shares add up to most while no
-expert's share is more than TOLERANCE below where it started; if no step does that, the fitted routers stay as
-they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same shape).
+pieces, divided by e's mean KL(e || base), is the share of e's gain the MoE loses (the same scale for every expert),
+and the loss averages it over the experts; plus a penalty on any expert that loses more than at the start, and the
+layer-by-layer fit's own loss, which keeps the routing the fit found wherever the divergence does not care. A
+quarter of each expert's pieces is held out: the routers are kept at the step where the held-out shares add up to
+most while no expert's share is more than TOLERANCE below where it started; if no step does that, the fitted routers
+stay as they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same
+shape).
 
 On a GPU the model runs in bfloat16, as it will once merged (half the memory of float32); the optimiser keeps
 float32 copies of the routers and writes them into the model after each step, so that small updates are not lost
