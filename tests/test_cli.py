@@ -154,3 +154,18 @@ def test_a_signal_during_a_deferred_block_is_handled_when_it_ends():
             signal.signal(signum, handler)
         cli.STOP.clear()
     assert reached
+
+
+
+def test_sampling_flags_name_the_chat_settings_defaults_without_loading_torch():
+    """`--help` names ChatSettings' own defaults (chat: after the model's; route: short and greedy), and answers
+    without importing torch."""
+    chat, route = studio("chat", "--help"), studio("route", "--help")
+    assert "generation_config.json, else 0.95" in " ".join(chat.stdout.split())
+    assert "(default 0)" in route.stdout and "(default 32)" in route.stdout
+    probe = ("import runpy, sys\nsys.argv = ['studio', 'chat', '--help']\ntry:\n"
+             "    runpy.run_module('studio', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert loaded.stdout.strip().endswith("no torch"), loaded.stdout[-300:] + loaded.stderr[-300:]

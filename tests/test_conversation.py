@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from studio.errors import StudioError
-from studio.inspect.chat import ChatSettings, generation_defaults
+from studio.inspect.chat import generation_defaults
+from studio.inspect.settings import ChatSettings
 from studio.inspect.conversation import Conversation
 from studio.trace import RouterTrace
 

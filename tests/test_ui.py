@@ -20,7 +20,8 @@ from studio.app.ui.app import build_app, launch
 from studio.build.merge import merge
 from studio.build.preview import preview_routing, summary_rows
 from studio.config import load_config, parse_config
-from studio.inspect.chat import ChatSettings, load_chat_model
+from studio.inspect.chat import load_chat_model
+from studio.inspect.settings import ChatSettings
 from studio.inspect.quality import measure_quality
 
 ROOT = Path(__file__).resolve().parents[1]

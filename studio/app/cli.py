@@ -13,10 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.inspect.settings import ChatSettings
 
 SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12,
               "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+ROUTE_SETTINGS = ChatSettings(temperature=0.0, max_new_tokens=32)  # `route` answers short and greedy
 IGNORED_FLAGS = {
     "--allow-crimes": "architecture checks are always on and explain each misfit",
     "--lazy-unpickle": "tensors are always read lazily",
@@ -99,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with an MoE in the terminal; after each reply, the dominant "
                                             "expert of each layer")
     chat.add_argument("model", help="MoE folder or Hub id")
-    _generation_flags(chat, "the model's generation_config.json, else 0.7", "the model's, else 256")
+    _generation_flags(chat, None)
     _common(chat)
 
     route = commands.add_parser("route", help="which expert each layer chose for every token of a prompt and its "
@@ -110,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--html", default="route.html", help="where the figures go (default route.html)")
     route.add_argument("--json", help="also save the trace as JSON here")
     route.add_argument("--csv", help="also save the trace as CSV here (one row per token and layer)")
-    _generation_flags(route, "0, greedy", "32")
+    _generation_flags(route, ROUTE_SETTINGS)
     _common(route)
 
     preview = commands.add_parser("preview", help="which expert each layer would choose for each token of a test "
@@ -124,17 +126,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generation_flags(parser: argparse.ArgumentParser, temperature: str, max_new_tokens: str) -> None:
-    """Sampling flags; those left out come from the command's defaults (`_load_chat`), named here in words."""
+def _generation_flags(parser: argparse.ArgumentParser, fallback: ChatSettings | None) -> None:
+    """Sampling flags; those left out come from `fallback`, or when it is None from the model's
+    generation_config.json, else ChatSettings' own (`_load_chat`)."""
+    defaults = fallback or ChatSettings()
+    where = "" if fallback else "the model's generation_config.json, else "
+
+    def default(name: str) -> str:
+        return f"(default {where}{getattr(defaults, name):g})"
+
     parser.add_argument("--precision", default="4bit", help="4bit (NF4, experts included; default), 8bit, bf16, fp32")
     parser.add_argument("--device", default="auto",
                         help="auto (default) spreads the model over every GPU, then the CPU; cpu; cuda")
     parser.add_argument("--system", default="", help="system prompt")
-    parser.add_argument("--temperature", type=float, help=f"0 is greedy (default {temperature})")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling (default 0.95)")
-    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default 50)")
-    parser.add_argument("--max-new-tokens", type=positive_int, help=f"answer length limit (default {max_new_tokens})")
-    parser.add_argument("--repetition-penalty", type=float, help="1 is off (default)")
+    parser.add_argument("--temperature", type=float, help=f"0 is greedy {default('temperature')}")
+    parser.add_argument("--top-p", type=float, help=f"nucleus sampling {default('top_p')}")
+    parser.add_argument("--top-k", type=int, help=f"sample among the k likeliest tokens {default('top_k')}")
+    parser.add_argument("--max-new-tokens", type=positive_int, help=f"answer length limit {default('max_new_tokens')}")
+    parser.add_argument("--repetition-penalty", type=float, help=f"1 is off {default('repetition_penalty')}")
     parser.add_argument("--stop", action="append", default=[], help="stop the answer at this text (repeatable)")
     parser.add_argument("--seed", type=int, help="seed for sampling")
     parser.add_argument("--raw", action="store_true",
@@ -352,7 +361,7 @@ def _load_chat(args: argparse.Namespace, fallback=None):
     from dataclasses import replace
 
     from studio.devices import check_device
-    from studio.inspect.chat import ChatSettings, load_chat_model
+    from studio.inspect.chat import load_chat_model
 
     given = {name: value for name, value in (("temperature", args.temperature), ("top_p", args.top_p),
                                              ("top_k", args.top_k), ("max_new_tokens", args.max_new_tokens),
@@ -409,10 +418,9 @@ def _dominant_line(trace, part: str = "answer") -> str:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from studio.inspect.chat import ChatSettings
     from studio.inspect.plots import write_report
 
-    model, settings = _load_chat(args, fallback=ChatSettings(temperature=0.0, max_new_tokens=32))
+    model, settings = _load_chat(args, fallback=ROUTE_SETTINGS)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     reply = model.reply(prompt, settings)
     trace = reply.trace

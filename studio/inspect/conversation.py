@@ -11,7 +11,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
-from studio.inspect.chat import LIVE_TRACE_EVERY, ChatModel, ChatSettings
+from studio.inspect.chat import LIVE_TRACE_EVERY, ChatModel
+from studio.inspect.settings import ChatSettings
 from studio.trace import RouterTrace
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import gradio as gr
 
 from studio.app.ui.common import MODEL_QUEUE, ModelPicker, error_text, load_with_progress, loaded_now, loaded_status
-from studio.inspect.chat import ChatModel, ChatSettings
+from studio.inspect.chat import ChatModel
+from studio.inspect.settings import ChatSettings
 from studio.inspect.conversation import Conversation
 from studio.inspect.loaded import LoadedModel
 from studio.inspect.plots import layer_expert_heatmap, token_text_html
