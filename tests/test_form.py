@@ -7,7 +7,7 @@ import yaml
 
 from studio.app.form import (add_expert, expert_names, expert_view, field_problems, messages_by_area, move_expert,
                              parse_mapping, prompts_to_text, remove_expert, rewritten_yaml, set_expert_field, set_field,
-                             text_to_prompts)
+                             text_to_files, text_to_prompts)
 from studio.config import load_yaml, to_yaml
 from studio.errors import StudioError
 
@@ -42,6 +42,24 @@ def test_form_edits_show_in_the_yaml_and_back(zoo):
     assert (view.source_model, view.positive_prompts, view.noise_scale) == ("assets/zoo/chat", "2 + 2 =\n---\n9 - 3 =",
                                                                             0.01)
     assert "dtype" not in set_field(zoo, "dtype", None)
+
+
+def test_calibration_text_files_are_one_per_line(zoo, tmp_path):
+    """The expert's `calibration_text` box: one path per line, blank lines and spaces ignored; emptied, the key
+    leaves the config; a file that is not there is named next to the expert."""
+    texts = [tmp_path / "math one.txt", tmp_path / "math-2.txt"]
+    for path in texts:
+        path.write_text("12 + 7 = 19\n")
+    data = set_field(zoo, "gate_mode", "expert_text")
+    data = set_expert_field(data, 1, "calibration_text", f"  {texts[0]}\n\n{texts[1]}  \n")
+    config = load_yaml(to_yaml(data))
+    assert config.experts[1].calibration_text == [str(texts[0]), str(texts[1])]
+    assert expert_view(data, 1).calibration_text == f"{texts[0]}\n{texts[1]}"
+    assert field_problems(data) == {}
+    missing = set_expert_field(data, 2, "calibration_text", str(tmp_path / "gone.txt"))
+    assert "is not a file" in " ".join(field_problems(missing)["experts[2]"])
+    assert "calibration_text" not in set_expert_field(data, 1, "calibration_text", " \n")["experts"][1]
+    assert text_to_files("a.txt\r\n b.txt") == ["a.txt", "b.txt"] and text_to_files("") is None
 
 
 def test_experts_are_added_removed_and_reordered(zoo):

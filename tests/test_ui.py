@@ -218,13 +218,22 @@ def test_form_edits_change_the_yaml_and_yaml_edits_change_the_form(page_at: Page
                                                             "assets/zoo/stories", "assets/zoo/chat"]
     expect(field(page_at, "expert-picker")).to_have_value("0: assets/zoo/stories")
 
+    type_into(page_at, "expert-calibration", "/no/such/stories.txt")
+    data = wait_for_yaml(page_at, lambda d: d["experts"][0].get("calibration_text") == ["/no/such/stories.txt"])
+    expect(page_at.locator("#msg-expert")).to_contain_text("/no/such/stories.txt is not a file")
+
     data["gate_mode"] = "cheap_embed"
     data["experts"][0]["source_model"] = "assets/zoo/math"
     data["experts"][0]["positive_prompts"] = ["first prompt", "second\nprompt"]
+    data["experts"][0]["calibration_text"] = ["a.txt", "b.txt"]
     replace_editor_text(page_at, yaml.safe_dump(data, sort_keys=False))
     expect(field(page_at, "gate-mode")).to_have_value("cheap_embed")
     expect(field(page_at, "expert-source")).to_have_value("assets/zoo/math")
     expect(field(page_at, "expert-positive")).to_have_value("first prompt\n---\nsecond\nprompt")
+    expect(field(page_at, "expert-calibration")).to_have_value("a.txt\nb.txt")
+    del data["experts"][0]["calibration_text"]
+    replace_editor_text(page_at, yaml.safe_dump(data, sort_keys=False))
+    expect(field(page_at, "expert-calibration")).to_have_value("")
 
     page_at.locator("#add-expert").click()
     expect(field(page_at, "expert-picker")).to_have_value("4: assets/zoo/base")

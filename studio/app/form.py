@@ -18,7 +18,6 @@ from studio.errors import StudioError
 
 # Prompts may span lines (code, chat turns), so a line holding only `---` separates them in a text box.
 PROMPT_SEPARATOR = "\n---\n"
-EXPERT_FIELDS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
 SETTINGS = ("gate_mode", "dtype", "experts_per_token", "architecture", "prompt_format")
 FIRST_NAME = re.compile(r"`([a-z_]+(?:\[\d+\])?)")
 
@@ -27,6 +26,13 @@ def prompts_to_text(prompts: list[str] | str | None) -> str:
     if isinstance(prompts, str):
         return prompts
     return PROMPT_SEPARATOR.join(prompts or [])
+
+
+def text_to_files(text: str | None) -> list[str] | None:
+    """File paths, one per line of a text box (blank lines and surrounding spaces ignored); None when there is
+    none."""
+    files = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return files or None
 
 
 def text_to_prompts(text: str | None) -> list[str] | None:
@@ -72,6 +78,8 @@ def set_expert_field(data: dict, index: int, key: str, value: Any, group: str = 
     data = copy.deepcopy(data)
     if key.endswith("_prompts"):
         value = text_to_prompts(value)
+    elif key == "calibration_text":
+        value = text_to_files(value)
     experts = _experts(data, group)
     if group == "shared_experts" and not experts:
         if not value:
@@ -123,15 +131,19 @@ class ExpertView:
     negative_prompts: str = ""
     noise_scale: float | None = None
     residual_scale: float | None = None
+    calibration_text: str = ""  # one file per line
 
 
 def expert_view(data: dict, index: int, group: str = "experts") -> ExpertView:
     """The form's fields for one expert (empty when there is none)."""
     experts = _experts(data, group)
     expert = experts[index] if 0 <= index < len(experts) and isinstance(experts[index], dict) else {}
-    return ExpertView(str(expert.get("source_model") or ""), prompts_to_text(expert.get("positive_prompts")),
-                      prompts_to_text(expert.get("negative_prompts")), expert.get("noise_scale"),
-                      expert.get("residual_scale"))
+    files = expert.get("calibration_text")
+    return ExpertView(source_model=str(expert.get("source_model") or ""),
+                      positive_prompts=prompts_to_text(expert.get("positive_prompts")),
+                      negative_prompts=prompts_to_text(expert.get("negative_prompts")),
+                      noise_scale=expert.get("noise_scale"), residual_scale=expert.get("residual_scale"),
+                      calibration_text="\n".join(files) if isinstance(files, list) else str(files or ""))
 
 
 def field_problems(data: dict, allow_identical_experts: bool = False) -> dict[str, list[str]]:

@@ -140,6 +140,10 @@ class BuildTab:
             with gr.Row():
                 self.noise = gr.Number(label="noise_scale", elem_id="expert-noise")
                 self.residual = gr.Number(label="residual_scale", elem_id="expert-residual")
+            self.calibration = gr.Textbox(
+                label="calibration_text: text files of this expert's domain, one path per line (expert_text mode; "
+                      "without them the expert writes its own text from its prompts)",
+                lines=2, max_lines=6, elem_id="expert-calibration")
         self.messages["expert"] = gr.Markdown(elem_id="msg-expert", elem_classes="field-msg")
         self.messages["experts"] = gr.Markdown(elem_id="msg-experts", elem_classes="field-msg")
         with gr.Accordion("Shared expert (optional, Qwen2-MoE style)", open=False):
@@ -209,7 +213,8 @@ class BuildTab:
     def form_widgets(self) -> list:
         return [self.base, self.gate_mode, self.dtype, self.per_token, self.architecture, self.prompt_format,
                 self.picker, self.source,
-                self.positive, self.negative, self.noise, self.residual, self.shared_source, self.shared_positive]
+                self.positive, self.negative, self.noise, self.residual, self.calibration, self.shared_source,
+                self.shared_positive]
 
     @property
     def message_widgets(self) -> list:
@@ -225,7 +230,7 @@ class BuildTab:
             _number(data.get("experts_per_token", 2)), _choice(data.get("architecture")),
             data.get("prompt_format", "raw"), gr.update(choices=names, value=picked), expert.source_model,
             expert.positive_prompts, expert.negative_prompts, _number(expert.noise_scale),
-            _number(expert.residual_scale), shared.source_model, shared.positive_prompts]))
+            _number(expert.residual_scale), expert.calibration_text, shared.source_model, shared.positive_prompts]))
 
     def message_values(self, data: dict, selected: int, identical: bool) -> dict:
         areas = form.messages_by_area(form.field_problems(data, identical), selected)
@@ -352,7 +357,7 @@ class BuildTab:
                          **every)
         for widget, key in [(self.source, "source_model"), (self.positive, "positive_prompts"),
                             (self.negative, "negative_prompts"), (self.noise, "noise_scale"),
-                            (self.residual, "residual_scale")]:
+                            (self.residual, "residual_scale"), (self.calibration, "calibration_text")]:
             widget.input(self._expert_field(key), [*state, widget, self.picker, self.identical, self.editor], synced,
                          **every)
         for widget, key in [(self.shared_source, "source_model"), (self.shared_positive, "positive_prompts")]:
