@@ -106,3 +106,18 @@ def test_merge_names_a_bad_texts_file_before_merging(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert main(["merge", "assets/examples/zoo-fragments.yml", str(out), "--quality-text", str(texts)]) == 2
     assert not out.exists()
+
+
+def test_zoo_text_scores_the_zoo_experts_a_merge_has(tmp_path, monkeypatch):
+    """A merge of two of the zoo's experts is scored on their two domains; one with none of them is told so."""
+    monkeypatch.chdir(ROOT)
+    two = {"base_model": "assets/zoo/base", "gate_mode": "random", "dtype": "bfloat16",
+           "experts": [{"source_model": "assets/zoo/stories"}, {"source_model": "assets/zoo/math"}]}
+    merge(parse_config(two), tmp_path / "two", MergeOptions(random_seed=0), log=lambda m: None)
+    report = measure_quality(tmp_path / "two", "zoo", max_tokens=128, log=lambda m: None)
+    assert [(d.expert, d.tokens) for d in report.domains] == [("assets/zoo/math", 128), ("assets/zoo/stories", 128)]
+    none = {**two, "experts": [{"source_model": "assets/zoo/base"}, {"source_model": "assets/zoo/base"}]}
+    merge(parse_config(none), tmp_path / "none", MergeOptions(random_seed=0, allow_identical_experts=True),
+          log=lambda m: None)
+    with pytest.raises(StudioError, match="None of the zoo's domain experts .* is in this merge"):
+        measure_quality(tmp_path / "none", "zoo", log=lambda m: None)

@@ -119,7 +119,7 @@ def measure_quality(model_path: str | Path, texts: dict[int | str, str] | str,
     moe, tokenizer = load_moe(model_path, trust_remote_code=trust_remote_code)
     base, experts = _sources_of(Path(model_path))
     labels = expert_labels(model_path, len(experts))
-    encoded = zoo_texts(tokenizer) if texts == "zoo" else {
+    encoded = _zoo_domains_of(zoo_texts(tokenizer), labels) if texts == "zoo" else {
         key: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"]) for key, text in texts.items()}
     wanted = {resolve_expert(key, labels): ids[:max_tokens] for key, ids in encoded.items()}
     log(f"Scoring the MoE on {len(wanted)} domains")
@@ -133,6 +133,16 @@ def measure_quality(model_path: str | Path, texts: dict[int | str, str] | str,
         alone = _losses_of(experts[k], {k: ids}, trust_remote_code)[k]
         domains.append(DomainQuality(labels[k], len(ids), base_losses[k], alone, moe_losses[k]))
     return QualityReport(domains)
+
+
+def _zoo_domains_of(texts: dict[str, torch.Tensor], labels: list[str]) -> dict[str, torch.Tensor]:
+    """The zoo's domains whose expert is in the merge: a merge of some of the zoo's experts is scored on theirs."""
+    names = {Path(label).name for label in labels}
+    present = {domain: ids for domain, ids in texts.items() if domain in names}
+    if not present:
+        raise StudioError(f"None of the zoo's domain experts ({', '.join(texts)}) is in this merge (its experts: "
+                          f"{', '.join(labels)}), so `zoo` has no text to score it on; give texts of its domains.")
+    return present
 
 
 def _sources_of(folder: Path) -> tuple[str, list[str]]:
