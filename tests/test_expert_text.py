@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from studio.build.expert_text import samples_per_prompt, typical_pieces, write_text, load_writer
-from studio.build.merge import merge
+from studio.build.merge import MergeOptions, merge
 from studio.config import check_rules, parse_config
 from studio.errors import StudioError
 from studio.inspect.routing import load_moe, router_probabilities
@@ -92,8 +92,6 @@ def test_a_missing_calibration_text_is_named(mistral, tmp_path):
 
 
 def test_4bit_is_refused_before_any_text_is_written(mistral, tmp_path):
-    from studio.build.merge import MergeOptions
-
     base, experts = mistral
     log = []
     with pytest.raises(StudioError, match="`gate_mode: expert_text` runs the merged model .* full precision"):
@@ -115,3 +113,24 @@ def test_prompts_written_in_one_padded_batch_continue_as_each_alone(mistral, tok
     alone = [write_text(writer, reference, [prompt], samples=1, new_tokens=12) for prompt in prompts]
     assert together == [texts[0] for texts, _ in alone]
     assert advantages == pytest.approx([adv[0] for _, adv in alone], abs=1e-5)
+
+
+def test_experts_continue_plain_prompts_under_a_chat_prompt_format(mistral, tokenizer, tmp_path, monkeypatch):
+    """With `prompt_format: chat` the prompts are fitted in the chat template, but the experts write after the plain
+    prompt (BOS + text), as they would continue any text of their domain."""
+    import studio.build.expert_text as expert_text
+
+    continued = []
+
+    def recording(expert, base, prompts, *args, **kwargs):
+        continued.extend(prompts)
+        return write_text(expert, base, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(expert_text, "write_text", recording)
+    base, experts = mistral
+    data = moe_yaml(base, experts, gate_mode="expert_text")
+    data["prompt_format"] = "chat"
+    merge(parse_config(data), tmp_path / "moe", MergeOptions(random_seed=0, refine_routers=False), log=lambda m: None)
+    plain = [tokenizer(tokenizer.bos_token + p, add_special_tokens=False)["input_ids"]
+             for e in data["experts"] for p in e["positive_prompts"]]
+    assert {tuple(p) for p in continued} == {tuple(p) for p in plain}

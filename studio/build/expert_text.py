@@ -4,6 +4,10 @@ A handful of natural prompts per expert ("What is 15 + 27?", "Once upon a time..
 router on: held-out text is made of other tokens than the prompts' few. So each expert continues each of its
 prompts a few times, and the thousands of tokens it writes become the calibration text of its domain, with no
 data from the user. Sampling does not stop at an end-of-text token: after one, the expert starts a new text.
+The experts continue the prompts as plain text (BOS + prompt) whatever the config's `prompt_format`: inside a chat
+template every expert writes an assistant's reply, whatever it was fine-tuned on (measured on the zoo with
+chat-format prompts: the stories expert kept 4% of its gain with text written in the template, 57% with plain
+continuations). The prompts themselves are fitted in the config's format.
 
 Each token is drawn with contrast against the base (logits + CONTRAST * (expert - base), among the tokens the
 expert itself finds plausible), so an expert writes more of what it knows better than the base. A continuation

@@ -37,7 +37,7 @@ from studio.devices import resolve_device
 from studio.errors import StudioError
 from studio.families import Family
 from studio.gate_modes import MODES
-from studio.prompts import load_tokenizer, prompt_encoder
+from studio.prompts import load_tokenizer, prompt_encoder, prompt_ids
 from studio.sources import ModelSource
 
 DEGENERATE_CONDITION = 5.0
@@ -145,11 +145,13 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
     encode = job.encoder(tokenizer)
     experts = plan.config.experts
     prompts = {p: encode(p) for p in _all_prompts(experts)}
-    longest = max(map(len, prompts.values())) + max(expert_text.NEW_TOKENS, expert_text.WINDOW + 1)
+    plain = {p: prompt_ids(tokenizer, p) for p in prompts}  # what the experts continue (expert_text.py says why)
+    longest = max(map(len, [*prompts.values(), *plain.values()])) + max(expert_text.NEW_TOKENS,
+                                                                        expert_text.WINDOW + 1)
     moe = _merged_model(job, longest)  # before any text is written: a base it cannot run is named at once
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     texts, job.lessons = expert_text.expert_texts(
-        experts, [plan.sources[e.source_model] for e in experts], plan.base, encode,
+        experts, [plan.sources[e.source_model] for e in experts], plan.base, plain.__getitem__,
         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, resolve_device(options.device),
         options.seed, options.trust_remote_code, job.log, job.check,
         lambda done: job.progress("text", done, len(experts), f"Experts writing calibration text: {done} of "
