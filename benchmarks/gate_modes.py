@@ -14,7 +14,8 @@ saw:
 `expert_text/fitted` is expert_text with its routers as fitted layer by layer (`--no-refine`); `expert_text`
 refines them end to end once written (studio/build/refine.py). The config `domain-text` (not run by default) is
 `sentences` with each expert's `calibration_text` taken from the zoo's training corpora: routers from the user's
-own domain text instead of text the experts write.
+own domain text instead of text the experts write. The config `chat-format` (not run by default either) holds
+instructions and questions under `prompt_format: chat`, written after the others.
 
 Usage: python benchmarks/gate_modes.py [--configs sentences,keywords,assistant] [--modes hidden,cheap_embed,
        calibrated,expert_text/fitted,expert_text,expert_text_ridge] [--seed 0]

@@ -156,13 +156,13 @@ def test_a_signal_during_a_deferred_block_is_handled_when_it_ends():
     assert reached
 
 
-
 def test_sampling_flags_name_the_chat_settings_defaults_without_loading_torch():
     """`--help` names ChatSettings' own defaults (chat: after the model's; route: short and greedy), and answers
     without importing torch."""
     chat, route = studio("chat", "--help"), studio("route", "--help")
     assert "generation_config.json, else 0.95" in " ".join(chat.stdout.split())
-    assert "(default 0)" in route.stdout and "(default 32)" in route.stdout
+    route_help = " ".join(route.stdout.split())
+    assert "(default 0)" in route_help and "(default 32)" in route_help
     probe = ("import runpy, sys\nsys.argv = ['studio', 'chat', '--help']\ntry:\n"
              "    runpy.run_module('studio', run_name='__main__')\nexcept SystemExit:\n    pass\n"
              "print('torch loaded' if 'torch' in sys.modules else 'no torch')")

@@ -10,6 +10,7 @@ from studio.build.merge import MergeOptions, merge
 from studio.config import check_rules, parse_config
 from studio.errors import StudioError
 from studio.inspect.routing import load_moe, router_probabilities
+from studio.prompts import prompt_encoder
 from studio.sources import open_model
 
 from conftest import moe_yaml
@@ -131,6 +132,8 @@ def test_experts_continue_plain_prompts_under_a_chat_prompt_format(mistral, toke
     data = moe_yaml(base, experts, gate_mode="expert_text")
     data["prompt_format"] = "chat"
     merge(parse_config(data), tmp_path / "moe", MergeOptions(random_seed=0, refine_routers=False), log=lambda m: None)
-    plain = [tokenizer(tokenizer.bos_token + p, add_special_tokens=False)["input_ids"]
-             for e in data["experts"] for p in e["positive_prompts"]]
+    prompts = [p for e in data["experts"] for p in e["positive_prompts"]]
+    plain = [tokenizer(tokenizer.bos_token + p, add_special_tokens=False)["input_ids"] for p in prompts]
+    in_template = [prompt_encoder(tokenizer, "chat", "base")(p) for p in prompts]
+    assert not set(map(tuple, plain)) & set(map(tuple, in_template))  # the two encodings differ for every prompt
     assert {tuple(p) for p in continued} == {tuple(p) for p in plain}

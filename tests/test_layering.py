@@ -10,7 +10,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 STUDIO = Path(__file__).resolve().parents[1] / "studio"
+# Model code written into DeepSeek MoE and Phi MoE outputs, where transformers loads it: relative imports only.
+MODEL_CODE = STUDIO / "build" / "outputs" / "modeling"
 
 LAYER_PACKAGES = ("build", "inspect", "app")  # studio/<layer>/: every module under it is in that layer
 # Modules outside the layer packages that are not shared helpers, each with its layer and why.
@@ -40,9 +44,9 @@ def layer_of(module: str) -> str:
                          "studio/inspect or studio/app (or place it in tests/test_layering.py, with a reason)")
 
 
-def studio_imports(source: str) -> set[str]:
+def studio_imports(source: str, relative: bool = False) -> set[str]:
     """The studio modules (as `layer_of` names them) imported anywhere in `source`, except under
-    `if TYPE_CHECKING:`."""
+    `if TYPE_CHECKING:`. A relative import is refused unless `relative` (it would hide an arrow)."""
     tree = ast.parse(source)
     skipped = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
                and getattr(block.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(block)}
@@ -50,6 +54,9 @@ def studio_imports(source: str) -> set[str]:
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and not relative:
+            raise AssertionError(f"relative import `from {'.' * node.level}{node.module or ''}`: the layers are "
+                                 f"read from absolute `studio.` imports; write it as one")
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "studio":
             found.update(_module_name(parts) for parts in _imported_from(node))
         elif isinstance(node, ast.Import):
@@ -78,7 +85,7 @@ def modules() -> dict[str, set[str]]:
     for path in STUDIO.rglob("*.py"):
         parts = list(path.relative_to(STUDIO).with_suffix("").parts)
         name = _module_name(parts if parts[-1] != "__init__" or len(parts) == 1 else parts[:-1])
-        found.setdefault(name, set()).update(studio_imports(path.read_text()))
+        found.setdefault(name, set()).update(studio_imports(path.read_text(), relative=MODEL_CODE in path.parents))
     return {name: imports - {name} for name, imports in found.items()}
 
 
@@ -87,6 +94,12 @@ def test_studio_imports_skips_type_checking_blocks_and_reads_every_depth():
               "def f():\n    from studio.build import merge\n    import studio.inspect.plots\n"
               "    from studio.app.ui.common import y\n    from studio import safe_yaml\n")
     assert studio_imports(source) == {"config", "build.merge", "inspect.plots", "app.ui", "safe_yaml"}
+
+
+def test_a_relative_import_is_refused_outside_the_model_code_written_into_outputs():
+    with pytest.raises(AssertionError, match="relative import `from ..inspect`"):
+        studio_imports("from ..inspect import routing\n")
+    assert studio_imports("from .sparse_moe import Router\n", relative=True) == set()
 
 
 def test_the_layer_of_a_module_is_its_package():

@@ -185,3 +185,34 @@ def test_the_model_card_says_how_the_routers_were_made(mistral, tmp_path):
     card = (tmp_path / "moe" / "README.md").read_text()
     assert "The routers were fitted on text the experts wrote from the prompts above" in card
     assert "The routers are not trained" not in card
+
+
+def test_float32_masters_keep_steps_smaller_than_bfloat16_can_hold():
+    """Adam's first steps move a weight by the learning rate: 1e-3 from 1.0 is below half of bfloat16's spacing
+    there (2^-7), so a bfloat16 weight stepped alone would stay 1.0; its float32 master moves, and the weight
+    follows it."""
+    weight = torch.nn.Parameter(torch.ones(2, 3, dtype=torch.bfloat16))
+    master = weight.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([master], lr=1e-3)
+    for _ in range(10):
+        refine._step(optimizer, [weight], [master], lambda: weight.float().sum())
+    assert torch.allclose(master, torch.full((2, 3), 0.99), atol=1e-4)
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight, master.to(torch.bfloat16))
+    assert bool((weight < 1).all())
+
+
+def test_a_gpu_out_of_memory_keeps_the_fitted_routers(mistral, tmp_path, monkeypatch):
+    """Refinement that runs out of GPU memory (raised here, as CUDA would) leaves the fitted routers on disk and
+    says so; the merge finishes."""
+    config = _alphabet_config(mistral, tmp_path)
+    merge(config, tmp_path / "fitted", MergeOptions(random_seed=0, refine_routers=False), log=lambda m: None)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(refine, "refine_routers", out_of_memory)
+    log = []
+    merge(config, tmp_path / "moe", MergeOptions(random_seed=0), log=log.append)
+    assert "Router refinement: stopped, because the GPU ran out of memory (cpu); the fitted routers are kept" in log
+    fitted, kept = _routers_on_disk(tmp_path / "fitted"), _routers_on_disk(tmp_path / "moe")
+    assert fitted.keys() == kept.keys() and all(torch.equal(fitted[name], kept[name]) for name in fitted)

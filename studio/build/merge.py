@@ -222,6 +222,8 @@ def _refine(staging: Path, plan: MergePlan, routers: torch.Tensor, lessons: list
     refined = refine_written(staging, plan, lessons, resolve_device(options.device), options.trust_remote_code,
                              log, cancel.check, step, options.random_seed or 0)
     report(Progress("refine", 1, 1, "Routers refined"))  # also when refinement stopped before its first step
+    if not refined.step:  # the fitted routers stay, exactly as written
+        return routers
     routers = routers.clone()
     routers[:, :refined.rows.shape[1]] = refined.rows
     integrity.check_routers(routers, plan)

@@ -15,7 +15,7 @@ most while no expert's share is more than TOLERANCE below where it started; if n
 stay as they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same
 shape).
 
-On a GPU the model runs in bfloat16, as it will once merged (half the memory of float32); the optimiser keeps
+On a GPU the model runs in bfloat16 (half the memory of float32); the optimiser keeps
 float32 copies of the routers and writes them into the model after each step, so that small updates are not lost
 to bfloat16's rounding. On the CPU, whose bfloat16 matmuls are slow, everything is float32.
 
@@ -115,8 +115,8 @@ def why_not_refined(parameters: int, device: str) -> str | None:
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     needed = parameters * refine_dtype(device).itemsize * GPU_HEADROOM
     if needed > free:
-        return (f"the merged model in bfloat16 needs about {needed / 2**30:.1f} GiB to refine, and the GPU has "
-                f"{free / 2**30:.1f} GiB free")
+        return (f"the merged model in {str(refine_dtype(device)).removeprefix('torch.')} needs about "
+                f"{needed / 2**30:.1f} GiB to refine, and the GPU has {free / 2**30:.1f} GiB free")
     return None
 
 
@@ -211,9 +211,12 @@ def _gaps(lessons_: list[Lesson]) -> dict[int, float]:
 
     An expert's share of its gain is a ratio of means, as in the quality measure's (base - MoE) / (base - expert).
     Dividing each piece by its own gap instead let the pieces where the expert is barely better than the base
-    weigh tens of times more than the rest (measured on the zoo: stories and chat kept 4 to 23 points less)."""
+    weigh tens of times more than the rest (measured on the zoo: stories and chat kept 4 to 23 points less).
+    The gap is taken over all of an expert's pieces, fitted and held out: one fixed scale per expert, so that the
+    shares of every step are compared on the same scale."""
     experts = sorted({lesson.expert for lesson in lessons_})
-    return {e: max(statistics.mean(l.base_gap for l in lessons_ if l.expert == e), 1e-6) for e in experts}
+    return {e: max(statistics.mean(lesson.base_gap for lesson in lessons_ if lesson.expert == e), 1e-6)
+            for e in experts}
 
 
 def _divergences(model, lessons_: list[Lesson], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -331,7 +334,13 @@ def refine_written(folder: Path, plan: MergePlan, lessons_: list[Lesson], device
     try:
         model.to(device)
         routers = find_routers(model)
-        refined = refine_routers(model, routers, lessons_, len(plan.config.experts), log, check, on_step, seed)
+        fitted = torch.stack([routers[layer].weight.detach().float().cpu() for layer in sorted(routers)])
+        try:
+            refined = refine_routers(model, routers, lessons_, len(plan.config.experts), log, check, on_step, seed)
+        except torch.cuda.OutOfMemoryError:  # the estimate leaves headroom, but logits grow with the vocabulary
+            log(f"Router refinement: stopped, because the GPU ran out of memory ({device}); the fitted routers are "
+                f"kept")
+            return Refined(fitted, 0, [], [])
     finally:
         del model
         if device != "cpu":

@@ -136,7 +136,8 @@ def measure_quality(model_path: str | Path, texts: dict[int | str, str] | str,
 
 
 def _zoo_domains_of(texts: dict[str, torch.Tensor], labels: list[str]) -> dict[str, torch.Tensor]:
-    """The zoo's domains whose expert is in the merge: a merge of some of the zoo's experts is scored on theirs."""
+    """The zoo's domains whose expert is in the merge: a merge of some of the zoo's experts is scored on theirs.
+    An expert is the zoo's by its folder's name (`.../math`), as `resolve_expert` names experts."""
     names = {Path(label).name for label in labels}
     present = {domain: ids for domain, ids in texts.items() if domain in names}
     if not present:
