@@ -219,10 +219,15 @@ def _refine(staging: Path, plan: MergePlan, routers: torch.Tensor, lessons: list
         report(Progress("refine", done, total, f"Refining the routers end to end: step {done} of {total}"))
 
     report(Progress("refine", 0, 1, "Refining the routers: loading the merged model"))
-    refined = refine_written(staging, plan, lessons, resolve_device(options.device), options.trust_remote_code,
-                             log, cancel.check, step, options.random_seed or 0)
+    device = resolve_device(options.device)
+    try:
+        refined = refine_written(staging, plan, lessons, device, options.trust_remote_code, log, cancel.check, step,
+                                 options.random_seed or 0)
+    except torch.cuda.OutOfMemoryError:  # the estimate leaves headroom, but logits grow with the vocabulary
+        log(f"Router refinement: stopped, because the GPU ran out of memory ({device}); the fitted routers are kept")
+        refined = None
     report(Progress("refine", 1, 1, "Routers refined"))  # also when refinement stopped before its first step
-    if not refined.step:  # the fitted routers stay, exactly as written
+    if refined is None or not refined.step:  # the fitted routers stay, exactly as written
         return routers
     routers = routers.clone()
     routers[:, :refined.rows.shape[1]] = refined.rows

@@ -334,13 +334,7 @@ def refine_written(folder: Path, plan: MergePlan, lessons_: list[Lesson], device
     try:
         model.to(device)
         routers = find_routers(model)
-        fitted = torch.stack([routers[layer].weight.detach().float().cpu() for layer in sorted(routers)])
-        try:
-            refined = refine_routers(model, routers, lessons_, len(plan.config.experts), log, check, on_step, seed)
-        except torch.cuda.OutOfMemoryError:  # the estimate leaves headroom, but logits grow with the vocabulary
-            log(f"Router refinement: stopped, because the GPU ran out of memory ({device}); the fitted routers are "
-                f"kept")
-            return Refined(fitted, 0, [], [])
+        refined = refine_routers(model, routers, lessons_, len(plan.config.experts), log, check, on_step, seed)
     finally:
         del model
         if device != "cpu":
