@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from studio import safe_yaml
 from studio.errors import StudioError
 from studio.gate_modes import ALIASES, MODES, gate_mode
+from studio.text_sources import source_problem
 
 GATE_MODES = tuple(MODES)
 PROMPT_FORMATS = ("raw", "chat")
@@ -289,8 +290,10 @@ def check_rules(config: MoEConfig, allow_identical_experts: bool = False) -> tup
 
 
 def _missing_calibration_text(config: MoEConfig) -> list[str]:
-    """`calibration_text` files that are not there: named now, not after the models are downloaded."""
-    return [f"`experts[{i}].calibration_text` ({expert.source_model}): {name} is not a file. Give UTF-8 text files "
-            f"of this expert's domain."
-            for i, expert in enumerate(config.experts) for name in expert.calibration_text or []
-            if not Path(name).expanduser().is_file()]
+    """`calibration_text` sources that cannot be read (a missing file, a malformed Hub URL): named now, not after
+    the models are downloaded."""
+    problems = [(i, expert, source_problem(name)) for i, expert in enumerate(config.experts)
+                for name in expert.calibration_text or []]
+    return [f"`experts[{i}].calibration_text` ({expert.source_model}): {problem}. Give text files of this expert's "
+            f"domain (UTF-8, JSON Lines or JSON), local or hf://datasets/OWNER/NAME/FILE."
+            for i, expert, problem in problems if problem]

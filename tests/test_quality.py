@@ -66,7 +66,7 @@ def test_texts_file_takes_strings_and_files(tmp_path):
     path.write_text(yaml.safe_dump({"stories": [{"file": "story.txt"}, "The end."], 1: "12 + 7 = 19"}))
     assert load_texts(path) == {"stories": STORY + "\n\nThe end.", 1: "12 + 7 = 19"}
     path.write_text(yaml.safe_dump({"stories": [{"file": "nowhere.txt"}]}))
-    with pytest.raises(StudioError, match="Texts for 'stories': cannot read .*nowhere.txt"):
+    with pytest.raises(StudioError, match="Texts for 'stories': .*nowhere.txt is not a file"):
         load_texts(path)
 
 

@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                                                   "and the share of each expert's gain the MoE keeps")
     quality.add_argument("model", help="merged MoE folder (its mergekit_moe_config.yml names the base and experts)")
     quality.add_argument("texts", help="YAML mapping each expert (index, source model or folder name) to held-out "
-                                       "texts (strings or {file: path}), or `zoo` for the bundled zoo's own")
+                                       "texts (strings or {file: path}, a path or hf://datasets/OWNER/NAME/FILE), or "
+                                       "`zoo` for the bundled zoo's own")
     quality.add_argument("--max-tokens", type=positive_int, default=16_384, help="tokens scored per domain")
     _common(quality)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import statistics
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -38,6 +37,7 @@ from studio.config import Expert
 from studio.devices import check_device, resolve_device
 from studio.errors import StudioError
 from studio.sources import ModelSource
+from studio.text_sources import read_text
 
 TOKENS_PER_EXPERT = 6144  # calibration tokens written (or read) per expert
 NEW_TOKENS = 192  # written after each prompt
@@ -57,15 +57,13 @@ def text_key(expert: int, piece: int) -> tuple[str, int, int]:
 
 def read_calibration_text(expert: Expert, index: int, encode_text: Callable[[str], list[int]], bos: list[int],
                           budget: int = TOKENS_PER_EXPERT) -> list[list[int]]:
-    """An expert's `calibration_text` files as pieces of WINDOW tokens, each after BOS, up to `budget` tokens."""
+    """An expert's `calibration_text` (files, local or of Hub datasets: studio/text_sources.py) as pieces of WINDOW tokens, each after BOS, up to `budget` tokens."""
     ids: list[int] = []
     for name in expert.calibration_text or []:
-        path = Path(name).expanduser()
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StudioError(f"`experts[{index}].calibration_text` ({expert.source_model}): cannot read {path} "
-                              f"({exc}). Give UTF-8 text files of this expert's domain.") from None
+            text = read_text(name)
+        except StudioError as exc:
+            raise StudioError(f"`experts[{index}].calibration_text` ({expert.source_model}): {exc}.") from None
         ids += encode_text(text)
         if len(ids) >= budget:
             break

@@ -6,7 +6,9 @@ MoE, and the share of the expert's gain over the base that the MoE recovers, (ba
 Routing numbers say whether prompts reach an expert; this says whether the MoE is any better for it.
 
 Text per domain comes from a YAML file that maps each expert (index, source model or its folder name) to a list
-of texts, each a string or `{file: path}`; or, for the bundled zoo, from its own held-out corpora (`zoo`).
+of texts, each a string or `{file: path}` (relative to the YAML file, or a Hub dataset's file:
+hf://datasets/OWNER/NAME/FILE, read as studio/text_sources.py says); or, for the bundled zoo, from its own
+held-out corpora (`zoo`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from studio import safe_yaml
 from studio.errors import StudioError
 from studio.inspect.evaluate import resolve_expert
 from studio.inspect.routing import expert_labels, load_moe
+from studio.text_sources import read_text
 
 WINDOW = 128  # tokens per scored window
 MAX_TOKENS = 16_384  # per domain, to bound the time on large models
@@ -90,11 +93,10 @@ def _joined(key, value, folder: Path) -> str:
     parts = []
     for item in value if isinstance(value, list) else [value]:
         if isinstance(item, dict) and set(item) == {"file"}:
-            file = (folder / str(item["file"])).expanduser()
             try:
-                parts.append(file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as exc:
-                raise StudioError(f"Texts for {key!r}: cannot read {file} ({exc}).") from None
+                parts.append(read_text(str(item["file"]), relative_to=folder))
+            except StudioError as exc:
+                raise StudioError(f"Texts for {key!r}: {exc}.") from None
         elif isinstance(item, str):
             parts.append(item)
         else:

@@ -141,8 +141,9 @@ class BuildTab:
                 self.noise = gr.Number(label="noise_scale", elem_id="expert-noise")
                 self.residual = gr.Number(label="residual_scale", elem_id="expert-residual")
             self.calibration = gr.Textbox(
-                label="calibration_text: text files of this expert's domain, one path per line (expert_text modes; "
-                      "without them the expert writes its own text from its prompts)",
+                label="calibration_text: text of this expert's domain, one file per line: a path, or a Hub "
+                      "dataset's file as hf://datasets/OWNER/NAME/train.jsonl#field (expert_text modes; without "
+                      "them the expert writes its own text from its prompts)",
                 lines=2, max_lines=6, elem_id="expert-calibration")
         self.messages["expert"] = gr.Markdown(elem_id="msg-expert", elem_classes="field-msg")
         self.messages["experts"] = gr.Markdown(elem_id="msg-experts", elem_classes="field-msg")
