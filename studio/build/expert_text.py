@@ -57,7 +57,8 @@ def text_key(expert: int, piece: int) -> tuple[str, int, int]:
 
 def read_calibration_text(expert: Expert, index: int, encode_text: Callable[[str], list[int]], bos: list[int],
                           budget: int = TOKENS_PER_EXPERT) -> list[list[int]]:
-    """An expert's `calibration_text` (files, local or of Hub datasets: studio/text_sources.py) as pieces of WINDOW tokens, each after BOS, up to `budget` tokens."""
+    """An expert's `calibration_text` (files, local or of Hub datasets: studio/text_sources.py) as pieces of
+    WINDOW tokens, each after BOS, up to `budget` tokens."""
     ids: list[int] = []
     for name in expert.calibration_text or []:
         try:
