@@ -45,6 +45,8 @@ def test_tokens_of_each_alphabet_go_to_their_expert_in_every_layer(text_moe, tok
 def test_the_log_names_each_experts_text_and_each_layers_fit(text_moe):
     log = text_moe[1]
     assert sum("tokens of its calibration text" in line for line in log) == 4
+    assert [line.split("from ")[-1].rsplit("/", 1)[-1] for line in log if "reading its calibration text" in line] \
+        == [f"domain-{k}.txt" for k in range(4)]
     assert [line.split(":")[0] for line in log if line.startswith("Layer ")] == ["Layer 0", "Layer 1"]
 
 

@@ -188,6 +188,8 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
     for index, (expert, source) in enumerate(zip(experts, sources)):
         check()
         if expert.calibration_text:
+            log(f"Expert {index} ({expert.source_model}): reading its calibration text from "
+                f"{', '.join(expert.calibration_text)}")  # a Hub dataset's file may take a while to download
             pieces = read_calibration_text(expert, index, encode_text, bos)
             log(f"Expert {index} ({expert.source_model}): {sum(map(len, pieces))} tokens of its calibration text")
             model = model_of(source) if teach else None
