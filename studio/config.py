@@ -295,5 +295,5 @@ def _missing_calibration_text(config: MoEConfig) -> list[str]:
     problems = [(i, expert, source_problem(name)) for i, expert in enumerate(config.experts)
                 for name in expert.calibration_text or []]
     return [f"`experts[{i}].calibration_text` ({expert.source_model}): {problem}. Give text files of this expert's "
-            f"domain (UTF-8, JSON Lines or JSON), local or hf://datasets/OWNER/NAME/FILE."
+            f"domain (UTF-8 text, JSON Lines, JSON or Parquet), local or hf://datasets/OWNER/NAME/FILE."
             for i, expert, problem in problems if problem]

@@ -3,12 +3,12 @@ texts that `quality` scores.
 
 A source is a path, or `hf://datasets/OWNER/NAME[@REVISION]/PATH/IN/REPO` (the Hub's own URL form), optionally
 ending in `#FIELD`. What the file holds decides how it is read:
-  * `.jsonl` (one JSON record per line) and `.json` (a list of records, or an object holding one): each record's
-    text is its FIELD when one is given, else every string inside it in order (an instruction and its answer, or a
-    chat's messages); records are separated by a blank line;
-  * anything else is UTF-8 text, whole.
-Parquet is not read (it would need pyarrow, which the studio does not install): most datasets also ship
-JSON Lines, or the file converts in one line of pandas.
+  * `.jsonl` (one JSON record per line), `.json` (a list of records, or an object holding one) and `.parquet`
+    (rows; needs pyarrow, which the studio does not install: `pip install pyarrow`): each record's text is its
+    FIELD when one is given, else every string inside it in order (an instruction and its answer, or a chat's
+    messages); records are separated by a blank line;
+  * anything else is UTF-8 text, whole (Arrow files of a `datasets` cache are refused: give the dataset's own
+    files).
 
 Downloads go through huggingface_hub, whose cache, token (HF_TOKEN or the login) and offline switch
 (HF_HUB_OFFLINE=1) apply; the token is never printed. Records are read up to MAX_CHARS, so a dataset of
@@ -17,6 +17,7 @@ gigabytes costs its download, not its size in memory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -25,9 +26,9 @@ from studio.errors import StudioError
 
 HUB_PREFIX = "hf://datasets/"
 MAX_CHARS = 4_000_000  # far more than a router fit (6144 tokens per expert) or a quality run (16384) reads
-NOT_READ = (".parquet", ".arrow")
+RECORDS = (".jsonl", ".json", ".parquet")
 _HUB = re.compile(r"hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/]+))?/(?P<path>.+)$")
-_FIELD = re.compile(r"(?P<file>.*\.jsonl?)#(?P<field>[^#/]+)$", re.IGNORECASE)
+_FIELD = re.compile(r"(?P<file>.*\.(?:jsonl?|parquet))#(?P<field>[^#/]+)$", re.IGNORECASE)
 
 
 def is_hub(source: str) -> bool:
@@ -47,10 +48,19 @@ def source_problem(source: str, relative_to: Path | None = None) -> str | None:
         path = _local(source, relative_to)
         if not Path(path).is_file():
             return f"{path} is not a file"
-    if path.lower().endswith(NOT_READ):
-        return (f"{path} is Parquet/Arrow, which the studio does not read: give the dataset's .jsonl or .json file, "
-                f"or a text file")
+    if path.lower().endswith(".arrow"):
+        return f"{path} is an Arrow file, which the studio does not read: give the dataset's .parquet or .jsonl file"
+    if path.lower().endswith(".parquet") and not _has_pyarrow():
+        return (f"{path} is Parquet, which needs pyarrow: `pip install pyarrow` (the studio does not install it), "
+                f"or give the dataset's .jsonl or .json file")
     return None
+
+
+def _has_pyarrow() -> bool:
+    try:
+        return importlib.util.find_spec("pyarrow") is not None
+    except ValueError:  # a module without a spec (set to None in sys.modules) cannot be imported either
+        return False
 
 
 def read_text(source: str, relative_to: Path | None = None, max_chars: int = MAX_CHARS) -> str:
@@ -66,9 +76,11 @@ def read_text(source: str, relative_to: Path | None = None, max_chars: int = MAX
     else:
         path = Path(_local(source, relative_to))
     try:
-        return _records_text(path, field, max_chars) if _is_json(path) else _plain_text(path, max_chars)
+        if path.suffix.lower() in RECORDS:
+            return _records_text(path, field, max_chars)
+        return _plain_text(path, max_chars)
     except (OSError, UnicodeDecodeError) as exc:
-        raise StudioError(f"cannot read {path} ({exc}); give UTF-8 text, JSON or JSON Lines") from None
+        raise StudioError(f"cannot read {path} ({exc}); give UTF-8 text, JSON, JSON Lines or Parquet") from None
 
 
 def _field_of(source: str) -> tuple[str, str | None]:
@@ -109,10 +121,6 @@ def _hub_reason(repo: str, filename: str, revision: str | None, exc: Exception) 
     return f"{filename!r} of {where} could not be fetched ({type(exc).__name__}); check the network connection"
 
 
-def _is_json(path: Path) -> bool:
-    return path.suffix.lower() in (".jsonl", ".json")
-
-
 def _plain_text(path: Path, max_chars: int) -> str:
     with open(path, encoding="utf-8") as file:
         return file.read(max_chars)
@@ -132,7 +140,10 @@ def _records_text(path: Path, field: str | None, max_chars: int) -> str:
 
 
 def _records(path: Path):
-    """(record number, record) of a JSON Lines or JSON file."""
+    """(record number, record) of a JSON Lines, JSON or Parquet file."""
+    if path.suffix.lower() == ".parquet":
+        yield from enumerate(_parquet_rows(path), 1)
+        return
     if path.suffix.lower() == ".jsonl":
         with open(path, encoding="utf-8") as file:
             for number, line in enumerate(file, 1):
@@ -143,6 +154,18 @@ def _records(path: Path):
     if isinstance(data, dict):  # {"data": [...]}, {"train": [...]}: the first list of records inside
         data = next((value for value in data.values() if isinstance(value, list)), [data])
     yield from enumerate(data if isinstance(data, list) else [data], 1)
+
+
+def _parquet_rows(path: Path):
+    """The rows of a Parquet file as dicts, a batch at a time (a file of gigabytes is never read whole)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=256):
+            yield from batch.to_pylist()
+    except pyarrow.ArrowException as exc:
+        raise StudioError(f"{path} is not a readable Parquet file ({exc})") from None
 
 
 def _json(text: str, path: Path, where: str):

@@ -3,6 +3,7 @@ quality. The Hub is read through huggingface_hub's own cache, offline: a dataset
 layout is found by the real hf_hub_download, as a file downloaded earlier would be."""
 
 import json
+import sys
 
 import huggingface_hub.constants
 import pytest
@@ -69,10 +70,10 @@ def test_bad_sources_say_what_is_wrong(tmp_path):
     with pytest.raises(StudioError, match=r"record 1 has no field 'text' \(its fields: id, instruction, output\)"):
         read_text(str(tmp_path / "bad.jsonl") + "#text")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(StudioError, match=r"cannot read .*latin1.txt .*give UTF-8 text, JSON or JSON Lines"):
+    with pytest.raises(StudioError, match=r"cannot read .*latin1.txt .*give UTF-8 text, JSON, JSON Lines or Parquet"):
         read_text(str(tmp_path / "latin1.txt"))
     assert source_problem(str(tmp_path / "gone.txt")).endswith("gone.txt is not a file")
-    assert "Parquet/Arrow" in source_problem("hf://datasets/me/arithmetic/data/train-00000-of-00001.parquet")
+    assert "an Arrow file" in source_problem("hf://datasets/me/arithmetic/cache-1234.arrow")
     assert "not a Hub dataset file" in source_problem("hf://datasets/arithmetic.jsonl")
     assert source_problem("hf://datasets/me/arithmetic@v1.0/train.jsonl#output") is None  # nothing downloaded
 
@@ -91,11 +92,11 @@ def test_calibration_text_from_a_hub_dataset_is_checked_then_read_as_a_local_fil
     data = moe_yaml(base, experts, gate_mode="expert_text")
     data["experts"][0]["calibration_text"] = ["hf://datasets/me/arithmetic/train.jsonl#output"]
     data["experts"][1]["calibration_text"] = [str(hub_cache / "train.jsonl") + "#output"]
-    data["experts"][2]["calibration_text"] = ["hf://datasets/me/arithmetic/data.parquet"]
+    data["experts"][2]["calibration_text"] = ["hf://datasets/me/arithmetic/data.arrow"]
     errors, _ = check_rules(parse_config(data))
-    assert errors == ["`experts[2].calibration_text` (" + str(experts[2]) + "): data.parquet is Parquet/Arrow, "
-                      "which the studio does not read: give the dataset's .jsonl or .json file, or a text file. "
-                      "Give text files of this expert's domain (UTF-8, JSON Lines or JSON), local or "
+    assert errors == ["`experts[2].calibration_text` (" + str(experts[2]) + "): data.arrow is an Arrow file, "
+                      "which the studio does not read: give the dataset's .parquet or .jsonl file. Give text files "
+                      "of this expert's domain (UTF-8 text, JSON Lines, JSON or Parquet), local or "
                       "hf://datasets/OWNER/NAME/FILE."]
     config = parse_config(data)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -119,3 +120,28 @@ def test_quality_texts_read_files_relative_to_their_yaml_and_from_hub_datasets(h
     texts.write_text("1: [{file: hf://datasets/me/arithmetic/train.jsonl#answer}]\n")
     with pytest.raises(StudioError, match=r"Texts for 1: .*record 1 has no field 'answer'"):
         load_texts(texts)
+
+
+def test_parquet_rows_are_records_and_without_pyarrow_the_file_is_named(hub_cache, monkeypatch):
+    import pyarrow
+    import pyarrow.parquet
+
+    chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]] * 3
+    table = pyarrow.table({"output": [r["output"] for r in ARITHMETIC], "id": list(range(40)),
+                           "messages": chats + [[]] * 37})
+    pyarrow.parquet.write_table(table, hub_cache / "train.parquet", row_group_size=7)  # rows span row groups
+    assert read_text("hf://datasets/me/arithmetic/train.parquet#output") == OUTPUTS
+    assert read_text("hf://datasets/me/arithmetic/train.parquet").startswith(
+        "0 + 3 = 3\nuser\nHi\nassistant\nHello!\n\n1 + 4 = 5\nuser")  # every string of a row, in order
+    assert read_text("hf://datasets/me/arithmetic/train.parquet#output", max_chars=15) == "\n\n".join(
+        r["output"] for r in ARITHMETIC[:2])
+    (hub_cache / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(StudioError, match=r"broken.parquet is not a readable Parquet file"):
+        read_text("hf://datasets/me/arithmetic/broken.parquet")
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # a machine without pyarrow
+    problem = source_problem("hf://datasets/me/arithmetic/train.parquet#output")
+    assert problem == ("train.parquet is Parquet, which needs pyarrow: `pip install pyarrow` (the studio does not "
+                       "install it), or give the dataset's .jsonl or .json file")
+    with pytest.raises(StudioError, match="needs pyarrow"):
+        read_text("hf://datasets/me/arithmetic/train.parquet")
