@@ -1,59 +1,108 @@
 """Domain text from a local file or a file of a Hub dataset: the one reader of `calibration_text` and of the
 texts that `quality` scores.
 
-A source is a path, or `hf://datasets/OWNER/NAME[@REVISION]/PATH/IN/REPO` (the Hub's own URL form), optionally
-ending in `#FIELD`. What the file holds decides how it is read:
+A source is a path, or a Hub dataset's file: `hf://datasets/OWNER/NAME[@REVISION]/PATH` (parsed by
+huggingface_hub, so special revisions such as `refs/convert/parquet` work) or the file's web address as the
+Hub's Files tab shows it. `#FIELD` at the end picks one field of each record. What the file holds decides how it
+is read:
   * `.jsonl` (one JSON record per line), `.json` (a list of records, or an object holding one) and `.parquet`
     (rows; needs pyarrow, which the studio does not install: `pip install pyarrow`): each record's text is its
     FIELD when one is given, else every string inside it in order (an instruction and its answer, or a chat's
-    messages); records are separated by a blank line;
-  * anything else is UTF-8 text, whole (Arrow files of a `datasets` cache are refused: give the dataset's own
-    files).
+    messages); records without text are skipped, and the rest are separated by a blank line;
+  * anything else is UTF-8 text (Arrow files of a `datasets` cache are refused: give the dataset's own files).
 
 Downloads go through huggingface_hub, whose cache, token (HF_TOKEN or the login) and offline switch
-(HF_HUB_OFFLINE=1) apply; the token is never printed. Records are read up to MAX_CHARS, so a dataset of
-gigabytes costs its download, not its size in memory.
+(HF_HUB_OFFLINE=1) apply; the token is never printed. At most MAX_CHARS characters are returned. JSON Lines and
+Parquet are read a record (a batch of rows) at a time, so a dataset of gigabytes costs its download, not its size
+in memory; a `.json` file is parsed whole, so one above JSON_MAX_BYTES is refused.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from studio.errors import StudioError
 
-HUB_PREFIX = "hf://datasets/"
+HUB_PREFIXES = ("hf://", "https://huggingface.co/", "https://hf.co/")
 MAX_CHARS = 4_000_000  # far more than a router fit (6144 tokens per expert) or a quality run (16384) reads
+JSON_MAX_BYTES = 256 * 2**20
 RECORDS = (".jsonl", ".json", ".parquet")
-_HUB = re.compile(r"hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/]+))?/(?P<path>.+)$")
-_FIELD = re.compile(r"(?P<file>.*\.(?:jsonl?|parquet))#(?P<field>[^#/]+)$", re.IGNORECASE)
+HUB_FORM = "hf://datasets/OWNER/NAME/FILE"
 
 
-def is_hub(source: str) -> bool:
-    return source.startswith(HUB_PREFIX)
+@dataclass(frozen=True)
+class _Source:
+    name: str  # as the user wrote it: what messages name
+    path: str  # a local path, or the path inside the dataset
+    field: str | None = None
+    repo: str | None = None  # the Hub dataset, for a Hub source
+    revision: str | None = None
 
 
 def source_problem(source: str, relative_to: Path | None = None) -> str | None:
     """What is wrong with `source` before anything is downloaded, or None."""
-    source, _ = _field_of(source)
-    if is_hub(source):
-        match = _HUB.match(source)
-        if match is None:
-            return (f"{source} is not a Hub dataset file: write hf://datasets/OWNER/NAME/PATH (optionally "
-                    f"NAME@REVISION and #FIELD), the path of one file inside the dataset")
-        path = match["path"]
-    else:
-        path = _local(source, relative_to)
-        if not Path(path).is_file():
-            return f"{path} is not a file"
-    if path.lower().endswith(".arrow"):
-        return f"{path} is an Arrow file, which the studio does not read: give the dataset's .parquet or .jsonl file"
-    if path.lower().endswith(".parquet") and not _has_pyarrow():
-        return (f"{path} is Parquet, which needs pyarrow: `pip install pyarrow` (the studio does not install it), "
-                f"or give the dataset's .jsonl or .json file")
+    try:
+        _checked(source, relative_to)
+    except StudioError as exc:
+        return str(exc)
     return None
+
+
+def read_text(source: str, relative_to: Path | None = None, max_chars: int = MAX_CHARS) -> str:
+    """The text of `source` (a path, relative to `relative_to` if given, or a Hub dataset's file); a StudioError
+    says why not, without context (the caller names the field)."""
+    parsed = _checked(source, relative_to)
+    path = Path(parsed.path) if parsed.repo is None else _download(parsed)
+    label = parsed.name.partition("#")[0] if parsed.repo else str(path)
+    try:
+        if path.suffix.lower() in RECORDS:
+            return _records_text(path, parsed.field, label, max_chars)
+        with open(path, encoding="utf-8") as file:
+            return file.read(max_chars)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudioError(f"cannot read {label} ({exc}); give UTF-8 text, JSON, JSON Lines or Parquet") from None
+
+
+def _checked(source: str, relative_to: Path | None) -> _Source:
+    parsed = _parsed(source, relative_to)
+    suffix = Path(parsed.path).suffix.lower()
+    if parsed.repo is None and not Path(parsed.path).is_file():
+        raise StudioError(f"{parsed.path} is not a file")
+    if parsed.field is not None and suffix not in RECORDS:
+        raise StudioError(f"{source}: #{parsed.field} picks a field of JSON Lines, JSON or Parquet records, and "
+                          f"this file is read as plain text; drop #{parsed.field}")
+    if suffix == ".arrow":
+        raise StudioError(f"{source} is an Arrow file, which the studio does not read: give the dataset's .parquet "
+                          f"or .jsonl file")
+    if suffix == ".parquet" and not _has_pyarrow():
+        raise StudioError(f"{source} is Parquet, which needs pyarrow: `pip install pyarrow` (the studio does not "
+                          f"install it), or give the dataset's .jsonl or .json file")
+    return parsed
+
+
+def _parsed(source: str, relative_to: Path | None) -> _Source:
+    if not source.startswith(HUB_PREFIXES):
+        path = Path(source).expanduser()
+        path = path if relative_to is None or path.is_absolute() else relative_to / path
+        if path.is_file() or "#" not in path.name:  # an existing file keeps a '#' in its name
+            return _Source(source, str(path))
+        name, field = str(path).rsplit("#", 1)
+        return _Source(source, name, field)
+    from huggingface_hub import parse_hf_uri
+    from huggingface_hub.errors import HfUriError
+
+    location, _, field = source.partition("#")
+    try:
+        uri = parse_hf_uri(location)
+    except HfUriError as exc:
+        raise StudioError(f"{source} is not a Hub dataset's file ({exc}); write {HUB_FORM}") from None
+    if uri.type != "dataset" or not uri.path_in_repo:
+        raise StudioError(f"{source} is not a file of a Hub dataset: write {HUB_FORM} (`datasets/` and the file's "
+                          f"path inside the dataset)")
+    return _Source(source, uri.path_in_repo, field or None, uri.id, uri.revision)
 
 
 def _has_pyarrow() -> bool:
@@ -63,123 +112,105 @@ def _has_pyarrow() -> bool:
         return False
 
 
-def read_text(source: str, relative_to: Path | None = None, max_chars: int = MAX_CHARS) -> str:
-    """The text of `source` (a path, relative to `relative_to` if given, or a Hub dataset file); a StudioError
-    says why not, without context (the caller names the field)."""
-    problem = source_problem(source, relative_to)
-    if problem:
-        raise StudioError(problem)
-    source, field = _field_of(source)
-    if is_hub(source):
-        match = _HUB.match(source)
-        path = _download(match["repo"], match["path"], match["revision"])
-    else:
-        path = Path(_local(source, relative_to))
-    try:
-        if path.suffix.lower() in RECORDS:
-            return _records_text(path, field, max_chars)
-        return _plain_text(path, max_chars)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StudioError(f"cannot read {path} ({exc}); give UTF-8 text, JSON, JSON Lines or Parquet") from None
-
-
-def _field_of(source: str) -> tuple[str, str | None]:
-    """`data.jsonl#text` -> ("data.jsonl", "text"); a `#` elsewhere is part of the name."""
-    match = _FIELD.match(source)
-    return (match["file"], match["field"]) if match else (source, None)
-
-
-def _local(source: str, relative_to: Path | None) -> str:
-    path = Path(source).expanduser()
-    return str(path if relative_to is None or path.is_absolute() else relative_to / path)
-
-
-def _download(repo: str, filename: str, revision: str | None) -> Path:
+def _download(source: _Source) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo, filename, repo_type="dataset", revision=revision))
+        return Path(hf_hub_download(source.repo, source.path, repo_type="dataset", revision=source.revision))
     except Exception as exc:  # huggingface_hub raises many types; each becomes one readable sentence
-        raise StudioError(_hub_reason(repo, filename, revision, exc)) from exc
+        raise StudioError(f"{source.name}: {_hub_reason(source, exc)}") from exc
 
 
-def _hub_reason(repo: str, filename: str, revision: str | None, exc: Exception) -> str:
+def _hub_reason(source: _Source, exc: Exception) -> str:
     from huggingface_hub import errors
 
-    where = f"dataset {repo!r}" + (f" at revision {revision!r}" if revision else "")
+    where = f"dataset {source.repo!r}" + (f" at revision {source.revision!r}" if source.revision else "")
+    status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, errors.GatedRepoError):
         return f"{where} is gated: accept its terms on the Hub, then set HF_TOKEN to a token of that account"
     if isinstance(exc, errors.RepositoryNotFoundError):
         return f"{where} was not found on the Hub (or is private: set HF_TOKEN)"
+    if isinstance(exc, errors.DisabledRepoError):
+        return f"{where} has been disabled on the Hub"
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"{where} has no such revision"
     if isinstance(exc, errors.LocalEntryNotFoundError):  # before its parent class, EntryNotFoundError
-        return (f"{filename!r} of {where} is not in the local Hub cache, and it could not be downloaded (Hub "
-                f"access is off, HF_HUB_OFFLINE=1, or there is no network); download it, or give a local file")
+        return (f"the file is not in the local Hub cache, and it could not be downloaded (Hub access is off, "
+                f"HF_HUB_OFFLINE=1, or there is no network); download it, or give a local file")
     if isinstance(exc, errors.EntryNotFoundError):
-        return f"{where} has no file {filename!r}: give the path of a file as the dataset's Files tab lists it"
-    return f"{filename!r} of {where} could not be fetched ({type(exc).__name__}); check the network connection"
+        return f"{where} has no file {source.path!r}: give its path as the dataset's Files tab lists it"
+    if status == 401:
+        return "the Hub refused the token (HF_TOKEN or the saved login): renew it, or unset it for a public dataset"
+    first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{where}: the file could not be fetched ({type(exc).__name__}: {first_line}); check the network"
 
 
-def _plain_text(path: Path, max_chars: int) -> str:
-    with open(path, encoding="utf-8") as file:
-        return file.read(max_chars)
-
-
-def _records_text(path: Path, field: str | None, max_chars: int) -> str:
+def _records_text(path: Path, field: str | None, label: str, max_chars: int) -> str:
     texts, size = [], 0
-    for number, record in _records(path):
-        text = _record_text(record, field, path, number)
-        texts.append(text)
-        size += len(text)
-        if size >= max_chars:
-            break
+    for number, record in _records(path, field, label):
+        text = _record_text(record, field, label, number)
+        if text.strip():
+            texts.append(text)
+            size += len(text) + 2
+            if size >= max_chars:
+                break
     if not texts:
-        raise StudioError(f"{path} holds no records")
-    return "\n\n".join(texts)
+        raise StudioError(f"{label}: no record has text" + (f" in field {field!r}" if field else ""))
+    return "\n\n".join(texts)[:max_chars]
 
 
-def _records(path: Path):
+def _records(path: Path, field: str | None, label: str):
     """(record number, record) of a JSON Lines, JSON or Parquet file."""
-    if path.suffix.lower() == ".parquet":
-        yield from enumerate(_parquet_rows(path), 1)
-        return
-    if path.suffix.lower() == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from enumerate(_parquet_rows(path, field, label), 1)
+    elif suffix == ".jsonl":
         with open(path, encoding="utf-8") as file:
             for number, line in enumerate(file, 1):
                 if line.strip():
-                    yield number, _json(line, path, f"line {number}")
-        return
-    data = _json(path.read_text(encoding="utf-8"), path, "the file")
-    if isinstance(data, dict):  # {"data": [...]}, {"train": [...]}: the first list of records inside
-        data = next((value for value in data.values() if isinstance(value, list)), [data])
-    yield from enumerate(data if isinstance(data, list) else [data], 1)
+                    yield number, _json(line, label, f"line {number}")
+    else:
+        if path.stat().st_size > JSON_MAX_BYTES:
+            raise StudioError(f"{label} is a JSON file of {path.stat().st_size / 2**20:.0f} MB, read whole to parse "
+                              f"it; give the dataset's .jsonl or .parquet file, read a record at a time")
+        data = _json(path.read_text(encoding="utf-8"), label, "the file")
+        if isinstance(data, dict):  # {"version": ..., "data": [{...}, ...]}: its list of records
+            data = next((value for value in data.values() if isinstance(value, list)
+                         and any(isinstance(item, dict) for item in value)), [data])
+        yield from enumerate(data if isinstance(data, list) else [data], 1)
 
 
-def _parquet_rows(path: Path):
-    """The rows of a Parquet file as dicts, a batch at a time (a file of gigabytes is never read whole)."""
+def _parquet_rows(path: Path, field: str | None, label: str):
+    """The rows of a Parquet file as dicts, a batch at a time; with a field, only its column is decoded (a dataset's
+    images or audio are never read for its text)."""
     import pyarrow
     import pyarrow.parquet
 
     try:
-        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=256):
+        table = pyarrow.parquet.ParquetFile(path)
+        columns = table.schema_arrow.names
+        if field is not None and field not in columns:
+            raise StudioError(f"{label} has no column {field!r} (its columns: {', '.join(columns)})")
+        for batch in table.iter_batches(batch_size=256, columns=None if field is None else [field]):
             yield from batch.to_pylist()
     except pyarrow.ArrowException as exc:
-        raise StudioError(f"{path} is not a readable Parquet file ({exc})") from None
+        raise StudioError(f"{label} is not a readable Parquet file ({exc})") from None
 
 
-def _json(text: str, path: Path, where: str):
+def _json(text: str, label: str, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise StudioError(f"{path}: {where} is not valid JSON ({exc.msg})") from None
+        raise StudioError(f"{label}: {where} is not valid JSON ({exc.msg})") from None
 
 
-def _record_text(record, field: str | None, path: Path, number: int) -> str:
+def _record_text(record, field: str | None, label: str, number: int) -> str:
     if field is not None:
-        if not isinstance(record, dict) or field not in record:
-            keys = sorted(record) if isinstance(record, dict) else []
-            raise StudioError(f"{path}: record {number} has no field {field!r} (its fields: {', '.join(keys)})")
+        if not isinstance(record, dict):
+            raise StudioError(f"{label}: record {number} is not an object, so it has no field {field!r}")
+        if field not in record:
+            raise StudioError(f"{label}: record {number} has no field {field!r} (its fields: "
+                              f"{', '.join(sorted(record))})")
         record = record[field]
     return "\n".join(_strings(record))
 

@@ -5,6 +5,7 @@ layout is found by the real hf_hub_download, as a file downloaded earlier would 
 import json
 import sys
 
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
 
@@ -60,7 +61,7 @@ def test_plain_text_is_read_whole_and_records_stop_at_the_budget(tmp_path):
     assert read_text(str(tmp_path / "a#b.txt")) == "x" * 50  # a '#' outside a JSON name is part of the name
     assert read_text("a#b.txt", relative_to=tmp_path, max_chars=10) == "x" * 10
     (tmp_path / "many.jsonl").write_text("".join(json.dumps({"t": str(i) * 4}) + "\n" for i in range(10)))
-    assert read_text(str(tmp_path / "many.jsonl"), max_chars=8) == "0000\n\n1111"
+    assert read_text(str(tmp_path / "many.jsonl"), max_chars=8) == "0000\n\n11"  # stops within a record
 
 
 def test_bad_sources_say_what_is_wrong(tmp_path):
@@ -70,19 +71,31 @@ def test_bad_sources_say_what_is_wrong(tmp_path):
     with pytest.raises(StudioError, match=r"record 1 has no field 'text' \(its fields: id, instruction, output\)"):
         read_text(str(tmp_path / "bad.jsonl") + "#text")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(StudioError, match=r"cannot read .*latin1.txt .*give UTF-8 text, JSON, JSON Lines or Parquet"):
+    with pytest.raises(StudioError, match=r"cannot read .*latin1.txt .*give UTF-8 text, JSON, JSON Lines or Parq"):
         read_text(str(tmp_path / "latin1.txt"))
     assert source_problem(str(tmp_path / "gone.txt")).endswith("gone.txt is not a file")
     assert "an Arrow file" in source_problem("hf://datasets/me/arithmetic/cache-1234.arrow")
-    assert "not a Hub dataset file" in source_problem("hf://datasets/arithmetic.jsonl")
+    assert "Repository id must be 'namespace/name'" in source_problem("hf://datasets/arithmetic.jsonl")
+    assert "Cannot have -- or .." in source_problem("hf://datasets/me/x--y/a.jsonl")
+    assert "not a file of a Hub dataset" in source_problem("hf://me/a-model/notes.txt")  # a model repo
+    assert "not a file of a Hub dataset" in source_problem("hf://datasets/me/arithmetic")  # no file named
+    assert "#text picks a field" in source_problem("hf://datasets/me/arithmetic/notes.txt#text")
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"id": 1, "text": ""}) + "\n" + json.dumps({"id": 2}) + "\n")
+    with pytest.raises(StudioError, match=r"empty.jsonl: no record has text$"):
+        read_text(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "ids.json").write_text(json.dumps({"tags": ["a"], "rows": [{"id": 1}, {"id": 2}]}))
+    with pytest.raises(StudioError, match=r"ids.json: no record has text in field 'id'"):
+        read_text(str(tmp_path / "ids.json") + "#id")  # the records, not the tags; and numbers are not text
     assert source_problem("hf://datasets/me/arithmetic@v1.0/train.jsonl#output") is None  # nothing downloaded
+    assert source_problem("hf://datasets/me/arithmetic@refs/convert/parquet/default/train/0000.parquet") is None
 
 
 def test_hub_dataset_files_are_read_through_the_hub_cache(hub_cache):
     assert read_text("hf://datasets/me/arithmetic/train.jsonl#output") == OUTPUTS
     assert read_text(f"hf://datasets/me/arithmetic@{COMMIT}/notes.txt") == "12 + 7 = 19\n"
-    with pytest.raises(StudioError, match=r"'test.jsonl' of dataset 'me/arithmetic' is not in the local Hub "
-                                          r"cache.*HF_HUB_OFFLINE=1"):
+    assert read_text("https://huggingface.co/datasets/me/arithmetic/blob/main/notes.txt") == "12 + 7 = 19\n"
+    with pytest.raises(StudioError, match=r"^hf://datasets/me/arithmetic/test.jsonl: the file is not in the local "
+                                          r"Hub cache.*HF_HUB_OFFLINE=1"):
         read_text("hf://datasets/me/arithmetic/test.jsonl")
 
 
@@ -94,10 +107,10 @@ def test_calibration_text_from_a_hub_dataset_is_checked_then_read_as_a_local_fil
     data["experts"][1]["calibration_text"] = [str(hub_cache / "train.jsonl") + "#output"]
     data["experts"][2]["calibration_text"] = ["hf://datasets/me/arithmetic/data.arrow"]
     errors, _ = check_rules(parse_config(data))
-    assert errors == ["`experts[2].calibration_text` (" + str(experts[2]) + "): data.arrow is an Arrow file, "
-                      "which the studio does not read: give the dataset's .parquet or .jsonl file. Give text files "
-                      "of this expert's domain (UTF-8 text, JSON Lines, JSON or Parquet), local or "
-                      "hf://datasets/OWNER/NAME/FILE."]
+    assert errors == ["`experts[2].calibration_text` (" + str(experts[2]) + "): hf://datasets/me/arithmetic/"
+                      "data.arrow is an Arrow file, which the studio does not read: give the dataset's .parquet "
+                      "or .jsonl file. Give text files of this expert's domain (UTF-8 text, JSON Lines, JSON or "
+                      "Parquet), local or hf://datasets/OWNER/NAME/FILE."]
     config = parse_config(data)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     bos = [tokenizer.bos_token_id]
@@ -106,8 +119,8 @@ def test_calibration_text_from_a_hub_dataset_is_checked_then_read_as_a_local_fil
     ids = encode(OUTPUTS)
     assert from_hub == [bos + ids[start:start + WINDOW] for start in range(0, len(ids), WINDOW)] and len(ids) > 64
     config.experts[3].calibration_text = ["hf://datasets/me/arithmetic/missing.jsonl"]
-    with pytest.raises(StudioError, match=r"`experts\[3\].calibration_text` \(.*\): 'missing.jsonl' of dataset "
-                                          r"'me/arithmetic' is not in the local Hub cache"):
+    with pytest.raises(StudioError, match=r"`experts\[3\].calibration_text` \(.*\): hf://datasets/me/arithmetic/"
+                                          r"missing.jsonl: the file is not in the local Hub cache"):
         read_calibration_text(config.experts[3], 3, encode, bos)
 
 
@@ -133,15 +146,56 @@ def test_parquet_rows_are_records_and_without_pyarrow_the_file_is_named(hub_cach
     assert read_text("hf://datasets/me/arithmetic/train.parquet#output") == OUTPUTS
     assert read_text("hf://datasets/me/arithmetic/train.parquet").startswith(
         "0 + 3 = 3\nuser\nHi\nassistant\nHello!\n\n1 + 4 = 5\nuser")  # every string of a row, in order
-    assert read_text("hf://datasets/me/arithmetic/train.parquet#output", max_chars=15) == "\n\n".join(
-        r["output"] for r in ARITHMETIC[:2])
+    assert read_text("hf://datasets/me/arithmetic/train.parquet#output", max_chars=15) == "0 + 3 = 3\n\n1 + "
+    with pytest.raises(StudioError, match=r"train.parquet has no column 'text' \(its columns: output, id, messages\)"):
+        read_text("hf://datasets/me/arithmetic/train.parquet#text")
     (hub_cache / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(StudioError, match=r"broken.parquet is not a readable Parquet file"):
         read_text("hf://datasets/me/arithmetic/broken.parquet")
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # a machine without pyarrow
     problem = source_problem("hf://datasets/me/arithmetic/train.parquet#output")
-    assert problem == ("train.parquet is Parquet, which needs pyarrow: `pip install pyarrow` (the studio does not "
-                       "install it), or give the dataset's .jsonl or .json file")
+    assert problem == ("hf://datasets/me/arithmetic/train.parquet#output is Parquet, which needs pyarrow: `pip install "
+                       "pyarrow` (the studio does not install it), or give the dataset's .jsonl or .json file")
     with pytest.raises(StudioError, match="needs pyarrow"):
         read_text("hf://datasets/me/arithmetic/train.parquet")
+
+
+def _hub_failure(kind: type, status: int) -> Exception:
+    """huggingface_hub's own error of `kind`, as it raises it after an HTTP response of `status`."""
+    import httpx
+
+    request = httpx.Request("GET", "https://huggingface.co/datasets/me/arithmetic/resolve/main/train.jsonl")
+    return kind(f"{status} Client Error.\nRepository Not Found for url: {request.url}.",
+                response=httpx.Response(status, request=request))
+
+
+@pytest.mark.parametrize(("failure", "sentence"), [
+    (lambda e: _hub_failure(e.GatedRepoError, 403), "dataset 'me/arithmetic' is gated: accept its terms on the Hub, "
+                                                     "then set HF_TOKEN to a token of that account"),
+    (lambda e: _hub_failure(e.RepositoryNotFoundError, 404), "dataset 'me/arithmetic' was not found on the Hub (or "
+                                                             "is private: set HF_TOKEN)"),
+    (lambda e: _hub_failure(e.DisabledRepoError, 403), "dataset 'me/arithmetic' has been disabled on the Hub"),
+    (lambda e: _hub_failure(e.RevisionNotFoundError, 404), "dataset 'me/arithmetic' has no such revision"),
+    (lambda e: _hub_failure(e.RemoteEntryNotFoundError, 404), "dataset 'me/arithmetic' has no file 'train.jsonl': "
+                                                              "give its path as the dataset's Files tab lists it"),
+    (lambda e: _hub_failure(e.HfHubHTTPError, 401),
+     "the Hub refused the token (HF_TOKEN or the saved login): renew it, or unset it for a public dataset"),
+    (lambda e: ConnectionError("Max retries exceeded with url: /datasets/me/arithmetic"),
+     "dataset 'me/arithmetic': the file could not be fetched (ConnectionError: Max retries exceeded with url: "
+     "/datasets/me/arithmetic); check the network"),
+])
+def test_each_hub_failure_is_one_sentence_and_the_token_is_never_in_it(failure, sentence, monkeypatch):
+    from huggingface_hub import errors
+
+    token = "hf_doNotPrintThisToken1234567890"
+    monkeypatch.setenv("HF_TOKEN", token)
+
+    def fails(*args, **kwargs):  # huggingface_hub's download, answered by the Hub with `failure`
+        raise failure(errors)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fails)
+    with pytest.raises(StudioError) as caught:
+        read_text("hf://datasets/me/arithmetic/train.jsonl")
+    assert str(caught.value) == f"hf://datasets/me/arithmetic/train.jsonl: {sentence}"
+    assert token not in str(caught.value)
