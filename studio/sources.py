@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from studio.errors import StudioError
+from studio.hub_errors import hub_failure
 
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -312,20 +313,7 @@ HUB_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt
 
 def hub_error(ref: ModelRef, exc: Exception) -> StudioError:
     """One readable message for any huggingface_hub failure about `ref`."""
-    from huggingface_hub import errors
-
-    kind = type(exc).__name__
-    if isinstance(exc, errors.GatedRepoError):
-        why = "is gated: accept its licence on the Hub, then set HF_TOKEN to a token of that account"
-    elif isinstance(exc, errors.RepositoryNotFoundError):
-        why = "was not found on the Hub (or is private: set HF_TOKEN)"
-    elif isinstance(exc, errors.RevisionNotFoundError):
-        why = f"has no revision {ref.revision!r}"
-    elif kind == "OfflineModeIsEnabled":
-        why = "is on the Hub, but Hub access is switched off (HF_HUB_OFFLINE=1); download it and use a local path"
-    else:
-        why = f"could not be fetched ({kind}); check the network connection, or download it and use a local path"
-    return StudioError(f"Model {ref.text!r} {why}.")
+    return StudioError(f"{hub_failure(f'Model {ref.text!r}', exc)}.")
 
 
 def download(ref: ModelRef, tqdm_class: type | None = None) -> Path:

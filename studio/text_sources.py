@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.errors import StudioError
+from studio.hub_errors import hub_failure
 
 HUB_PREFIXES = ("hf://", "https://huggingface.co/", "https://hf.co/")
 MAX_CHARS = 4_000_000  # far more than a router fit (6144 tokens per expert) or a quality run (16384) reads
@@ -118,31 +119,9 @@ def _download(source: _Source) -> Path:
     try:
         return Path(hf_hub_download(source.repo, source.path, repo_type="dataset", revision=source.revision))
     except Exception as exc:  # huggingface_hub raises many types; each becomes one readable sentence
-        raise StudioError(f"{source.name}: {_hub_reason(source, exc)}") from exc
-
-
-def _hub_reason(source: _Source, exc: Exception) -> str:
-    from huggingface_hub import errors
-
-    where = f"dataset {source.repo!r}" + (f" at revision {source.revision!r}" if source.revision else "")
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, errors.GatedRepoError):
-        return f"{where} is gated: accept its terms on the Hub, then set HF_TOKEN to a token of that account"
-    if isinstance(exc, errors.RepositoryNotFoundError):
-        return f"{where} was not found on the Hub (or is private: set HF_TOKEN)"
-    if isinstance(exc, errors.DisabledRepoError):
-        return f"{where} has been disabled on the Hub"
-    if isinstance(exc, errors.RevisionNotFoundError):
-        return f"{where} has no such revision"
-    if isinstance(exc, errors.LocalEntryNotFoundError):  # before its parent class, EntryNotFoundError
-        return (f"the file is not in the local Hub cache, and it could not be downloaded (Hub access is off, "
-                f"HF_HUB_OFFLINE=1, or there is no network); download it, or give a local file")
-    if isinstance(exc, errors.EntryNotFoundError):
-        return f"{where} has no file {source.path!r}: give its path as the dataset's Files tab lists it"
-    if status == 401:
-        return "the Hub refused the token (HF_TOKEN or the saved login): renew it, or unset it for a public dataset"
-    first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"{where}: the file could not be fetched ({type(exc).__name__}: {first_line}); check the network"
+        dataset = f"dataset {source.repo!r}" + (f" at revision {source.revision!r}" if source.revision else "")
+        reason = hub_failure(dataset, exc, source.path, "give its path as the dataset's Files tab lists it")
+        raise StudioError(f"{source.name}: {reason}") from exc
 
 
 def _records_text(path: Path, field: str | None, label: str, max_chars: int) -> str:
