@@ -9,6 +9,7 @@ import yaml
 from studio.app.cli import parse_size
 
 from conftest import moe_yaml
+from helpers import ALPHABETS, domain_text
 
 ROOT = Path(__file__).parent.parent
 
@@ -41,6 +42,25 @@ def test_merge_with_guide_flags_then_refuse_to_overwrite(mistral, write_config, 
     again = studio("merge", config, out)
     assert again.returncode == 2
     assert "already exists and is not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_the_merge_shows_one_bar_that_is_full_only_when_the_merge_is_done(mistral, write_config, tmp_path):
+    """The bar adds up every stage, as the Build tab's does: writing the weights is not the end while the routers
+    are still being refined. Log lines are printed above the bar, and transformers' loading bars are not shown."""
+    base, experts = mistral
+    data = moe_yaml(base, experts, gate_mode="expert_text")
+    for k, expert in enumerate(data["experts"]):
+        (tmp_path / f"domain-{k}.txt").write_text(domain_text(ALPHABETS[k], seed=k))
+        expert["calibration_text"] = [str(tmp_path / f"domain-{k}.txt")]
+    done = studio("merge", write_config(data), tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    drawn = [part.strip() for line in done.stderr.splitlines() for part in line.split("\r") if "%|" in part]
+    shares = [int(part.split("%|")[0]) for part in drawn]
+    assert shares == sorted(shares) and shares[-1] == 100
+    assert all(part.endswith(f"Merged into {tmp_path / 'out'}") for part in drawn if part.startswith("100%|"))
+    log = [part for line in done.stderr.splitlines() for part in line.split("\r") if part.strip() and "%|" not in part]
+    assert log[0] == f"Opening {base}" and log[-1].startswith("Wrote ") and "Loading weights" not in done.stderr
+    assert any(line.startswith("Kept the ") for line in log)  # refinement ran after the weights were written
 
 
 def test_bad_config_exits_2_with_one_paragraph(write_config, tmp_path):

@@ -40,7 +40,7 @@ def test_writing_everything_before_the_routers_is_not_a_full_bar():
     bar.update(Progress("hidden", 4, 4, "Hidden states of the prompts: layer 4 of 4"))
     assert bar.fraction == 1 - FINISH_SHARE and bar.label == "Checking the files and moving them into place"
     bar.update(Progress("done", 100, 100, "Merged into out"))
-    assert bar.fraction == 1.0
+    assert (bar.fraction, bar.label) == (1.0, "Merged into out")
 
 
 def test_downloads_take_their_share_until_the_next_stage():

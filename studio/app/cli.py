@@ -255,8 +255,7 @@ def _paragraph(exc: BaseException) -> str:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from studio.app.progress import MergeBar
     from studio.build.merge import CancelToken, MergeOptions, merge
     from studio.config import load_config
     from studio.devices import check_device
@@ -270,27 +269,52 @@ def _merge(args: argparse.Namespace) -> int:
                            allow_identical_experts=args.allow_identical_experts,
                            copy_tokenizer=args.copy_tokenizer, overwrite=args.overwrite, batch_size=args.batch_size,
                            refine_routers=args.refine)
-    bar = None
-
-    def progress(p) -> None:
-        nonlocal bar
-        if p.stage != "write":
-            return
-        if bar is None:
-            with _signals_deferred():  # a bar half-built by an interrupt prints a traceback when collected
-                bar = tqdm(total=p.total, unit="B", unit_scale=True, desc="Writing", file=sys.stderr)
-        bar.update(p.done - bar.n)
-
+    shown = _MergeBarOnTerminal(MergeBar.for_config(config))
     try:
-        result = merge(config, args.out, options, progress=progress, cancel=CancelToken(STOP),
-                       log=lambda m: print(m, file=sys.stderr))
+        result = merge(config, args.out, options, progress=shown.update, cancel=CancelToken(STOP), log=shown.write)
     finally:
-        if bar is not None:
-            bar.close()
+        shown.close()
     if texts:
         _report_quality(result.out, texts, args.trust_remote_code)
     print(result.out)
     return 0
+
+
+class _MergeBarOnTerminal:
+    """The merge's one bar on stderr, as the Build tab shows it: every stage's share, the stages under way in
+    words, and log lines printed above it. transformers' own "Loading weights" bars are switched off meanwhile."""
+
+    STEPS = 1000
+
+    def __init__(self, merge_bar) -> None:
+        from transformers.utils import logging as transformers_logging
+
+        self.merge_bar, self.bar, self.logging = merge_bar, None, transformers_logging
+        self.loading_bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+
+    def update(self, progress) -> None:
+        from tqdm import tqdm
+
+        self.merge_bar.update(progress)
+        if self.bar is None:
+            with _signals_deferred():  # a bar half-built by an interrupt prints a traceback when collected
+                # miniters=0: a new label is drawn even when the share has not moved, at most every mininterval
+                self.bar = tqdm(total=self.STEPS, bar_format="{percentage:3.0f}%|{bar:20}| {elapsed} {desc}",
+                                miniters=0, mininterval=0.5, file=sys.stderr)
+        self.bar.set_description_str(self.merge_bar.label, refresh=False)
+        self.bar.update(round(self.merge_bar.fraction * self.STEPS) - self.bar.n)
+
+    def write(self, line: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.loading_bars:
+            self.logging.enable_progress_bar()
 
 
 def _quality_texts(arg: str) -> dict | str:

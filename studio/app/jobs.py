@@ -12,7 +12,6 @@ from studio.app.progress import MergeBar
 from studio.build.merge import CancelToken, MergeOptions, MergeResult, Progress, merge
 from studio.config import MoEConfig
 from studio.errors import Cancelled, StudioError
-from studio.sources import ModelRef
 
 JobState = Literal["queued", "running", "done", "cancelled", "failed"]
 
@@ -36,8 +35,7 @@ class MergeJob:
 
     def __post_init__(self) -> None:
         if self.bar is None:
-            hub = any(_from_hub(ref) for ref in self.config.model_refs())
-            self.bar = MergeBar.for_merge(self.config.gate_mode, hub)
+            self.bar = MergeBar.for_config(self.config)
 
     def cancel(self) -> None:
         self.token.cancel()
@@ -55,13 +53,6 @@ class MergeJob:
         if not self.finished.is_set():
             return "queued" if self.progress.stage == "queued" else "running"
         return "done" if self.result else ("cancelled" if self.token.cancelled else "failed")
-
-
-def _from_hub(ref: str) -> bool:
-    try:
-        return not ModelRef.parse(ref).is_local
-    except StudioError:  # the merge itself names the reference's problem
-        return False
 
 
 class MergeRunner:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from studio import gate_modes
 from studio.build.merge import Progress
+from studio.config import MoEConfig
+from studio.errors import StudioError
+from studio.sources import ModelRef
 
 DOWNLOAD_SHARE = 0.3  # of the bar, when a model comes from the Hub (nothing, once it is in the cache)
 FINISH_SHARE = 0.02  # the last checks of the written files and the move into place: the bar is full once done
@@ -23,6 +26,11 @@ class MergeBar:
 
     shares: dict[str, float]
     latest: dict[str, Progress] = field(default_factory=dict)
+
+    @classmethod
+    def for_config(cls, config: MoEConfig) -> "MergeBar":
+        """The bar of merging `config`: its gate mode's phases, and a share for downloads when a model is on the Hub."""
+        return cls.for_merge(config.gate_mode, any(_from_hub(ref) for ref in config.model_refs()))
 
     @classmethod
     def for_merge(cls, gate_mode: str, from_hub: bool) -> "MergeBar":
@@ -57,6 +65,15 @@ class MergeBar:
             running.insert(0, "Router pass: preparing")
         if running:
             return " · ".join(running)
+        if "done" in self.latest:
+            return self.latest["done"].message
         if self.latest.keys() - {"open"}:
             return "Checking the files and moving them into place"
         return self.latest["open"].message if "open" in self.latest else "Starting"
+
+
+def _from_hub(ref: str) -> bool:
+    try:
+        return not ModelRef.parse(ref).is_local
+    except StudioError:  # the merge itself names the reference's problem
+        return False

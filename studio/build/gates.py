@@ -150,11 +150,12 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
                                                                         expert_text.WINDOW + 1)
     moe = _merged_model(job, longest)  # before any text is written: a base it cannot run is named at once
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    doing = "reading their" if all(e.calibration_text for e in experts) else "writing"
     texts, job.lessons = expert_text.expert_texts(
         experts, [plan.sources[e.source_model] for e in experts], plan.base, plain.__getitem__,
         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, resolve_device(options.device),
         options.seed, options.trust_remote_code, job.log, job.check,
-        lambda done: job.progress("text", done, len(experts), f"Experts writing calibration text: {done} of "
+        lambda done: job.progress("text", done, len(experts), f"Experts {doing} calibration text: {done} of "
                                                               f"{len(experts)} done"), teach=job.teach)
     encoded = {**prompts, **texts}
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
