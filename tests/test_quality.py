@@ -74,8 +74,9 @@ def test_quality_cli_prints_the_table(one_expert_moe, tmp_path, capsys):
     path = tmp_path / "texts.yml"
     path.write_text(yaml.safe_dump({2: ["12 + 7 = 19\n45 - 18 = 27\n" * 30]}))  # by index: all four are math
     assert main(["quality", str(one_expert_moe), str(path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "expert's gain recovered" in out
+    assert "Scoring the MoE" in err and "Loading weights" not in err  # the studio names what it loads, once
     assert out.splitlines()[-1].split() == ["math", "390", "2.300", "2.047", "2.047", "100%"]
 
 

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from studio.errors import StudioError
@@ -183,6 +183,7 @@ class Stopped(KeyboardInterrupt):
 # (an early Ctrl-C during imports) still stops the merge before anything is renamed into place.
 STOP = threading.Event()
 MAX_MESSAGE = 4000
+LOADS_MODELS = {"merge", "quality", "eval-routing", "chat", "route", "preview"}  # transformers loads their models
 SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
 _DEFERRED: dict = {"on": False, "pending": None}  # inside _signals_deferred: a signal waits for the block's end
 
@@ -225,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
     previous = _catch_signals()
     try:
-        return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "quality": _quality, "chat": _chat,
-                "route": _route, "preview": _preview}[args.command](args)
+        with _without_loading_bars() if args.command in LOADS_MODELS else nullcontext():
+            return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "quality": _quality, "chat": _chat,
+                    "route": _route, "preview": _preview}[args.command](args)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         print(f"Interrupted ({signal.Signals(signum).name}); no output was left behind.", file=sys.stderr)
@@ -239,6 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextmanager
+def _without_loading_bars():
+    """transformers' "Loading weights" bars off: the studio says what it loads, and a merge has its own bar."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def _paragraph(exc: BaseException) -> str:
@@ -282,16 +298,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 class _MergeBarOnTerminal:
     """The merge's one bar on stderr, as the Build tab shows it: every stage's share, the stages under way in
-    words, and log lines printed above it. transformers' own "Loading weights" bars are switched off meanwhile."""
+    words, and log lines printed above it."""
 
     STEPS = 1000
 
     def __init__(self, merge_bar) -> None:
-        from transformers.utils import logging as transformers_logging
-
-        self.merge_bar, self.bar, self.logging = merge_bar, None, transformers_logging
-        self.loading_bars = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.disable_progress_bar()
+        self.merge_bar, self.bar = merge_bar, None
 
     def update(self, progress) -> None:
         from tqdm import tqdm
@@ -313,8 +325,6 @@ class _MergeBarOnTerminal:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.loading_bars:
-            self.logging.enable_progress_bar()
 
 
 def _quality_texts(arg: str) -> dict | str:
