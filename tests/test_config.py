@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.config import MoEConfig, check_rules, dump_yaml, load_config, load_yaml
+from studio.config import ONE_EXPERT_PER_TOKEN_NOTE, MoEConfig, check_rules, dump_yaml, load_config, load_yaml
 from studio.errors import StudioError
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "assets" / "examples").glob("*.yml"))
@@ -112,6 +112,12 @@ def test_rule_shared_experts_and_power_of_two_warning():
     errors, warnings = rules(text)
     assert any("at most one shared expert" in e for e in errors)
     assert any("3 experts is not a power of two" in w for w in warnings)
+
+
+def test_one_expert_per_token_is_warned_about_with_what_it_costs():
+    two = "base_model: a\nexperts:\n  - {source_model: b, positive_prompts: [x]}\n  - {source_model: c, positive_prompts: [y]}"
+    assert rules(two) == ([], [])
+    assert rules(two + "\nexperts_per_token: 1") == ([], [ONE_EXPERT_PER_TOKEN_NOTE])
 
 
 # As public guides write it (mergekit-moe reads no merge method, so it merges this config as it is).
