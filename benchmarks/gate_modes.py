@@ -15,7 +15,8 @@ saw:
 refines them end to end once written (studio/build/refine.py). The config `domain-text` (not run by default) is
 `sentences` with each expert's `calibration_text` taken from the zoo's training corpora: routers from the user's
 own domain text instead of text the experts write. The config `chat-format` (not run by default either) holds
-instructions and questions under `prompt_format: chat`, written after the others.
+instructions and questions under `prompt_format: chat`, written after the others; so are `two-experts` and
+`three-experts` (not run by default), with fewer experts and fewer prompts (4 and 3 per expert).
 
 Usage: python benchmarks/gate_modes.py [--configs sentences,keywords,assistant] [--modes hidden,cheap_embed,
        calibrated,expert_text/fitted,expert_text,expert_text_ridge] [--seed 0]
@@ -70,7 +71,7 @@ def measure(config_path: Path, mode: str, seed: int, prompts: dict) -> tuple[lis
         start = time.perf_counter()
         merge(config, out, MergeOptions(random_seed=seed, refine_routers=variant != "fitted"), log=lambda message: None)
         seconds = time.perf_counter() - start
-        routing = evaluate_routing(out, prompts)
+        routing = evaluate_routing(out, {e.source_model: prompts[e.source_model] for e in config.experts})
         quality = measure_quality(out, "zoo", max_tokens=10**9, log=lambda message: None)
     rows = []
     for k, domain in enumerate(quality.domains):
