@@ -313,7 +313,7 @@ HUB_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt
 
 def hub_error(ref: ModelRef, exc: Exception) -> StudioError:
     """One readable message for any huggingface_hub failure about `ref`."""
-    return StudioError(f"{hub_failure(f'Model {ref.text!r}', exc)}.")
+    return StudioError(f"{hub_failure(f'Model {ref.text!r}', exc, ref.revision)}.")
 
 
 def download(ref: ModelRef, tqdm_class: type | None = None) -> Path:
@@ -321,6 +321,9 @@ def download(ref: ModelRef, tqdm_class: type | None = None) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
     try:
+        if _offline():  # the cached snapshot, whichever weights it holds (a .bin-only repo has no *.safetensors)
+            return Path(snapshot_download(ref.location, revision=ref.revision,
+                                          allow_patterns=["*.safetensors"] + HUB_PATTERNS))
         files = HfApi().list_repo_files(ref.location, revision=ref.revision)
         weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
         return Path(snapshot_download(ref.location, revision=ref.revision, allow_patterns=weights + HUB_PATTERNS,
@@ -345,12 +348,19 @@ def _hub_index(ref: ModelRef) -> tuple[dict, dict[str, TensorInfo]]:
     return config, index
 
 
+def _offline() -> bool:
+    """HF_HUB_OFFLINE=1: only models already in the Hub cache can be opened."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def open_model(text: str, fetch_weights: bool = True, tqdm_class: type | None = None) -> ModelSource:
     """Open a model reference. Without `fetch_weights`, Hub models are indexed from metadata only."""
     ref = ModelRef.parse(text)
     if ref.is_local:
         return open_local(ref, Path(ref.location).expanduser())
-    if fetch_weights:
+    if fetch_weights or _offline():  # offline, the Hub's metadata is out of reach but a cached model is not
         return open_local(ref, download(ref, tqdm_class))
     config, index = _hub_index(ref)
     return ModelSource(ref, Path(ref.location), config, index)
@@ -368,21 +378,22 @@ def open_models(refs: list[str], fetch_weights: bool = True, on_open: Callable[[
 
 
 def progress_tqdm(report: Callable[[str, int, int], None]) -> type:
-    """A tqdm class (for huggingface_hub's `tqdm_class`) that also calls report(description, done, total)."""
+    """A tqdm class (for huggingface_hub's `tqdm_class`) that calls report(description, done, total) and draws
+    nothing: the studio's own bar shows the download (in the Build tab, the Chat tab and under `merge`)."""
     from tqdm.std import tqdm
 
     class Reporting(tqdm):
-        # Counted here too: a disabled bar (HF_HUB_DISABLE_PROGRESS_BARS) keeps no counts of its own.
+        # Counted here: a disabled bar keeps no counts of its own. The total is read at each step, since
+        # huggingface_hub sets it after making the bar when a file's size is known only then.
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.what, self.done, self.size = kwargs.get("desc") or "", 0, int(kwargs.get("total") or 0)
-            report(self.what, self.done, self.size)
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.what, self.done = kwargs.get("desc") or "", 0
+            report(self.what, self.done, int(self.total or 0))
 
         def update(self, n: float | None = 1) -> bool | None:
-            shown = super().update(n)
             self.done += int(n or 0)
-            report(self.what, self.done, self.size)
-            return shown
+            report(self.what, self.done, int(self.total or 0))
+            return None
 
     return Reporting
 

@@ -119,8 +119,8 @@ def _download(source: _Source) -> Path:
     try:
         return Path(hf_hub_download(source.repo, source.path, repo_type="dataset", revision=source.revision))
     except Exception as exc:  # huggingface_hub raises many types; each becomes one readable sentence
-        dataset = f"dataset {source.repo!r}" + (f" at revision {source.revision!r}" if source.revision else "")
-        reason = hub_failure(dataset, exc, source.path, "give its path as the dataset's Files tab lists it")
+        reason = hub_failure(f"dataset {source.repo!r}", exc, source.revision, source.path,
+                             "give its path as the dataset's Files tab lists it")
         raise StudioError(f"{source.name}: {reason}") from exc
 
 

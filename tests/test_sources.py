@@ -89,3 +89,25 @@ def test_unreachable_hub_model_gives_a_clear_error():
                                           r"\(\w+: .*\); check the network|was not found on the Hub|"
                                           r"is not in the local Hub cache)"):
         open_model("example-org/no-such-model@main", fetch_weights=False)
+
+
+def test_a_model_in_the_hub_cache_opens_offline(mistral, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1: a model downloaded earlier opens from the cache (even for `plan`, which reads the Hub's
+    metadata when online); one not in the cache is named as such."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--me--tiny"
+    shutil.copytree(mistral[0], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    local = open_model(str(mistral[0]))
+    for fetch_weights in (True, False):
+        cached = open_model("me/tiny", fetch_weights=fetch_weights)
+        assert cached.folder == repo / "snapshots" / commit and cached.config == local.config
+        assert torch.equal(cached.read("model.embed_tokens.weight"), local.read("model.embed_tokens.weight"))
+    with pytest.raises(StudioError, match=r"^Model 'me/other' is not in the local Hub cache and could not be "
+                                          r"downloaded \(Hub access is off, HF_HUB_OFFLINE=1"):
+        open_model("me/other", fetch_weights=False)
