@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from huggingface_hub.utils import are_progress_bars_disabled
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils.logging import is_progress_bar_enabled
 
 from studio.app.cli import main
 from studio.build.merge import MergeOptions, merge
@@ -73,7 +75,9 @@ def test_texts_file_takes_strings_and_files(tmp_path):
 def test_quality_cli_prints_the_table(one_expert_moe, tmp_path, capsys):
     path = tmp_path / "texts.yml"
     path.write_text(yaml.safe_dump({2: ["12 + 7 = 19\n45 - 18 = 27\n" * 30]}))  # by index: all four are math
+    bars = (is_progress_bar_enabled(), are_progress_bars_disabled())  # transformers' and huggingface_hub's
     assert main(["quality", str(one_expert_moe), str(path)]) == 0
+    assert (is_progress_bar_enabled(), are_progress_bars_disabled()) == bars  # as they were, for what runs next
     out, err = capsys.readouterr()
     assert "expert's gain recovered" in out
     assert "Scoring the MoE" in err and "Loading weights" not in err  # the studio names what it loads, once

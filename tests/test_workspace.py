@@ -74,14 +74,20 @@ def test_push_checks_its_inputs_before_any_network(zoo_moe, tmp_path):
         push_to_hub(zoo_moe, "me/model", "  ")
 
 
-def test_download_progress_reaches_its_callback():
+def test_download_progress_reaches_its_callback_and_draws_nothing(capsys):
     seen = []
     bar_class = progress_tqdm(lambda what, done, total: seen.append((what, done, total)))
     assert issubclass(bar_class, tqdm)
-    with bar_class(total=3, desc="Fetching 3 files", disable=True) as bar:
+    with bar_class(total=3, desc="Fetching 3 files", disable=False) as bar:  # huggingface_hub asks for a bar
         for _ in range(3):
             bar.update(1)
     assert seen == [("Fetching 3 files", n, 3) for n in range(4)]
+    seen.clear()
+    with bar_class(total=0, desc="Downloading bytes") as bar:  # its size is set once the file's size is known
+        bar.total = 10
+        bar.update(4)
+    assert seen == [("Downloading bytes", 0, 0), ("Downloading bytes", 4, 10)]
+    assert capsys.readouterr().err == ""
 
 
 def test_merges_go_into_the_workspace_under_a_plain_name(tmp_path):

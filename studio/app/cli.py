@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)])
     previous = _catch_signals()
     try:
-        with _without_loading_bars() if args.command in LOADS_MODELS else nullcontext():
+        with _without_loading_bars(args.command != "merge") if args.command in LOADS_MODELS else nullcontext():
             return {"merge": _merge, "plan": _plan, "eval-routing": _eval_routing, "quality": _quality, "chat": _chat,
                     "route": _route, "preview": _preview}[args.command](args)
     except KeyboardInterrupt as exc:
@@ -244,17 +244,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _without_loading_bars():
-    """transformers' "Loading weights" bars off: the studio says what it loads, and a merge has its own bar."""
+def _without_loading_bars(hub_bars: bool):
+    """transformers' "Loading weights" bars off: the studio says what it loads. huggingface_hub's download bars
+    stay on unless `hub_bars` is false (`merge`, whose own bar shows the downloads)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
-    shown = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
+    loading, downloads = transformers_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # which switches huggingface_hub's bars off too
+    if downloads and hub_bars:
+        enable_progress_bars()
     try:
         yield
     finally:
-        if shown:
+        if loading:
             transformers_logging.enable_progress_bar()
+        (enable_progress_bars if downloads else disable_progress_bars)()
 
 
 def _paragraph(exc: BaseException) -> str:
