@@ -73,9 +73,10 @@ def measure(config_path: Path, mode: str, seed: int, prompts: dict) -> tuple[lis
         seconds = time.perf_counter() - start
         routing = evaluate_routing(out, {e.source_model: prompts[e.source_model] for e in config.experts})
         quality = measure_quality(out, "zoo", max_tokens=10**9, log=lambda message: None)
+    group = {routing.labels[k]: i for i, k in enumerate(routing.intended)}  # each expert's row of the routing
     rows = []
-    for k, domain in enumerate(quality.domains):
-        name = Path(domain.expert).name
+    for domain in quality.domains:  # in the zoo's order of domains, not the config's order of experts
+        name, k = Path(domain.expert).name, group[domain.expert]
         rows.append([config_path.stem, mode, name, f"{routing.majority_of_layers[k]:.0%}",
                      f"{routing.every_layer[k]:.0%}", f"{domain.moe:.3f}", f"{domain.base:.3f}",
                      f"{domain.expert_alone:.3f}", f"**{domain.recovered:.0%}**"])
