@@ -44,23 +44,59 @@ def test_merge_with_guide_flags_then_refuse_to_overwrite(mistral, write_config, 
     assert "already exists and is not empty" in again.stderr and "Traceback" not in again.stderr
 
 
+def studio_on_a_terminal(*args: str) -> tuple[int, str]:
+    """`python -m studio` with stderr on a pseudo-terminal, as in a shell: (exit code, what the terminal shows)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    terminal, child_side = pty.openpty()
+    fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 40 rows of 160 columns
+    process = subprocess.Popen([sys.executable, "-m", "studio", *map(str, args)], stdout=subprocess.DEVNULL,
+                               stderr=child_side, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(child_side)
+    shown = []
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the child has closed the terminal
+            break
+        if not chunk:
+            break
+        shown.append(chunk)
+    os.close(terminal)
+    return process.wait(timeout=300), b"".join(shown).decode()
+
+
 def test_the_merge_shows_one_bar_that_is_full_only_when_the_merge_is_done(mistral, write_config, tmp_path):
     """The bar adds up every stage, as the Build tab's does: writing the weights is not the end while the routers
-    are still being refined. Log lines are printed above the bar, and transformers' loading bars are not shown."""
+    are still being refined. On a terminal it is a bar with log lines above it; in a log, a line now and then.
+    transformers' loading bars are not shown."""
     base, experts = mistral
     data = moe_yaml(base, experts, gate_mode="expert_text")
     for k, expert in enumerate(data["experts"]):
         (tmp_path / f"domain-{k}.txt").write_text(domain_text(ALPHABETS[k], seed=k))
         expert["calibration_text"] = [str(tmp_path / f"domain-{k}.txt")]
-    done = studio("merge", write_config(data), tmp_path / "out")
-    assert done.returncode == 0, done.stderr
-    drawn = [part.strip() for line in done.stderr.splitlines() for part in line.split("\r") if "%|" in part]
-    shares = [int(part.split("%|")[0]) for part in drawn]
+    config = write_config(data)
+
+    code, shown = studio_on_a_terminal("merge", config, tmp_path / "bar")
+    assert code == 0, shown
+    frames = [part.strip() for line in shown.splitlines() for part in line.split("\r") if "%|" in part]
+    shares = [int(frame.split("%|")[0]) for frame in frames]
     assert shares == sorted(shares) and shares[-1] == 100
-    assert all(part.endswith(f"Merged into {tmp_path / 'out'}") for part in drawn if part.startswith("100%|"))
-    log = [part for line in done.stderr.splitlines() for part in line.split("\r") if part.strip() and "%|" not in part]
-    assert log[0] == f"Opening {base}" and log[-1].startswith("Wrote ") and "Loading weights" not in done.stderr
+    assert all(frame.endswith(f"Merged into {tmp_path / 'bar'}") for frame in frames if frame.startswith("100%|"))
+    log = [part for line in shown.splitlines() for part in line.split("\r") if part.strip() and "%|" not in part]
+    assert log[0] == f"Opening {base}" and log[-1].startswith("Wrote ") and "Loading weights" not in shown
     assert any(line.startswith("Kept the ") for line in log)  # refinement ran after the weights were written
+
+    logged = studio("merge", config, tmp_path / "log")  # stderr is a pipe, as when it goes to a file
+    assert logged.returncode == 0, logged.stderr
+    assert "\r" not in logged.stderr and "Loading weights" not in logged.stderr
+    lines = [line for line in logged.stderr.splitlines() if line.startswith("[")]
+    shares = [int(line[1:].split("%]")[0]) for line in lines]
+    assert shares == sorted(shares) and lines[-1] == f"[100%] Merged into {tmp_path / 'log'}"
+    assert all(not line.startswith("[100%]") for line in lines[:-1])
 
 
 def test_bad_config_exits_2_with_one_paragraph(write_config, tmp_path):

@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -303,17 +304,23 @@ def _merge(args: argparse.Namespace) -> int:
 
 class _MergeBarOnTerminal:
     """The merge's one bar on stderr, as the Build tab shows it: every stage's share, the stages under way in
-    words, and log lines printed above it."""
+    words, and log lines printed above it. When stderr is not a terminal (a log file, a pipe), the bar becomes a
+    line "[ 45%] stages under way" at most every LINE_EVERY seconds, and one at the end."""
 
     STEPS = 1000
+    LINE_EVERY = 10.0  # seconds
 
     def __init__(self, merge_bar) -> None:
-        self.merge_bar, self.bar = merge_bar, None
+        self.merge_bar, self.bar, self.lined = merge_bar, None, None
+        self.terminal = sys.stderr.isatty()
 
     def update(self, progress) -> None:
+        self.merge_bar.update(progress)
+        if not self.terminal:
+            self._line(final=progress.stage == "done")
+            return
         from tqdm import tqdm
 
-        self.merge_bar.update(progress)
         if self.bar is None:
             with _signals_deferred():  # a bar half-built by an interrupt prints a traceback when collected
                 # miniters=0: a new label is drawn even when the share has not moved, at most every mininterval
@@ -322,7 +329,16 @@ class _MergeBarOnTerminal:
         self.bar.set_description_str(self.merge_bar.label, refresh=False)
         self.bar.update(round(self.merge_bar.fraction * self.STEPS) - self.bar.n)
 
+    def _line(self, final: bool) -> None:
+        now = time.monotonic()
+        if final or self.lined is None or now - self.lined >= self.LINE_EVERY:
+            print(f"[{self.merge_bar.fraction:4.0%}] {self.merge_bar.label}", file=sys.stderr, flush=True)
+            self.lined = now
+
     def write(self, line: str) -> None:
+        if self.bar is None:
+            print(line, file=sys.stderr, flush=True)
+            return
         from tqdm import tqdm
 
         tqdm.write(line, file=sys.stderr)
