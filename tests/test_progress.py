@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from studio.app.jobs import MergeRunner
+from studio.app.jobs import MergeJob, MergeRunner
 from studio.app.progress import DOWNLOAD_SHARE, FINISH_SHARE, MergeBar
 from studio.app.ui.build import job_progress
 from studio.build.merge import MergeOptions, Progress
@@ -89,3 +89,14 @@ def test_refinement_has_its_share_after_the_weights_are_written():
     refine_share = dict(gate_mode("expert_text").phases)["refine"]
     assert bar.fraction == pytest.approx(1 - FINISH_SHARE - refine_share * 15 / 20)
     assert bar.label == "Refining the routers end to end: step 5 of 20"
+
+
+def test_a_merge_that_reported_done_is_not_full_until_its_job_has_finished(mistral, tmp_path):
+    base, experts = mistral
+    job = MergeJob(load_yaml(yaml.safe_dump(moe_yaml(base, experts, gate_mode="hidden"))), tmp_path / "out",
+                   MergeOptions())
+    for stage in ("open", "hidden", "write", "done"):  # the merge's last report, before its thread ends the job
+        job.progress = Progress(stage, 1, 1, f"{stage} done")
+        job.bar.update(job.progress)
+    assert job.bar.fraction == 1.0 and job.state == "running"
+    assert 'data-state="running"' in job_progress(job) and 'data-fraction="0.990"' in job_progress(job)

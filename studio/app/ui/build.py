@@ -60,6 +60,9 @@ def job_status(job: MergeJob) -> str:
     return f"**Merging** into {job.out.name}: {job.seconds:.0f} s"
 
 
+RUNNING_AT_MOST = 0.99  # of the bar, while the job has not finished
+
+
 def job_progress(job: MergeJob) -> str:
     """The bar of a merge: full and green only once it is done; a stopped one stays where it stopped, grey."""
     state, bar = job.state, job.bar
@@ -69,7 +72,9 @@ def job_progress(job: MergeJob) -> str:
         return progress_html(bar.fraction, f"{state.capitalize()} at {bar.fraction:.0%}", state)
     if state == "queued":
         return progress_html(0.0, "Queued: waiting for the merge before it", state)
-    return progress_html(bar.fraction, f"{bar.fraction:.0%} · {bar.label}", state)
+    # The merge reports "done" just before its thread marks the job finished: until then the bar is not full.
+    fraction = min(bar.fraction, RUNNING_AT_MOST)
+    return progress_html(fraction, f"{fraction:.0%} · {bar.label}", state)
 
 
 def _number(value) -> float | int | None:
