@@ -43,7 +43,8 @@ def hub_failure(subject: str, exc: Exception, revision: str | None = None, path:
     if status == 401:
         return (f"{subject} could not be fetched: the Hub refused the token (HF_TOKEN or the saved login); renew it, "
                 f"or unset it to read public repositories")
-    cause = f"{type(exc).__name__}: {_first_line(exc)}" if _first_line(exc) else type(exc).__name__
+    line = _first_line(exc)
+    cause = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
     return (f"{subject} could not be fetched ({cause}); check the network connection, or download it and give a "
             f"local path")
 

@@ -149,8 +149,9 @@ def _records(path: Path, field: str | None, label: str):
                 if line.strip():
                     yield number, _json(line, label, f"line {number}")
     else:
-        if path.stat().st_size > JSON_MAX_BYTES:
-            raise StudioError(f"{label} is a JSON file of {path.stat().st_size / 2**20:.0f} MB, read whole to parse "
+        size = path.stat().st_size
+        if size > JSON_MAX_BYTES:
+            raise StudioError(f"{label} is a JSON file of {size / 2**20:.0f} MB, read whole to parse "
                               f"it; give the dataset's .jsonl or .parquet file, read a record at a time")
         data = _json(path.read_text(encoding="utf-8"), label, "the file")
         if isinstance(data, dict):  # {"version": ..., "data": [{...}, ...]}: its list of records

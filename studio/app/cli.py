@@ -336,12 +336,9 @@ class _MergeBarOnTerminal:
             self.lined = now
 
     def write(self, line: str) -> None:
-        if self.bar is None:
-            print(line, file=sys.stderr, flush=True)
-            return
         from tqdm import tqdm
 
-        tqdm.write(line, file=sys.stderr)
+        tqdm.write(line, file=sys.stderr)  # above the bar, if there is one
 
     def close(self) -> None:
         if self.bar is not None:
