@@ -127,6 +127,22 @@ def test_refinement_keeps_the_fitted_routers_when_no_step_helps(random_router_mo
     assert all(torch.equal(routers[layer].weight, rows) for layer, rows in zip(sorted(routers), before))
 
 
+def test_a_budget_sets_the_steps_and_the_learning_rate(random_router_moe, alphabet_lessons):
+    """Six steps at learning rate 0 (as a benchmark may ask): six steps are run and reported, and no router moves,
+    so the fitted routers are kept."""
+    model, _ = load_moe(random_router_moe)
+    routers = find_routers(model)
+    before = [routers[layer].weight.detach().clone() for layer in sorted(routers)]
+    steps, log = [], []
+    refined = refine_routers(model, routers, alphabet_lessons, 4, log.append,
+                             on_step=lambda done, total: steps.append((done, total)),
+                             budget=refine.Budget(steps=6, learning_rate=0.0, labels=0.0))
+    assert steps == [(step, 6) for step in range(1, 7)]
+    assert any(line.startswith("  step 6 of 6:") for line in log), log
+    assert refined.step == 0
+    assert all(torch.equal(routers[layer].weight, rows) for layer, rows in zip(sorted(routers), before))
+
+
 def _alphabet_config(mistral, folder):
     base, experts = mistral
     data = moe_yaml(base, experts, gate_mode="expert_text")

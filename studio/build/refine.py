@@ -120,6 +120,15 @@ def why_not_refined(parameters: int, device: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How hard the routers are trained: the studio's defaults, or a benchmark's own."""
+
+    steps: int = STEPS
+    learning_rate: float = LEARNING_RATE
+    labels: float = LABELS  # weight of the layer-by-layer fit's loss
+
+
 @dataclass
 class Refined:
     rows: torch.Tensor  # (layers, experts, hidden) float32: the routers as written
@@ -130,7 +139,8 @@ class Refined:
 
 def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Lesson], experts: int,
                    log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
-                   on_step: Callable[[int, int], None] = lambda done, total: None, seed: int = 0) -> Refined:
+                   on_step: Callable[[int, int], None] = lambda done, total: None, seed: int = 0,
+                   budget: Budget = Budget()) -> Refined:
     """Train the `routers` of `model` (layer -> module with an (experts, hidden) `weight`) on `lessons_`; the
     other weights stay frozen. Returns the kept rows (float32) and the held-out shares before and after."""
     weights = [routers[layer].weight for layer in sorted(routers)]
@@ -151,21 +161,23 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     log(f"Refining the routers end to end on {len(fit)} pieces of the experts' text ({len(held)} held out); "
         f"held-out share of each expert's gain: {_shares(start)}")
     best_sum, best_step, best_rows = sum(start), 0, fitted
-    optimizer = torch.optim.Adam(masters, lr=LEARNING_RATE)
+    optimizer = torch.optim.Adam(masters, lr=budget.learning_rate)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        for step in range(1, STEPS + 1):
+        for step in range(1, budget.steps + 1):
             check()
             chosen = [fit[i] for i in torch.randperm(len(fit), generator=generator)[:BATCH].tolist()]
-            _step(optimizer, weights, masters, lambda: _loss(model, routers, chosen, gaps, device, floor))
-            if step % CHECK_EVERY == 0 or step == STEPS:
+            _step(optimizer, weights, masters,
+                  lambda: _loss(model, routers, chosen, gaps, device, floor, budget.labels))
+            if step % CHECK_EVERY == 0 or step == budget.steps:
                 shares = _shares_kept(model, held, gaps, device)
                 better = all(s >= s0 - TOLERANCE for s, s0 in zip(shares, start)) and sum(shares) > best_sum
                 if better:
                     best_sum, best_step = sum(shares), step
                     best_rows = torch.stack([m.detach().cpu() for m in masters])
-                log(f"  step {step} of {STEPS}: held-out shares {_shares(shares)}{' (best so far)' if better else ''}")
-            on_step(step, STEPS)
+                log(f"  step {step} of {budget.steps}: held-out shares {_shares(shares)}"
+                    f"{' (best so far)' if better else ''}")
+            on_step(step, budget.steps)
     with torch.no_grad():
         for weight, rows in zip(weights, best_rows):
             weight.requires_grad_(False).copy_(rows)
@@ -238,16 +250,16 @@ def _per_expert(values: torch.Tensor, lessons_: list[Lesson], gaps: dict[int, fl
 
 
 def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], gaps: dict[int, float], device,
-          floor: list[float]) -> torch.Tensor:
+          floor: list[float], labels: float = LABELS) -> torch.Tensor:
     """The mean over experts of the share of its gain lost, plus PROTECT times what any expert lost beyond where
-    it started (one expert's gain is not bought with another's), plus LABELS times the layer-by-layer fit's own
+    it started (one expert's gain is not bought with another's), plus `labels` times the layer-by-layer fit's own
     loss (each router's cross-entropy against the expert whose text it reads), which keeps the routing that the
     fit found where the end-to-end loss does not care."""
     ids, mask = _padded([lesson.ids for lesson in chosen], device)
     with _router_inputs(routers) as inputs:
         lost = _per_expert(_divergences(model, chosen, ids, mask), chosen, gaps)
     worse = sum(torch.relu(value - floor[e]) for e, value in lost.items())
-    return torch.stack(list(lost.values())).mean() + PROTECT * worse + LABELS * _label_loss(inputs, chosen, mask)
+    return torch.stack(list(lost.values())).mean() + PROTECT * worse + labels * _label_loss(inputs, chosen, mask)
 
 
 @contextmanager
