@@ -56,6 +56,17 @@ def test_typical_pieces_drop_texts_far_from_the_median_advantage():
     assert typical_pieces([]) == []
 
 
+def test_typical_pieces_drop_texts_that_surprise_their_writer():
+    """The zoo's stories expert, after "Tell me a bedtime story about a brave mouse.", writes garbled code: as far
+    ahead of the base as its stories (advantage 0.27 to 0.46 nats per token, median 0.37), but about 6 times as
+    surprising to itself (2.2 to 2.7 nats per token, median 0.38). Only a surprise above 3 times the median drops
+    a text; a text the writer is sure of is never dropped for it."""
+    advantages = [0.37, 0.40, 0.33, 0.41, 0.44, 0.30, 0.35]
+    surprises = [0.38, 0.50, 0.05, 2.68, 2.24, 1.30, 0.40]  # median 0.50: 1.30 is kept, 2.24 and 2.68 are not
+    assert typical_pieces(advantages, surprises) == [0, 1, 2, 5, 6]
+    assert typical_pieces(advantages) == list(range(7))
+
+
 def test_samples_per_prompt_spend_the_budget():
     assert samples_per_prompt(6, budget=6144, new_tokens=192) == 6
     assert samples_per_prompt(1, budget=100, new_tokens=192) == 1
@@ -67,11 +78,12 @@ def test_an_expert_continues_each_prompt_past_its_end_of_text(mistral, tokenizer
     writer, reference = load_writer(open_model(str(experts[0])), "cpu"), load_writer(open_model(str(base)), "cpu")
     eos = tokenizer.eos_token_id
     prompts = [[tokenizer.bos_token_id, 5, 6, eos], [tokenizer.bos_token_id, 7]]
-    texts, advantages = write_text(writer, reference, prompts, samples=3, new_tokens=20, seed=1)
+    texts, advantages, surprises = write_text(writer, reference, prompts, samples=3, new_tokens=20, seed=1)
     assert [t[:len(prompts[i // 3])] for i, t in enumerate(texts)] == [p for p in prompts for _ in range(3)]
     assert [len(t) for t in texts] == [24] * 3 + [22] * 3
     assert len(advantages) == 6 and all(torch.isfinite(torch.tensor(advantages)))
-    again, _ = write_text(writer, reference, prompts, samples=3, new_tokens=20, seed=1)
+    assert len(surprises) == 6 and all(s > 0 for s in surprises)  # sampled tokens are never certain
+    again, _, _ = write_text(writer, reference, prompts, samples=3, new_tokens=20, seed=1)
     assert again == texts  # reproducible for a seed
 
 
@@ -112,10 +124,11 @@ def test_prompts_written_in_one_padded_batch_continue_as_each_alone(mistral, tok
     base, experts = mistral
     writer, reference = load_writer(open_model(str(experts[0])), "cpu"), load_writer(open_model(str(base)), "cpu")
     prompts = [tokenizer("12 + 7 = 19 and 3 * 4 = 12, so")["input_ids"], tokenizer("Once")["input_ids"]]
-    together, advantages = write_text(writer, reference, prompts, samples=1, new_tokens=12)
+    together, advantages, surprises = write_text(writer, reference, prompts, samples=1, new_tokens=12)
     alone = [write_text(writer, reference, [prompt], samples=1, new_tokens=12) for prompt in prompts]
-    assert together == [texts[0] for texts, _ in alone]
-    assert advantages == pytest.approx([adv[0] for _, adv in alone], abs=1e-5)
+    assert together == [texts[0] for texts, _, _ in alone]
+    assert advantages == pytest.approx([adv[0] for _, adv, _ in alone], abs=1e-5)
+    assert surprises == pytest.approx([surprise[0] for _, _, surprise in alone], abs=1e-5)
 
 
 def test_experts_continue_plain_prompts_under_a_chat_prompt_format(mistral, tokenizer, tmp_path, monkeypatch):

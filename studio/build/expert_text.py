@@ -13,7 +13,9 @@ Each token is drawn with contrast against the base (logits + CONTRAST * (expert 
 expert itself finds plausible), so an expert writes more of what it knows better than the base. A continuation
 can still drift into another domain (a math expert, after "What is 15 + 27?", may go on with the chat it also
 learnt): its advantage over the base (the mean log-probability ratio of its tokens) is then far below the
-expert's median, and it is dropped (`typical_pieces`). An expert may bring its own text instead
+expert's median, and it is dropped (`typical_pieces`). So is a continuation that surprises the expert itself (a
+stories expert lost after a request it never learnt to answer writes garbled code, far less likely to itself than
+its stories). An expert may bring its own text instead
 (`calibration_text:` files in its config entry).
 
 Then, layer by layer through the merged model (studio/build/calibrate.py), each router is fitted where it will look,
@@ -90,10 +92,11 @@ def load_writer(source: ModelSource, device: str, trust_remote_code: bool = Fals
 
 @torch.inference_mode()
 def write_text(expert, base, prompts: list[list[int]], samples: int, new_tokens: int = NEW_TOKENS,
-               seed: int = 0, check: Callable[[], None] = lambda: None) -> tuple[list[list[int]], list[float]]:
-    """`samples` continuations of each prompt by `expert`, contrasted with `base` (None: the expert alone), and
-    each one's advantage: the mean log-probability the expert gives its written tokens, minus the base's (0.0
-    without a base)."""
+               seed: int = 0, check: Callable[[], None] = lambda: None
+               ) -> tuple[list[list[int]], list[float], list[float]]:
+    """`samples` continuations of each prompt by `expert`, contrasted with `base` (None: the expert alone); each
+    one's advantage: the mean log-probability the expert gives its written tokens, minus the base's (0.0 without a
+    base); and each one's surprise: the mean negative log-probability the expert gives its own written tokens."""
     with _threads_for(expert):
         return _write(expert, base, prompts, samples, new_tokens, seed, check)
 
@@ -111,19 +114,20 @@ def _threads_for(model):
         torch.set_num_threads(previous)
 
 
-def _write(expert, base, prompts, samples, new_tokens, seed, check) -> tuple[list[list[int]], list[float]]:
+def _write(expert, base, prompts, samples, new_tokens, seed, check
+           ) -> tuple[list[list[int]], list[float], list[float]]:
     """Every continuation of every prompt in one left-padded batch: on a small model a step costs little more for
     36 rows than for 6, so the zoo writes twice as fast as prompt by prompt."""
     generator = torch.Generator().manual_seed(seed)
     device = expert.get_input_embeddings().weight.device
     rows = [prompt for prompt in prompts for _ in range(samples)]
     if not rows:
-        return [], []
+        return [], [], []
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(row)) + row for row in rows], device=device)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
     step, positions, caches = ids, (mask.cumsum(-1) - 1).clamp_min(0), [None, None]
-    advantage, new = torch.zeros(len(rows)), []
+    advantage, surprise, new = torch.zeros(len(rows)), torch.zeros(len(rows)), []
     for _ in range(new_tokens):
         check()
         logits = expert_logp = _next_logits(expert, step, mask, positions, caches, 0)
@@ -134,13 +138,15 @@ def _write(expert, base, prompts, samples, new_tokens, seed, check) -> tuple[lis
             logits = logits.masked_fill(too_unlikely, float("-inf"))
         probabilities = (logits / TEMPERATURE).softmax(dim=-1).cpu()
         step = torch.multinomial(probabilities, 1, generator=generator).to(device)
+        surprise -= expert_logp.gather(1, step).squeeze(1).cpu()
         if base is not None:
             advantage += (expert_logp - base_logp).gather(1, step).squeeze(1).cpu()
         new.append(step)
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
         positions = positions[:, -1:] + 1
     written = torch.cat(new, dim=1).tolist()
-    return [row + more for row, more in zip(rows, written)], (advantage / new_tokens).tolist()
+    return ([row + more for row, more in zip(rows, written)], (advantage / new_tokens).tolist(),
+            (surprise / new_tokens).tolist())
 
 
 def _next_logits(model, step: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, caches: list,
@@ -151,16 +157,24 @@ def _next_logits(model, step: torch.Tensor, mask: torch.Tensor, positions: torch
     return out.logits[:, -1].float().log_softmax(dim=-1)
 
 
-def typical_pieces(advantages: list[float]) -> list[int]:
-    """Indices of the written texts whose advantage lies within a factor TYPICAL of the median.
+def typical_pieces(advantages: list[float], surprises: list[float] | None = None) -> list[int]:
+    """Indices of the written texts whose advantage lies within a factor TYPICAL of the median, and whose
+    surprise is at most TYPICAL times the median.
 
-    Below, the expert wrote text it knows no better than the base (a math expert going on with the chat it also
-    learnt); above, text only it finds likely, which is noise. Either would teach the router the wrong expert.
+    Below that advantage, the expert wrote text it knows no better than the base (a math expert going on with the
+    chat it also learnt); above, text only it finds likely, which is noise. A surprised expert is lost: after a
+    request it never learnt to answer ("Tell me a bedtime story about a brave mouse."), the zoo's stories expert
+    writes garbled code, about 6 times as surprising to itself as its stories, though as far ahead of the base.
+    Each would teach the router the wrong expert.
     """
+    kept = list(range(len(advantages)))
     median = statistics.median(advantages) if advantages else 0.0
-    if median <= 0:
-        return list(range(len(advantages)))
-    return [i for i, a in enumerate(advantages) if median / TYPICAL <= a <= median * TYPICAL]
+    if median > 0:
+        kept = [i for i in kept if median / TYPICAL <= advantages[i] <= median * TYPICAL]
+    if surprises:
+        most = statistics.median(surprises) * TYPICAL
+        kept = [i for i in kept if surprises[i] <= most]
+    return kept
 
 
 def samples_per_prompt(prompts: int, budget: int = TOKENS_PER_EXPERT, new_tokens: int = NEW_TOKENS) -> int:
@@ -199,11 +213,12 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
             log(f"Expert {index} ({expert.source_model}) writes {samples} continuations of each of its "
                 f"{len(prompts)} prompts, {NEW_TOKENS} tokens each")
             model = model_of(source)
-            pieces, advantages = write_text(model, base_model, prompts, samples, seed=(seed or 0) + index,
-                                            check=check)
-            kept = typical_pieces(advantages)
+            pieces, advantages, surprises = write_text(model, base_model, prompts, samples,
+                                                       seed=(seed or 0) + index, check=check)
+            kept = typical_pieces(advantages, surprises)
             log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "
-                f"the expert (median {statistics.median(advantages):.2f} nats per token)")
+                f"the expert (median {statistics.median(advantages):.2f} nats per token) and that do not surprise it "
+                f"(median {statistics.median(surprises):.2f} nats per token)")
             pieces = [pieces[i] for i in kept]
         if teach:
             taught += lessons(model, base_model, pieces, index)
