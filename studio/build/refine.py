@@ -42,11 +42,8 @@ if TYPE_CHECKING:
     from studio.build.plan import MergePlan
 
 TOP_K = 32  # tokens of the expert's distribution kept per position
-STEPS = 20
-LEARNING_RATE = 3e-3
 BATCH = 24  # pieces per step
 CHECK_EVERY = 4  # steps between looks at the held-out pieces
-LABELS = 1.0  # weight of the layer-by-layer fit's loss
 PROTECT = 1.0  # weight of an expert's loss beyond where it started
 TOLERANCE = 0.01  # an expert's held-out share may fall this much at a kept step (noise of a few pieces)
 CPU_PARAMETERS = 50_000_000  # larger merged models are refined on a GPU only: a CPU step would take minutes
@@ -122,11 +119,11 @@ def why_not_refined(parameters: int, device: str) -> str | None:
 
 @dataclass(frozen=True)
 class Budget:
-    """How hard the routers are trained: the studio's defaults, or a benchmark's own."""
+    """How hard the routers are trained: a merge's defaults, or a benchmark's own."""
 
-    steps: int = STEPS
-    learning_rate: float = LEARNING_RATE
-    labels: float = LABELS  # weight of the layer-by-layer fit's loss
+    steps: int = 20
+    learning_rate: float = 3e-3
+    labels: float = 1.0  # weight of the layer-by-layer fit's loss
 
 
 @dataclass
@@ -250,7 +247,7 @@ def _per_expert(values: torch.Tensor, lessons_: list[Lesson], gaps: dict[int, fl
 
 
 def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], gaps: dict[int, float], device,
-          floor: list[float], labels: float = LABELS) -> torch.Tensor:
+          floor: list[float], labels: float) -> torch.Tensor:
     """The mean over experts of the share of its gain lost, plus PROTECT times what any expert lost beyond where
     it started (one expert's gain is not bought with another's), plus `labels` times the layer-by-layer fit's own
     loss (each router's cross-entropy against the expert whose text it reads), which keeps the routing that the
