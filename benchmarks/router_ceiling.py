@@ -41,17 +41,15 @@ from studio.inspect.quality import mean_loss, zoo_texts  # noqa: E402
 from studio.inspect.routing import find_routers, load_moe  # noqa: E402
 from studio.prompts import load_tokenizer, prompt_ids  # noqa: E402
 from studio.sources import open_models  # noqa: E402
-
-DOMAINS = ["code", "math", "stories", "chat"]  # the experts' order in every natural config of four
+from studio.zoo.corpora import DOMAINS  # noqa: E402  (the experts' order in every natural config of four)
 
 
 def domain_losses(model, held: dict[str, torch.Tensor]) -> list[float]:
     return [mean_loss(model, held[domain]) for domain in DOMAINS]
 
 
-def lessons_of(config, tokenizer) -> list:
+def lessons_of(config, sources: dict, tokenizer) -> list:
     """What each expert of `config` predicts on its calibration text: its own files, else the text it writes."""
-    sources = open_models([config.base_model, *(e.source_model for e in config.experts)])
     bos = [tokenizer.bos_token_id]
     return expert_texts(config.experts, [sources[e.source_model] for e in config.experts],
                         sources[config.base_model], lambda prompt: prompt_ids(tokenizer, prompt),
@@ -81,13 +79,14 @@ def main() -> None:
         started = time.perf_counter()
         merge(config, moe_folder, MergeOptions(random_seed=0), log=lambda message: None)
         print(f"Merged {args.config} under expert_text in {time.perf_counter() - started:.0f} s", flush=True)
-        tokenizer = load_tokenizer(open_models([config.base_model])[config.base_model])
+        sources = open_models([config.base_model, *(e.source_model for e in config.experts)])
+        tokenizer = load_tokenizer(sources[config.base_model])
         held = zoo_texts(tokenizer)
         base = domain_losses(AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32), held)
         expert = [mean_loss(AutoModelForCausalLM.from_pretrained(e.source_model, dtype=torch.float32), held[d])
                   for e, d in zip(config.experts, DOMAINS)]
-        written = lessons_of(config, tokenizer)
-        given = lessons_of(with_domain_text(config, Path(folder)), tokenizer)
+        written = lessons_of(config, sources, tokenizer)
+        given = lessons_of(with_domain_text(config, Path(folder)), sources, tokenizer)
         runs = {f"as merged ({args.config}, expert_text)": lambda: load_moe(moe_folder, torch.float32)[0],
                 "routers retrained on the zoo's training text": lambda: retrained(moe_folder, given, budget),
                 "routers retrained on the experts' written text": lambda: retrained(moe_folder, written, budget)}
