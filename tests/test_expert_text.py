@@ -152,3 +152,33 @@ def test_experts_continue_plain_prompts_under_a_chat_prompt_format(mistral, toke
     in_template = [prompt_encoder(tokenizer, "chat", "base")(p) for p in prompts]
     assert not set(map(tuple, plain)) & set(map(tuple, in_template))  # the two encodings differ for every prompt
     assert {tuple(p) for p in continued} == {tuple(p) for p in plain}
+
+
+def test_a_text_that_surprises_its_writer_is_not_calibration_text(mistral, tokenizer, monkeypatch):
+    """The first expert's first text that the advantage rule keeps is made 100 times as surprising to its writer
+    as any other (as the zoo's stories expert is by the garbled code it writes after a request): it is left out,
+    and every other text of that expert the two rules keep is in."""
+    import studio.build.expert_text as expert_text
+
+    seen = {}
+
+    def lost_once(expert, base, prompts, *args, **kwargs):
+        texts, advantages, surprises = write_text(expert, base, prompts, *args, **kwargs)
+        if not seen:
+            victim = typical_pieces(advantages)[0]
+            surprises = [100 * max(surprises) if i == victim else s for i, s in enumerate(surprises)]
+            seen.update(victim=texts[victim], kept=[texts[i] for i in typical_pieces(advantages, surprises)])
+        return texts, advantages, surprises
+
+    monkeypatch.setattr(expert_text, "write_text", lost_once)
+    base, experts = mistral
+    config = parse_config(moe_yaml(base, experts, gate_mode="expert_text"))
+    sources = {str(path): open_model(str(path)) for path in [base, *experts]}
+    texts, _ = expert_text.expert_texts(
+        config.experts, [sources[e.source_model] for e in config.experts], sources[config.base_model],
+        lambda prompt: tokenizer(tokenizer.bos_token + prompt, add_special_tokens=False)["input_ids"],
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], [tokenizer.bos_token_id],
+        log=lambda message: None)
+    first = [ids for key, ids in texts.items() if key[1] == 0]
+    assert seen["victim"] not in first
+    assert first == seen["kept"]
