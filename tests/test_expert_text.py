@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.build.expert_text import samples_per_prompt, typical_pieces, write_text, load_writer
+from studio.build.expert_text import samples_per_prompt, specific_pieces, typical_pieces, write_text, load_writer
 from studio.build.merge import MergeOptions, merge
 from studio.config import check_rules, parse_config
 from studio.errors import StudioError
@@ -65,6 +65,16 @@ def test_typical_pieces_drop_texts_that_surprise_their_writer():
     surprises = [0.38, 0.50, 0.05, 2.68, 2.24, 1.30, 0.40]  # median 0.50: 1.30 is kept, 2.24 and 2.68 are not
     assert typical_pieces(advantages, surprises) == [0, 1, 2, 5, 6]
     assert typical_pieces(advantages) == list(range(7))
+
+
+def test_specific_pieces_drop_texts_another_expert_knows_as_well():
+    """On the zoo, the math expert leads the other experts by 0.23 to 0.43 nats per token on its arithmetic (median
+    0.30), and by -0.04 to 0.11 on the chats it also writes, which the chat expert knows as well. Half the median
+    lead is the bar; when the writer leads on nothing, no text is dropped."""
+    leads = [0.30, 0.23, -0.04, 0.43, 0.11, 0.15, 0.34]  # median 0.23: 0.11 is out, 0.15 is in
+    assert specific_pieces(leads) == [0, 1, 3, 5, 6]
+    assert specific_pieces([0.0, -0.1, 0.05]) == [0, 1, 2]
+    assert specific_pieces([]) == []
 
 
 def test_samples_per_prompt_spend_the_budget():
@@ -171,14 +181,51 @@ def test_a_text_that_surprises_its_writer_is_not_calibration_text(mistral, token
         return texts, advantages, surprises
 
     monkeypatch.setattr(expert_text, "write_text", lost_once)
-    base, experts = mistral
-    config = parse_config(moe_yaml(base, experts, gate_mode="expert_text"))
-    sources = {str(path): open_model(str(path)) for path in [base, *experts]}
-    texts, _ = expert_text.expert_texts(
-        config.experts, [sources[e.source_model] for e in config.experts], sources[config.base_model],
-        lambda prompt: tokenizer(tokenizer.bos_token + prompt, add_special_tokens=False)["input_ids"],
-        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], [tokenizer.bos_token_id],
-        log=lambda message: None)
+    monkeypatch.setattr(expert_text, "specific_pieces", lambda leads: list(range(len(leads))))  # this rule alone
+    texts, _ = _expert_texts_of(mistral, tokenizer)
     first = [ids for key, ids in texts.items() if key[1] == 0]
     assert seen["victim"] not in first
     assert first == seen["kept"]
+
+
+def test_a_text_another_expert_wrote_is_not_calibration_text(mistral, tokenizer, monkeypatch):
+    """The second expert's first text that the advantage and surprise rules keep is swapped for one the first expert
+    wrote (as the zoo's math expert writes a chat after "What is 15 + 27?"): the first expert predicts it better, so
+    it is left out of the second expert's text. The lessons taught are those of the texts kept, in order."""
+    import studio.build.expert_text as expert_text
+
+    written = []
+
+    def one_alien(expert, base, prompts, *args, **kwargs):
+        texts, advantages, surprises = write_text(expert, base, prompts, *args, **kwargs)
+        if written:
+            victim = typical_pieces(advantages, surprises)[0]
+            texts[victim] = written[0][typical_pieces(*written[1:])[0]]
+        written[:] = [texts, advantages, surprises] if not written else written
+        return texts, advantages, surprises
+
+    monkeypatch.setattr(expert_text, "write_text", one_alien)
+    log = []
+    texts, taught = _expert_texts_of(mistral, tokenizer, log=log.append, teach=True)
+    alien = written[0][typical_pieces(*written[1:])[0]]
+    second = [ids for key, ids in texts.items() if key[1] == 1]
+    assert alien not in second and len(second) >= 2
+    assert alien in [ids for key, ids in texts.items() if key[1] == 0]
+    for expert in range(4):
+        assert [lesson.ids for lesson in taught if lesson.expert == expert] == \
+            [ids for key, ids in texts.items() if key[1] == expert]
+    assert sum("predicts ahead of every other expert" in line for line in log) == 4
+
+
+def _expert_texts_of(mistral, tokenizer, **options):
+    """`expert_texts` of the synthetic family's four experts, from the default prompts of `moe_yaml`."""
+    import studio.build.expert_text as expert_text
+
+    base, experts = mistral
+    config = parse_config(moe_yaml(base, experts, gate_mode="expert_text"))
+    sources = {str(path): open_model(str(path)) for path in [base, *experts]}
+    return expert_text.expert_texts(
+        config.experts, [sources[e.source_model] for e in config.experts], sources[config.base_model],
+        lambda prompt: tokenizer(tokenizer.bos_token + prompt, add_special_tokens=False)["input_ids"],
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], [tokenizer.bos_token_id],
+        log=options.pop("log", lambda message: None), **options)

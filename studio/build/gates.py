@@ -22,6 +22,7 @@ studio/build/hidden_states.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -55,7 +56,7 @@ class GateOptions:
 
 GateFunction = Callable[["GateJob"], torch.Tensor]
 # progress(phase, done, total, label): "hidden" (the base's hidden states), "text" (experts writing calibration
-# text) or "fit" (routers fitted layer by layer); the label says it in words.
+# text, then reading each other's) or "fit" (routers fitted layer by layer); the label says it in words.
 GateProgress = Callable[[str, int, int, str], None]
 
 
@@ -150,13 +151,11 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
                                                                         expert_text.WINDOW + 1)
     moe = _merged_model(job, longest)  # before any text is written: a base it cannot run is named at once
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    doing = "reading their" if all(e.calibration_text for e in experts) else "writing"
     texts, job.lessons = expert_text.expert_texts(
         experts, [plan.sources[e.source_model] for e in experts], plan.base, plain.__getitem__,
         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, resolve_device(options.device),
         options.seed, options.trust_remote_code, job.log, job.check,
-        lambda done: job.progress("text", done, len(experts), f"Experts {doing} calibration text: {done} of "
-                                                              f"{len(experts)} done"), teach=job.teach)
+        partial(job.progress, "text"), teach=job.teach)
     encoded = {**prompts, **texts}
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
     job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "

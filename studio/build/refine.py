@@ -68,7 +68,7 @@ def lessons(expert, base, pieces: list[list[int]], index: int, batch: int = 16) 
     found = []
     for start in range(0, len(pieces), batch):
         group = pieces[start:start + batch]
-        ids, mask = _padded(group, device)
+        ids, mask = padded(group, device)
         expert_logp = expert(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
         base_logp = base(input_ids=ids.to(base.device), attention_mask=mask.to(base.device)).logits.float()
         base_logp = base_logp.log_softmax(-1).to(device)
@@ -81,7 +81,7 @@ def lessons(expert, base, pieces: list[list[int]], index: int, batch: int = 16) 
     return found
 
 
-def _padded(pieces: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(pieces: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask (the pieces start at position 0, as the MoE will see text)."""
     width = max(map(len, pieces))
     ids = torch.zeros(len(pieces), width, dtype=torch.long)
@@ -252,7 +252,7 @@ def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], gaps
     it started (one expert's gain is not bought with another's), plus `labels` times the layer-by-layer fit's own
     loss (each router's cross-entropy against the expert whose text it reads), which keeps the routing that the
     fit found where the end-to-end loss does not care."""
-    ids, mask = _padded([lesson.ids for lesson in chosen], device)
+    ids, mask = padded([lesson.ids for lesson in chosen], device)
     with _router_inputs(routers) as inputs:
         lost = _per_expert(_divergences(model, chosen, ids, mask), chosen, gaps)
     worse = sum(torch.relu(value - floor[e]) for e, value in lost.items())
@@ -287,7 +287,7 @@ def _shares_lost(model, lessons_: list[Lesson], gaps: dict[int, float], device) 
     values = []
     for start in range(0, len(lessons_), BATCH):
         chunk = lessons_[start:start + BATCH]
-        values.append(_divergences(model, chunk, *_padded([lesson.ids for lesson in chunk], device)))
+        values.append(_divergences(model, chunk, *padded([lesson.ids for lesson in chunk], device)))
     return [float(v) for v in _per_expert(torch.cat(values), lessons_, gaps).values()]
 
 
