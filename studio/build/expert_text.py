@@ -22,8 +22,8 @@ The advantage over the base cannot tell a chat the math expert wrote from its ar
 than the base. What tells them apart is the other experts: on its arithmetic the math expert is far ahead of every
 other expert, on its chat the chat expert is as good or better. So once every text is written, each expert reads
 the others' texts too, and a written text is kept only where its writer leads the best other expert by at least
-SPECIFIC of its median lead (`specific_pieces`; measured on the zoo: chat kept 4 to 7 points more of its gain in
-five configs of six, math up to 5 more).
+SPECIFIC of its median lead (`specific_pieces`; measured on the zoo: chat keeps 2 to 7 points more of its gain in
+every config with a chat expert, math up to 5 more).
 
 Then, layer by layer through the merged model (studio/build/calibrate.py), each router is fitted where it will look,
 every token of an expert's text labelled with that expert, and keeps the fit's own probabilities: sure where the
