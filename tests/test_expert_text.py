@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.build.expert_text import samples_per_prompt, specific_pieces, typical_pieces, write_text, load_writer
+from studio.build.expert_text import (load_writer, mean_log_probabilities, samples_per_prompt, specific_pieces,
+                                     typical_pieces, write_text)
 from studio.build.merge import MergeOptions, merge
 from studio.config import check_rules, parse_config
 from studio.errors import StudioError
@@ -75,6 +76,16 @@ def test_specific_pieces_drop_texts_another_expert_knows_as_well():
     assert specific_pieces(leads) == [0, 1, 3, 6, 7]
     assert specific_pieces([0.0, -0.1, 0.05]) == [0, 1, 2]
     assert specific_pieces([]) == []
+
+
+def test_mean_log_probabilities_of_pieces_padded_together_are_each_ones_alone(mistral):
+    writer = load_writer(open_model(str(mistral[1][0])), "cpu")
+    pieces = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14, 15]]
+    for piece, together in zip(pieces, mean_log_probabilities(writer, pieces, batch=3)):
+        ids = torch.tensor([piece])
+        with torch.no_grad():
+            logp = writer(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        assert together == pytest.approx(float(logp.gather(-1, ids[0, 1:, None]).mean()), abs=1e-5)
 
 
 def test_samples_per_prompt_spend_the_budget():

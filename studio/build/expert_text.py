@@ -202,8 +202,8 @@ def mean_log_probabilities(model, pieces: list[list[int]], batch: int = 16) -> l
     for start in range(0, len(pieces), batch):
         group = pieces[start:start + batch]
         ids, mask = padded(group, device)
-        logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        taken = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        taken = (logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)) * mask[:, 1:]
         found += (taken.sum(-1) / mask[:, 1:].sum(-1).clamp_min(1)).tolist()
     return found
 
