@@ -430,10 +430,11 @@ def test_chat_keeps_code_as_written_stops_and_keeps_what_is_typed_meanwhile(page
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Answering", timeout=SLOW)
     expect(page_at.locator("#chat-heatmap .js-plotly-plot")).to_have_count(1, timeout=SLOW)  # routing while streaming
-    field(page_at, "chat-input").fill("typed while it streams")
+    queued = "def typed_while_it_streams(self):"  # code: the zoo continues it for long, so Stop has time to end it
+    field(page_at, "chat-input").fill(queued)
     field(page_at, "chat-input").press("Enter")
     expect(page_at.locator("#chat-status")).to_contain_text("Queued: 1 message, answered when the current reply ends")
-    expect(page_at.locator("#chatbot")).to_contain_text("typed while it streams")
+    expect(page_at.locator("#chatbot")).to_contain_text(queued)
     page_at.locator("#chat-stop").click()
     expect(page_at.locator("#chat-status")).not_to_contain_text("Queued", timeout=SLOW)  # now the queued one
     expect(page_at.locator("#chat-status")).to_contain_text("Answering")
@@ -443,7 +444,7 @@ def test_chat_keeps_code_as_written_stops_and_keeps_what_is_typed_meanwhile(page
     tokens = int(re.search(r"Stopped after (\d+) tokens", page_at.locator("#chat-status").inner_text()).group(1))
     assert tokens < 2000
     users = page_at.locator("#chatbot .user .message-content").all_inner_texts()
-    assert users[-2:] == ["Once upon a time", "typed while it streams"]
+    assert users[-2:] == ["Once upon a time", queued]
 
 
 def test_inspect_compares_prompts_and_evaluates_routing(page_at: Page, studio):
