@@ -18,8 +18,8 @@ stories expert lost after a request it never learnt to answer writes garbled cod
 its stories). An expert may bring its own text instead
 (`calibration_text:` files in its config entry).
 
-The advantage over the base cannot tell a chat the math expert wrote from its arithmetic: it learnt both better
-than the base. What tells them apart is the other experts: on its arithmetic the math expert is far ahead of every
+The advantage over the base does not catch every such drift: the math expert learnt chat better than the base too,
+and some of the chats it writes stay within the typical advantage. What tells them apart is the other experts: on its arithmetic the math expert is far ahead of every
 other expert, on its chat the chat expert is as good or better. So once every text is written, each expert reads
 the others' texts too, and a written text is kept only where its writer leads the best other expert by at least
 SPECIFIC of its median lead (`specific_pieces`; measured on the zoo: chat keeps 2 to 7 points more of its gain in
