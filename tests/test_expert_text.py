@@ -209,10 +209,10 @@ def test_a_text_another_expert_wrote_is_not_calibration_text(mistral, tokenizer,
 
     def one_alien(expert, base, prompts, *args, **kwargs):
         texts, advantages, surprises = write_text(expert, base, prompts, *args, **kwargs)
-        if written:
-            victim = typical_pieces(advantages, surprises)[0]
-            texts[victim] = written[0][typical_pieces(*written[1:])[0]]
-        written[:] = [texts, advantages, surprises] if not written else written
+        if not written:  # the first expert's: kept as written
+            written.extend([texts, advantages, surprises])
+        else:
+            texts[typical_pieces(advantages, surprises)[0]] = written[0][typical_pieces(*written[1:])[0]]
         return texts, advantages, surprises
 
     monkeypatch.setattr(expert_text, "write_text", one_alien)

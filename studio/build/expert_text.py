@@ -19,11 +19,11 @@ its stories). An expert may bring its own text instead
 (`calibration_text:` files in its config entry).
 
 The advantage over the base does not catch every such drift: the math expert learnt chat better than the base too,
-and some of the chats it writes stay within the typical advantage. What tells them apart is the other experts: on its arithmetic the math expert is far ahead of every
-other expert, on its chat the chat expert is as good or better. So once every text is written, each expert reads
-the others' texts too, and a written text is kept only where its writer leads the best other expert by at least
-SPECIFIC of its median lead (`specific_pieces`; measured on the zoo: chat keeps 2 to 7 points more of its gain in
-every config with a chat expert, math up to 5 more).
+and some of the chats it writes stay within the typical advantage. What tells them apart is the other experts: on
+its arithmetic the math expert is far ahead of every other expert, on its chat the chat expert is as good or better.
+So once every text is written, each expert reads the others' texts too, and a written text is kept only where its
+writer leads the best other expert by at least SPECIFIC of its median lead (`specific_pieces`; measured on the zoo:
+chat keeps 2 to 7 points more of its gain in every config with a chat expert, math up to 5 more).
 
 Then, layer by layer through the merged model (studio/build/calibrate.py), each router is fitted where it will look,
 every token of an expert's text labelled with that expert, and keeps the fit's own probabilities: sure where the
@@ -222,11 +222,11 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
     the other experts do not know as well (`specific_pieces`). With `teach`, also what each expert predicts on its
     text (studio/build/refine.py), taken while it is in memory. `done(step, steps, label)` hears of each step: an
     expert's text ready, then an expert's reading of the others' written texts."""
-    written = [not e.calibration_text for e in experts]
-    judged = any(written) and len(experts) > 1
+    writes = [not e.calibration_text for e in experts]
+    judged = any(writes) and len(experts) > 1
     steps = len(experts) * (2 if judged else 1)
-    doing = "writing" if any(written) else "reading their"
-    base_model = load_writer(base, device, trust_remote_code) if (any(written) and CONTRAST) or teach else None
+    doing = "writing" if any(writes) else "reading their"
+    base_model = load_writer(base, device, trust_remote_code) if (any(writes) and CONTRAST) or teach else None
 
     def model_of(source: ModelSource):
         return base_model if source is base and base_model is not None else load_writer(source, device,
@@ -260,8 +260,8 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
         done(index + 1, steps, f"Experts {doing} calibration text: {index + 1} of {len(experts)} done")
     if judged:
         log("Each expert reads the other experts' written texts: a text is kept where its writer leads them")
-        mine = {index: pieces_of[index] for index in range(len(experts)) if written[index]}
-        kept_of = _judged(experts, sources, mine, model_of, log, check,
+        written = {index: pieces_of[index] for index in range(len(experts)) if writes[index]}
+        kept_of = _judged(experts, sources, written, model_of, log, check,
                           lambda judges: done(len(experts) + judges, steps, f"Experts reading each other's text: "
                                                                             f"{judges} of {len(experts)} done"))
         for index, kept in kept_of.items():
