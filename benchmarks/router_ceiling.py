@@ -51,10 +51,11 @@ def domain_losses(model, held: dict[str, torch.Tensor]) -> list[float]:
 def lessons_of(config, sources: dict, tokenizer) -> list:
     """What each expert of `config` predicts on its calibration text: its own files, else the text it writes."""
     bos = [tokenizer.bos_token_id]
-    return expert_texts(config.experts, [sources[e.source_model] for e in config.experts],
-                        sources[config.base_model], lambda prompt: prompt_ids(tokenizer, prompt),
-                        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos,
-                        log=lambda message: None, teach=True)[1]
+    taught = expert_texts(config.experts, [sources[e.source_model] for e in config.experts],
+                          sources[config.base_model], lambda prompt: prompt_ids(tokenizer, prompt),
+                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos,
+                          log=lambda message: None)[1]
+    return list(taught.values())
 
 
 def retrained(moe_folder: Path, lessons: list, budget: Budget) -> torch.nn.Module:

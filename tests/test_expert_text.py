@@ -217,14 +217,13 @@ def test_a_text_another_expert_wrote_is_not_calibration_text(mistral, tokenizer,
 
     monkeypatch.setattr(expert_text, "write_text", one_alien)
     log = []
-    texts, taught = _expert_texts_of(mistral, tokenizer, log=log.append, teach=True)
+    texts, taught = _expert_texts_of(mistral, tokenizer, log=log.append)
     alien = written[0][typical_pieces(*written[1:])[0]]
     second = [ids for key, ids in texts.items() if key[1] == 1]
     assert alien not in second and len(second) >= 2
     assert alien in [ids for key, ids in texts.items() if key[1] == 0]
-    for expert in range(4):
-        assert [lesson.ids for lesson in taught if lesson.expert == expert] == \
-            [ids for key, ids in texts.items() if key[1] == expert]
+    assert list(taught) == list(texts) and all(taught[key].ids == ids for key, ids in texts.items())
+    assert all(taught[key].expert == key[1] for key in texts)
     assert sum("predicts ahead of every other expert" in line for line in log) == 4
 
 

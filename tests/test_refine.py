@@ -55,13 +55,26 @@ def test_an_experts_share_lost_is_a_ratio_of_means_as_in_the_quality_measure():
     """Two pieces of expert 0: on one it is barely better than the base (gap 0.01) and the MoE matches the base
     there (divergence 0.01); on the other (gap 1.0) the MoE matches the expert. The MoE loses 0.01 of the 1.01
     the expert wins over the base: about 1%, not the 50% a mean of per-piece ratios would say."""
-    lessons_ = [refine.Lesson(0, [1, 2], torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), gap)
-                for gap in (0.01, 1.0)] + [refine.Lesson(1, [1, 2], torch.zeros(2, 1, dtype=torch.long),
-                                                          torch.zeros(2, 1), 0.5)]
+    lessons_ = [_lesson(expert, gaps) for expert, gaps in ((0, [0.0, 0.02]), (0, [1.5, 0.5]), (1, [0.5, 0.5]))]
     gaps = refine._gaps(lessons_)
     assert gaps == pytest.approx({0: 0.505, 1: 0.5})
     lost = refine._per_expert(torch.tensor([0.01, 0.0, 0.25]), lessons_, gaps)
     assert float(lost[0]) == pytest.approx(0.01 / 1.01) and float(lost[1]) == pytest.approx(0.5)
+
+
+def test_position_weights_are_half_even_half_the_experts_gain_there_on_its_own_scale():
+    """Expert 0's mean gap is 0.505, expert 1's 0.5: a position's weight is 0.5 + 0.5 * gap / that mean, and a
+    truncated KL below 0 (the base surer of the expert's top tokens than the expert) counts as no gain."""
+    lessons_ = [_lesson(0, [0.0, 0.02]), _lesson(0, [1.5, 0.5]), _lesson(1, [-0.1, 1.1])]
+    weights = refine.position_weights(lessons_)
+    expected = [[0.5, 0.5 + 0.5 * 0.02 / 0.505], [0.5 + 0.5 * 1.5 / 0.505, 0.5 + 0.5 * 0.5 / 0.505],
+                [0.5, 0.5 + 0.5 * 1.1 / 0.5]]
+    assert [w.tolist() for w in weights] == [pytest.approx(row) for row in expected]
+
+
+def _lesson(expert: int, gaps: list[float]) -> refine.Lesson:
+    """A lesson of two positions whose only use here is its gaps over the base."""
+    return refine.Lesson(expert, [1, 2], torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), torch.tensor(gaps))
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +105,7 @@ def test_lessons_hold_each_experts_top_tokens_and_the_bases_distance(alphabet_le
     lesson = alphabet_lessons[0]
     assert lesson.top_ids.shape == lesson.top_logp.shape == (49, refine.TOP_K)
     assert bool((lesson.top_logp[:, :-1] >= lesson.top_logp[:, 1:]).all())  # most likely first
+    assert lesson.gaps.shape == (49,) and lesson.base_gap == pytest.approx(float(lesson.gaps.mean()))
     assert all(lesson.base_gap > 0 for lesson in alphabet_lessons)  # each expert differs from the base
 
 

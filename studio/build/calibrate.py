@@ -112,15 +112,17 @@ def calibrated_gates(moe: StreamedMoE, batches: list[tuple[list[Hashable], torch
                      targets: dict[Hashable, torch.Tensor], ignored_ids: list[int], log: Callable[[str], None] = print,
                      check: Callable[[], None] = lambda: None, confidence: float | None = CONFIDENCE,
                      l2: float = L2, fit: Callable[..., torch.Tensor] = fit_router,
-                     on_layer: Callable[[int], None] = lambda layer: None) -> torch.Tensor:
+                     on_layer: Callable[[int], None] = lambda layer: None,
+                     weights: dict[Hashable, torch.Tensor] | None = None) -> torch.Tensor:
     """G (layers, experts, hidden): each layer's router fitted on the router inputs of the sequences' tokens.
 
     `batches` holds (keys, ids, mask), left-padded, a key per sequence (a prompt, or a piece of calibration text);
     `targets` gives each key's wanted distribution over experts. Tokens in `ignored_ids` (BOS, the same in every
     sequence) are left out of the fit. `fit` is `fit_router` or `ridge_router`; `confidence` and `l2` as there;
-    `on_layer(layer)` hears of each layer fitted.
+    `on_layer(layer)` hears of each layer fitted. `weights` may give a sequence's tokens (one per position) weights
+    relative to each other; its group still weighs as much as every other group.
     """
-    token_targets, token_weights, keep = _token_targets(batches, targets, ignored_ids)
+    token_targets, token_weights, keep = _token_targets(batches, targets, ignored_ids, weights or {})
     gates = []
 
     def fit_layer(layer: int, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -137,9 +139,12 @@ def calibrated_gates(moe: StreamedMoE, batches: list[tuple[list[Hashable], torch
     return torch.stack(gates)
 
 
-def _token_targets(batches, targets, ignored_ids) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Per kept token (in batch order): its target distribution and weight; per batch: which positions are kept."""
-    rows, groups, keep = [], [], []
+def _token_targets(batches, targets, ignored_ids, relative: dict[Hashable, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Per kept token (in batch order): its target distribution and weight; per batch: which positions are kept.
+    Each group of sequences (by target) weighs 1 in all, shared by its tokens in proportion to their `relative`
+    weights (1 for a sequence without any)."""
+    rows, groups, shares, keep = [], [], [], []
     for prompts, ids, mask in batches:
         kept = mask.bool() & ~torch.isin(ids, torch.tensor(ignored_ids, dtype=ids.dtype))
         keep.append(kept)
@@ -147,8 +152,14 @@ def _token_targets(batches, targets, ignored_ids) -> tuple[torch.Tensor, torch.T
             count = int(row.sum())
             rows += [targets[prompt]] * count
             groups += [tuple(targets[prompt].tolist())] * count
-    tokens_per_group = Counter(groups)
-    weights = torch.tensor([1.0 / tokens_per_group[group] for group in groups])
+            share = torch.ones(len(row))
+            if prompt in relative:  # the sequence is left-padded: its positions are the row's last ones
+                share[len(row) - len(relative[prompt]):] = relative[prompt]
+            shares += share[row].tolist()
+    per_group = Counter()
+    for group, share in zip(groups, shares):
+        per_group[group] += share
+    weights = torch.tensor([share / per_group[group] for group, share in zip(groups, shares)])
     return torch.stack(rows), weights, keep
 
 

@@ -25,11 +25,12 @@ So once every text is written, each expert reads the others' texts too, and a wr
 writer leads the best other expert by at least SPECIFIC of its median lead (`specific_pieces`; measured on the zoo:
 chat keeps 2 to 7 points more of its gain in every config with a chat expert, math up to 5 more).
 
-Then, layer by layer through the merged model (studio/build/calibrate.py), each router is fitted where it will look,
-every token of an expert's text labelled with that expert, and keeps the fit's own probabilities: sure where the
-experts' texts are told apart, hesitant (two experts mixed) where they are not. While each expert is in memory,
-what it predicts on its text is kept too (`teach`), so that the written routers can be refined end to end
-(studio/build/refine.py).
+While each expert is in memory, what it predicts on its text is kept too, and how far the base is from it at each
+position (studio/build/refine.py's lessons). Then, layer by layer through the merged model (studio/build/calibrate.py),
+each router is fitted where it will look, every token of an expert's text labelled with that expert and weighed by
+what the expert gains over the base there (`refine.position_weights`), and keeps the fit's own probabilities: sure
+where the experts' texts are told apart, hesitant (two experts mixed) where they are not. With the same lessons, the
+written routers are then refined end to end (studio/build/refine.py).
 """
 
 from __future__ import annotations
@@ -216,21 +217,21 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
                  encode: Callable[[str], list[int]], encode_text: Callable[[str], list[int]], bos: list[int],
                  device: str = "cpu", seed: int | None = None, trust_remote_code: bool = False,
                  log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
-                 done: Callable[[int, int, str], None] = lambda step, steps, label: None,
-                 teach: bool = False) -> tuple[dict[tuple, list[int]], list[Lesson]]:
+                 done: Callable[[int, int, str], None] = lambda step, steps, label: None
+                 ) -> tuple[dict[tuple, list[int]], dict[tuple, Lesson]]:
     """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts and
-    the other experts do not know as well (`specific_pieces`). With `teach`, also what each expert predicts on its
-    text (studio/build/refine.py), taken while it is in memory. `done(step, steps, label)` hears of each step: an
-    expert's text ready, then an expert's reading of the others' written texts."""
+    the other experts do not know as well (`specific_pieces`); and, under the same keys, what the expert predicts
+    on each piece and how far the base is from it (studio/build/refine.py's lessons), taken while it is in memory.
+    `done(step, steps, label)` hears of each step: an expert's text ready, then an expert's reading of the others'
+    written texts."""
     writes = [not e.calibration_text for e in experts]
     judged = any(writes) and len(experts) > 1
     steps = len(experts) * (2 if judged else 1)
     doing = "writing" if any(writes) else "reading their"
-    base_model = load_writer(base, device, trust_remote_code) if (any(writes) and CONTRAST) or teach else None
+    base_model = load_writer(base, device, trust_remote_code)
 
     def model_of(source: ModelSource):
-        return base_model if source is base and base_model is not None else load_writer(source, device,
-                                                                                         trust_remote_code)
+        return base_model if source is base else load_writer(source, device, trust_remote_code)
 
     pieces_of, taught_of = [], []
     for index, (expert, source) in enumerate(zip(experts, sources)):
@@ -240,7 +241,7 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
                 f"{', '.join(expert.calibration_text)}")  # a Hub dataset's file may take a while to download
             pieces = read_calibration_text(expert, index, encode_text, bos)
             log(f"Expert {index} ({expert.source_model}): {sum(map(len, pieces))} tokens of its calibration text")
-            model = model_of(source) if teach else None
+            model = model_of(source)
         else:
             prompts = [encode(p) for p in expert.positive_prompts or []]
             samples = samples_per_prompt(len(prompts))
@@ -255,7 +256,7 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
                 f"(median {statistics.median(surprises):.2f} nats per token)")
             pieces = [pieces[i] for i in kept]
         pieces_of.append(pieces)
-        taught_of.append(lessons(model, base_model, pieces, index) if teach else [])
+        taught_of.append(lessons(model, base_model, pieces, index))
         del model
         done(index + 1, steps, f"Experts {doing} calibration text: {index + 1} of {len(experts)} done")
     if judged:
@@ -266,9 +267,9 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
                                                                             f"{judges} of {len(experts)} done"))
         for index, kept in kept_of.items():
             pieces_of[index] = [pieces_of[index][i] for i in kept]
-            taught_of[index] = [taught_of[index][i] for i in kept] if teach else []
+            taught_of[index] = [taught_of[index][i] for i in kept]
     texts = {text_key(index, i): piece for index, pieces in enumerate(pieces_of) for i, piece in enumerate(pieces)}
-    return texts, [lesson for taught in taught_of for lesson in taught]
+    return texts, {text_key(index, i): lesson for index, taught in enumerate(taught_of) for i, lesson in enumerate(taught)}
 
 
 def _judged(experts: list[Expert], sources: list[ModelSource], written: dict[int, list[list[int]]], model_of,

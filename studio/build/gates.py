@@ -32,7 +32,7 @@ from studio.build.calibrate import CONFIDENCE, calibrated_gates, fit_router, pro
 from studio.build.forward import StreamedMoE, why_not_streamable
 from studio.build.hidden_states import hidden_states_of_prompts, pad_id, padded_batches
 from studio.build.plan import MergePlan
-from studio.build.refine import Lesson
+from studio.build.refine import Lesson, position_weights
 from studio.config import Expert, experts_with_gates
 from studio.devices import resolve_device
 from studio.errors import StudioError
@@ -151,16 +151,18 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
                                                                         expert_text.WINDOW + 1)
     moe = _merged_model(job, longest)  # before any text is written: a base it cannot run is named at once
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    texts, job.lessons = expert_text.expert_texts(
+    texts, taught = expert_text.expert_texts(
         experts, [plan.sources[e.source_model] for e in experts], plan.base, plain.__getitem__,
         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, resolve_device(options.device),
-        options.seed, options.trust_remote_code, job.log, job.check,
-        partial(job.progress, "text"), teach=job.teach)
+        options.seed, options.trust_remote_code, job.log, job.check, partial(job.progress, "text"))
+    job.lessons = list(taught.values()) if job.teach else []
     encoded = {**prompts, **texts}
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
     job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "
-            f"by layer through the merged model")
-    return _fit_through(moe, job, tokenizer, encoded, targets, confidence=confidence, l2=expert_text.L2, fit=fit)
+            f"by layer through the merged model, each token of the text weighed by what its expert gains there")
+    weights = dict(zip(taught, position_weights(list(taught.values()))))
+    return _fit_through(moe, job, tokenizer, encoded, targets, confidence=confidence, l2=expert_text.L2, fit=fit,
+                        weights=weights)
 
 
 def _expert_text_ridge(job: GateJob) -> torch.Tensor:

@@ -48,6 +48,7 @@ PROTECT = 1.0  # weight of an expert's loss beyond where it started
 TOLERANCE = 0.01  # an expert's held-out share may fall this much at a kept step (noise of a few pieces)
 CPU_PARAMETERS = 50_000_000  # larger merged models are refined on a GPU only: a CPU step would take minutes
 GPU_HEADROOM = 1.5  # the bfloat16 model times this must fit the GPU's free memory (activations, Adam, logits)
+GAIN_SHARE = 0.5  # the share of a token's weight in the routers' fit set by what its expert gains there
 
 
 @dataclass
@@ -58,7 +59,12 @@ class Lesson:
     ids: list[int]
     top_ids: torch.Tensor  # (positions, TOP_K) int64
     top_logp: torch.Tensor  # (positions, TOP_K) float32: the expert's log-probabilities of those tokens
-    base_gap: float  # mean over positions of the truncated KL(expert || base): what the MoE can win here
+    gaps: torch.Tensor  # (positions,) float32: the truncated KL(expert || base) at each: what the MoE can win there
+
+    @property
+    def base_gap(self) -> float:
+        """What the MoE can win on this piece: the mean of its positions' gaps."""
+        return float(self.gaps.mean())
 
 
 @torch.no_grad()  # not inference mode: the lessons' tensors take part in the refinement's autograd
@@ -76,8 +82,7 @@ def lessons(expert, base, pieces: list[list[int]], index: int, batch: int = 16) 
         gap = _truncated_kl(top_logp, base_logp.gather(-1, top_ids))
         for row, piece in enumerate(group):
             n = len(piece)
-            found.append(Lesson(index, piece, top_ids[row, :n].cpu(), top_logp[row, :n].cpu(),
-                                float(gap[row, :n].mean())))
+            found.append(Lesson(index, piece, top_ids[row, :n].cpu(), top_logp[row, :n].cpu(), gap[row, :n].cpu()))
     return found
 
 
@@ -228,6 +233,24 @@ def _gaps(lessons_: list[Lesson]) -> dict[int, float]:
             for e in experts}
 
 
+def position_weights(lessons_: list[Lesson]) -> list[torch.Tensor]:
+    """Per lesson, each position's weight in the routers' fit (studio/build/calibrate.py, and the fit's loss here):
+    1 - GAIN_SHARE for every token, plus GAIN_SHARE times its expert's gap over the base there, on the scale of the
+    expert's mean gap (so the mean weight stays about 1).
+
+    A router's choice matters where its expert knows better than the base: on the zoo's held-out stories, the
+    characters' names are 5% of the tokens and 59% of the stories expert's gain, and the routers fitted with every
+    token alike gave the stories expert 0.56 to 0.69 of the weight where a name comes next, 0.75 to 0.79
+    elsewhere."""
+    gaps = _gaps(lessons_)
+    return [_position_weights(lesson, gaps[lesson.expert]) for lesson in lessons_]
+
+
+def _position_weights(lesson: Lesson, gap: float) -> torch.Tensor:
+    # a truncated KL can dip below 0 where the base is surer of the expert's top tokens than the expert is
+    return (1 - GAIN_SHARE) + GAIN_SHARE * lesson.gaps.clamp_min(0) / gap
+
+
 def _divergences(model, lessons_: list[Lesson], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per lesson (padded into `ids` and `mask`): the mean over its positions of the truncated KL(expert || MoE)."""
     device = ids.device
@@ -256,7 +279,8 @@ def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], gaps
     with _router_inputs(routers) as inputs:
         lost = _per_expert(_divergences(model, chosen, ids, mask), chosen, gaps)
     worse = sum(torch.relu(value - floor[e]) for e, value in lost.items())
-    return torch.stack(list(lost.values())).mean() + PROTECT * worse + labels * _label_loss(inputs, chosen, mask)
+    return (torch.stack(list(lost.values())).mean() + PROTECT * worse
+            + labels * _label_loss(inputs, chosen, gaps, mask))
 
 
 @contextmanager
@@ -272,11 +296,18 @@ def _router_inputs(routers: dict[int, torch.nn.Module]):
             hook.remove()
 
 
-def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list[Lesson],
+def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list[Lesson], gaps: dict[int, float],
                 mask: torch.Tensor) -> torch.Tensor:
+    """The layer-by-layer fit's loss: each router's cross-entropy against the expert whose text it reads, each
+    position weighed as in the fit (`position_weights`)."""
     keep = mask.reshape(-1).bool()
     labels = torch.tensor([lesson.expert for lesson in chosen], device=mask.device)[:, None].expand_as(mask).reshape(-1)
-    losses = [F.cross_entropy((x.reshape(-1, x.shape[-1]) @ router.weight.T).float()[keep], labels[keep])
+    weights = torch.zeros(mask.shape, device=mask.device)
+    for row, lesson in enumerate(chosen):
+        weights[row, :len(lesson.ids)] = _position_weights(lesson, gaps[lesson.expert]).to(mask.device)
+    weights = weights.reshape(-1)[keep]
+    losses = [(F.cross_entropy((x.reshape(-1, x.shape[-1]) @ router.weight.T).float()[keep], labels[keep],
+                               reduction="none") * weights).sum() / weights.sum()
               for router, x in inputs]
     return torch.stack(losses).mean()
 
