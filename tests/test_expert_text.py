@@ -175,6 +175,39 @@ def test_experts_continue_plain_prompts_under_a_chat_prompt_format(mistral, toke
     assert {tuple(p) for p in continued} == {tuple(p) for p in plain}
 
 
+def test_the_fit_weighs_each_token_of_the_text_by_what_its_expert_gains_there(mistral, tmp_path, monkeypatch):
+    """Every piece of calibration text reaches the layer-by-layer fit with one weight per position, those of
+    `refine.position_weights` on what its expert predicts there; they differ from token to token."""
+    import studio.build.expert_text as expert_text
+    import studio.build.gates as gates
+    from studio.build.refine import position_weights
+
+    returned, fitted = [], {}
+
+    def recording_texts(*args, **kwargs):
+        returned.append(expert_texts(*args, **kwargs))
+        return returned[-1]
+
+    def recording_fit(*args, **kwargs):
+        fitted.update(kwargs["weights"])
+        return calibrated_gates(*args, **kwargs)
+
+    expert_texts, calibrated_gates = expert_text.expert_texts, gates.calibrated_gates
+    monkeypatch.setattr(expert_text, "expert_texts", recording_texts)
+    monkeypatch.setattr(gates, "calibrated_gates", recording_fit)
+    base, experts = mistral
+    data = moe_yaml(base, experts, gate_mode="expert_text")
+    for k, expert in enumerate(data["experts"]):
+        (tmp_path / f"domain-{k}.txt").write_text(domain_text(ALPHABETS[k], seed=k))
+        expert["calibration_text"] = [str(tmp_path / f"domain-{k}.txt")]
+    merge(parse_config(data), tmp_path / "moe", MergeOptions(random_seed=0, refine_routers=False), log=lambda m: None)
+    (texts, taught), = returned
+    assert list(fitted) == list(texts) and all(len(fitted[key]) == len(ids) for key, ids in texts.items())
+    for key, weights in zip(taught, position_weights(list(taught.values()))):
+        assert torch.equal(fitted[key], weights)
+    assert all(float(w.max() - w.min()) > 0.2 for w in fitted.values())  # 0.3 to 0.5 on this family
+
+
 def test_a_text_that_surprises_its_writer_is_not_calibration_text(mistral, tokenizer, monkeypatch):
     """The first expert's first text that the advantage rule keeps is made 100 times as surprising to its writer
     as any other (as the zoo's stories expert is by the garbled code it writes after a request): it is left out,
