@@ -268,8 +268,9 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
         for index, kept in kept_of.items():
             pieces_of[index] = [pieces_of[index][i] for i in kept]
             taught_of[index] = [taught_of[index][i] for i in kept]
-    texts = {text_key(index, i): piece for index, pieces in enumerate(pieces_of) for i, piece in enumerate(pieces)}
-    return texts, {text_key(index, i): lesson for index, taught in enumerate(taught_of) for i, lesson in enumerate(taught)}
+    keyed = [(text_key(index, i), piece, lesson) for index, (pieces, taught) in enumerate(zip(pieces_of, taught_of))
+             for i, (piece, lesson) in enumerate(zip(pieces, taught, strict=True))]
+    return {key: piece for key, piece, _ in keyed}, {key: lesson for key, _, lesson in keyed}
 
 
 def _judged(experts: list[Expert], sources: list[ModelSource], written: dict[int, list[list[int]]], model_of,

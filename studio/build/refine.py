@@ -241,7 +241,7 @@ def position_weights(lessons_: list[Lesson]) -> list[torch.Tensor]:
     A router's choice matters where its expert knows better than the base: on the zoo's held-out stories, the
     characters' names are 5% of the tokens and 59% of the stories expert's gain, and the routers fitted with every
     token alike gave the stories expert 0.56 to 0.69 of the weight where a name comes next, 0.75 to 0.79
-    elsewhere."""
+    elsewhere (layers 1 to 3); weighed, 0.66 to 0.74."""
     gaps = _gaps(lessons_)
     return [_position_weights(lesson, gaps[lesson.expert]) for lesson in lessons_]
 
