@@ -1,5 +1,6 @@
 """gate_mode: expert_text: routers fitted on each expert's own text, written by the expert or given by the user."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,24 @@ def test_a_text_another_expert_wrote_is_not_calibration_text(mistral, tokenizer,
     assert list(taught) == list(texts) and all(taught[key].ids == ids for key, ids in texts.items())
     assert all(taught[key].expert == key[1] for key in texts)
     assert sum("predicts ahead of every other expert" in line for line in log) == 4
+
+
+def test_the_last_writer_reads_first_without_a_second_load(mistral, tokenizer, monkeypatch):
+    """Four experts write, then read each other's texts: the last is still in memory and reads first, so it is
+    loaded once, the other three twice, the base once."""
+    import studio.build.expert_text as expert_text
+
+    loaded = []
+
+    def counting(source, *args, **kwargs):
+        loaded.append(Path(source.folder).name)
+        return load_writer(source, *args, **kwargs)
+
+    monkeypatch.setattr(expert_text, "load_writer", counting)
+    texts, _ = _expert_texts_of(mistral, tokenizer)
+    base, experts = mistral
+    assert sorted({key[1] for key in texts}) == [0, 1, 2, 3]
+    assert Counter(loaded) == {Path(base).name: 1, **{Path(e).name: 2 for e in experts[:3]}, Path(experts[3]).name: 1}
 
 
 def _expert_texts_of(mistral, tokenizer, **options):

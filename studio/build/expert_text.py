@@ -229,8 +229,11 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
     steps = len(experts) * (2 if judged else 1)
     doing = "writing" if any(writes) else "reading their"
     base_model = load_writer(base, device, trust_remote_code)
+    still_loaded = []  # (source, model) of the last expert, which reads first: one load fewer than N for the reading
 
     def model_of(source: ModelSource):
+        if still_loaded and still_loaded[0][0] is source:
+            return still_loaded.pop()[1]
         return base_model if source is base else load_writer(source, device, trust_remote_code)
 
     pieces_of, taught_of = [], []
@@ -257,6 +260,8 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
             pieces = [pieces[i] for i in kept]
         pieces_of.append(pieces)
         taught_of.append(lessons(model, base_model, pieces, index))
+        if judged and index == len(experts) - 1:
+            still_loaded.append((source, model))
         del model
         done(index + 1, steps, f"Experts {doing} calibration text: {index + 1} of {len(experts)} done")
     if judged:
@@ -276,18 +281,18 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
 def _judged(experts: list[Expert], sources: list[ModelSource], written: dict[int, list[list[int]]], model_of,
             log: Callable[[str], None], check: Callable[[], None], read: Callable[[int], None]) -> dict[int, list[int]]:
     """Expert -> the indices of its `written` texts that `specific_pieces` keeps, every expert reading every
-    written text (one expert in memory at a time)."""
-    scores: dict[int, list[list[float]]] = {index: [] for index in written}  # writer -> per reader, per text
-    for reader, source in enumerate(sources):
+    written text (one expert in memory at a time, the last first: it may still be in memory from writing)."""
+    scores: dict[int, dict[int, list[float]]] = {index: {} for index in written}  # writer -> reader -> per text
+    for reading, reader in enumerate(reversed(range(len(sources)))):
         check()
-        model = model_of(source)
+        model = model_of(sources[reader])
         for writer, pieces in written.items():
-            scores[writer].append(mean_log_probabilities(model, pieces))
+            scores[writer][reader] = mean_log_probabilities(model, pieces)
         del model
-        read(reader + 1)
+        read(reading + 1)
     kept_of = {}
     for writer, by_reader in scores.items():
-        table = torch.tensor(by_reader)  # (readers, texts)
+        table = torch.tensor([by_reader[reader] for reader in range(len(sources))])  # (readers, texts)
         leads = (table[writer] - torch.cat([table[:writer], table[writer + 1:]]).max(dim=0).values).tolist()
         kept_of[writer] = specific_pieces(leads)
         log(f"Expert {writer} ({experts[writer].source_model}): kept {len(kept_of[writer])} of {len(leads)} texts: "
