@@ -62,16 +62,16 @@ def test_ridge_router_recovers_a_linear_map_and_separates_clusters():
 
 def test_each_groups_weight_is_shared_by_its_tokens_in_proportion_to_their_relative_weights():
     """A prompt and a text of expert 0, a text of expert 1, left-padded in one batch, BOS (1) left out: the text of
-    expert 0 brings weights for its positions, so its group's weight of 1 is shared 1 : 1 (prompt) : 1 : 2 : 3."""
+    expert 0 brings weights for its positions, so its group's weight of 1 is shared 1 : 1 : 1 (prompt) : 2 : 3."""
     keys = ["prompt", ("text", 0, 0), ("text", 1, 0)]
-    ids = torch.tensor([[0, 1, 5, 6], [1, 7, 8, 9], [0, 0, 1, 4]])
+    ids = torch.tensor([[1, 5, 6, 7], [0, 1, 8, 9], [0, 0, 1, 4]])
     targets = {"prompt": one_hot(torch.tensor(0), 2), ("text", 0, 0): one_hot(torch.tensor(0), 2),
                ("text", 1, 0): one_hot(torch.tensor(1), 2)}
-    relative = {("text", 0, 0): torch.tensor([9.0, 1.0, 2.0, 3.0])}  # the first is BOS's, which is left out
+    relative = {("text", 0, 0): torch.tensor([9.0, 2.0, 3.0])}  # the first is BOS's, which is left out
     rows, weights, keep = _token_targets([(keys, ids, (ids > 0).long())], targets, [1], relative)
     assert rows.argmax(dim=-1).tolist() == [0, 0, 0, 0, 0, 1]
     assert weights.tolist() == pytest.approx([1 / 8, 1 / 8, 1 / 8, 2 / 8, 3 / 8, 1.0])
-    assert keep[0].tolist() == [[False, False, True, True], [False, True, True, True], [False, False, False, True]]
+    assert keep[0].tolist() == [[False, True, True, True], [False, False, True, True], [False, False, False, True]]
 
 
 def test_fit_works_under_a_callers_inference_mode():

@@ -263,20 +263,31 @@ def test_a_text_another_expert_wrote_is_not_calibration_text(mistral, tokenizer,
 
 def test_the_last_writer_reads_first_without_a_second_load(mistral, tokenizer, monkeypatch):
     """Four experts write, then read each other's texts: the last is still in memory and reads first, so it is
-    loaded once, the other three twice, the base once."""
+    loaded once, the other three twice, the base once; and it is let go before the next reader is loaded."""
+    import gc
+    import weakref
+
     import studio.build.expert_text as expert_text
 
-    loaded = []
+    base, experts = mistral
+    loaded, last, alive_at_next_reading = [], [], []
 
     def counting(source, *args, **kwargs):
-        loaded.append(Path(source.folder).name)
-        return load_writer(source, *args, **kwargs)
+        name = Path(source.folder).name
+        if last and name == Path(experts[2]).name:  # the second reader
+            gc.collect()
+            alive_at_next_reading.append(last[0]() is not None)
+        loaded.append(name)
+        model = load_writer(source, *args, **kwargs)
+        if name == Path(experts[3]).name:
+            last.append(weakref.ref(model))
+        return model
 
     monkeypatch.setattr(expert_text, "load_writer", counting)
     texts, _ = _expert_texts_of(mistral, tokenizer)
-    base, experts = mistral
     assert sorted({key[1] for key in texts}) == [0, 1, 2, 3]
     assert Counter(loaded) == {Path(base).name: 1, **{Path(e).name: 2 for e in experts[:3]}, Path(experts[3]).name: 1}
+    assert alive_at_next_reading == [False]
 
 
 def _expert_texts_of(mistral, tokenizer, **options):

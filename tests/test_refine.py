@@ -63,13 +63,32 @@ def test_an_experts_share_lost_is_a_ratio_of_means_as_in_the_quality_measure():
 
 
 def test_position_weights_are_half_even_half_the_experts_gain_there_on_its_own_scale():
-    """Expert 0's mean gap is 0.505, expert 1's 0.5: a position's weight is 0.5 + 0.5 * gap / that mean, and a
-    truncated KL below 0 (the base surer of the expert's top tokens than the expert) counts as no gain."""
-    lessons_ = [_lesson(0, [0.0, 0.02]), _lesson(0, [1.5, 0.5]), _lesson(1, [-0.1, 1.1])]
+    """A position's weight is 0.5 + 0.5 * gain / the expert's mean gain over all its positions (expert 0: 0.505,
+    expert 1: 0.55); a truncated KL below 0 (the base surer of the expert's top tokens than the expert) counts as
+    no gain, and an expert that gains nowhere has even weights."""
+    lessons_ = [_lesson(0, [0.0, 0.02]), _lesson(0, [1.5, 0.5]), _lesson(1, [-0.1, 1.1]), _lesson(2, [-0.1, 0.0])]
     weights = refine.position_weights(lessons_)
-    expected = [[0.5, 0.5 + 0.5 * 0.02 / 0.505], [0.5 + 0.5 * 1.5 / 0.505, 0.5 + 0.5 * 0.5 / 0.505],
-                [0.5, 0.5 + 0.5 * 1.1 / 0.5]]
+    expected = [[0.5, 0.5 + 0.5 * 0.02 / 0.505], [0.5 + 0.5 * 1.5 / 0.505, 0.5 + 0.5 * 0.5 / 0.505], [0.5, 1.5],
+                [1.0, 1.0]]
     assert [w.tolist() for w in weights] == [pytest.approx(row) for row in expected]
+    assert float(torch.cat(weights[:2]).mean()) == pytest.approx(1.0)
+
+
+def test_the_fits_loss_in_refinement_weighs_positions_as_the_fit_does():
+    """Two pieces of different lengths, right-padded, read by one router: the loss is the cross-entropy of each
+    position against its piece's expert, averaged with the position weights, padding left out."""
+    router = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    chosen = [_lesson(0, [0.0, 0.02]), refine.Lesson(1, [1, 2, 3], torch.zeros(3, 1, dtype=torch.long),
+                                                     torch.zeros(3, 1), torch.tensor([1.1, -0.1, 0.55]))]
+    x = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]], [[1.0, 0.0], [0.0, 3.0], [1.0, 1.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    scales = {0: 0.505, 1: 0.55}
+    loss = refine._label_loss([(router, x)], chosen, scales, mask)
+    ce = torch.nn.functional.cross_entropy(x.reshape(-1, 2), torch.tensor([0, 0, 0, 1, 1, 1]), reduction="none")
+    weights = torch.tensor([0.5, 0.5 + 0.5 * 0.02 / 0.505, 0.0, 1.5, 0.5, 1.0])
+    assert float(loss) == pytest.approx(float((ce * weights).sum() / weights.sum()))
 
 
 def _lesson(expert: int, gaps: list[float]) -> refine.Lesson:

@@ -148,13 +148,14 @@ def _token_targets(batches, targets, ignored_ids, relative: dict[Hashable, torch
     for prompts, ids, mask in batches:
         kept = mask.bool() & ~torch.isin(ids, torch.tensor(ignored_ids, dtype=ids.dtype))
         keep.append(kept)
-        for prompt, row in zip(prompts, kept):
+        for prompt, row, length in zip(prompts, kept, mask.sum(dim=1).tolist()):
             count = int(row.sum())
             rows += [targets[prompt]] * count
             groups += [tuple(targets[prompt].tolist())] * count
             share = torch.ones(len(row))
             if prompt in relative:  # the sequence is left-padded: its positions are the row's last ones
-                share[len(row) - len(relative[prompt]):] = relative[prompt]
+                assert len(relative[prompt]) == length, f"{prompt}: {len(relative[prompt])} weights, {length} tokens"
+                share[len(row) - length:] = relative[prompt]
             shares += share[row].tolist()
     per_group = Counter()
     for group, share in zip(groups, shares):

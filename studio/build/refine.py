@@ -157,7 +157,7 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     device = next(model.parameters()).device
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    gaps = _gaps(lessons_)
+    gaps, scales = _gaps(lessons_), _gain_scales(lessons_)
     start = _shares_kept(model, held, gaps, device)
     floor = _shares_lost(model, fit, gaps, device)  # each expert's loss at the start, on the text it fits
     log(f"Refining the routers end to end on {len(fit)} pieces of the experts' text ({len(held)} held out); "
@@ -170,7 +170,7 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
             check()
             chosen = [fit[i] for i in torch.randperm(len(fit), generator=generator)[:BATCH].tolist()]
             _step(optimizer, weights, masters,
-                  lambda: _loss(model, routers, chosen, gaps, device, floor, budget.labels))
+                  lambda: _loss(model, routers, chosen, gaps, scales, device, floor, budget.labels))
             if step % CHECK_EVERY == 0 or step == budget.steps:
                 shares = _shares_kept(model, held, gaps, device)
                 better = all(s >= s0 - TOLERANCE for s, s0 in zip(shares, start)) and sum(shares) > best_sum
@@ -235,20 +235,29 @@ def _gaps(lessons_: list[Lesson]) -> dict[int, float]:
 
 def position_weights(lessons_: list[Lesson]) -> list[torch.Tensor]:
     """Per lesson, each position's weight in the routers' fit (studio/build/calibrate.py, and the fit's loss here):
-    1 - GAIN_SHARE for every token, plus GAIN_SHARE times its expert's gap over the base there, on the scale of the
-    expert's mean gap (so the mean weight stays about 1).
+    1 - GAIN_SHARE for every token, plus GAIN_SHARE times its expert's gain over the base there, on the scale of the
+    expert's mean gain (so an expert's weights average 1).
 
     A router's choice matters where its expert knows better than the base: on the zoo's held-out stories, the
     characters' names are 5% of the tokens and 59% of the stories expert's gain, and the routers fitted with every
     token alike gave the stories expert 0.56 to 0.69 of the weight where a name comes next, 0.75 to 0.79
     elsewhere (layers 1 to 3); weighed, 0.66 to 0.74."""
-    gaps = _gaps(lessons_)
-    return [_position_weights(lesson, gaps[lesson.expert]) for lesson in lessons_]
+    scales = _gain_scales(lessons_)
+    return [_position_weights(lesson, scales[lesson.expert]) for lesson in lessons_]
 
 
-def _position_weights(lesson: Lesson, gap: float) -> torch.Tensor:
-    # a truncated KL can dip below 0 where the base is surer of the expert's top tokens than the expert is
-    return (1 - GAIN_SHARE) + GAIN_SHARE * lesson.gaps.clamp_min(0) / gap
+def _gain_scales(lessons_: list[Lesson]) -> dict[int, float]:
+    """Each expert's mean gain over all positions of its pieces. A truncated KL can dip below 0 where the base is
+    surer of the expert's top tokens than the expert is: that counts as no gain, here and in each position's."""
+    experts = sorted({lesson.expert for lesson in lessons_})
+    return {e: float(torch.cat([lesson.gaps for lesson in lessons_ if lesson.expert == e]).clamp_min(0).mean())
+            for e in experts}
+
+
+def _position_weights(lesson: Lesson, scale: float) -> torch.Tensor:
+    if scale < 1e-6:  # an expert no better than the base anywhere: nothing to weigh by
+        return torch.ones_like(lesson.gaps)
+    return (1 - GAIN_SHARE) + GAIN_SHARE * lesson.gaps.clamp_min(0) / scale
 
 
 def _divergences(model, lessons_: list[Lesson], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -269,8 +278,8 @@ def _per_expert(values: torch.Tensor, lessons_: list[Lesson], gaps: dict[int, fl
     return {e: values[owner == e].mean() / gap for e, gap in gaps.items() if bool((owner == e).any())}
 
 
-def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], gaps: dict[int, float], device,
-          floor: list[float], labels: float) -> torch.Tensor:
+def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], gaps: dict[int, float],
+          scales: dict[int, float], device, floor: list[float], labels: float) -> torch.Tensor:
     """The mean over experts of the share of its gain lost, plus PROTECT times what any expert lost beyond where
     it started (one expert's gain is not bought with another's), plus `labels` times the layer-by-layer fit's own
     loss (each router's cross-entropy against the expert whose text it reads), which keeps the routing that the
@@ -280,7 +289,7 @@ def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], gaps
         lost = _per_expert(_divergences(model, chosen, ids, mask), chosen, gaps)
     worse = sum(torch.relu(value - floor[e]) for e, value in lost.items())
     return (torch.stack(list(lost.values())).mean() + PROTECT * worse
-            + labels * _label_loss(inputs, chosen, gaps, mask))
+            + labels * _label_loss(inputs, chosen, scales, mask))
 
 
 @contextmanager
@@ -296,15 +305,15 @@ def _router_inputs(routers: dict[int, torch.nn.Module]):
             hook.remove()
 
 
-def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list[Lesson], gaps: dict[int, float],
-                mask: torch.Tensor) -> torch.Tensor:
+def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list[Lesson],
+                scales: dict[int, float], mask: torch.Tensor) -> torch.Tensor:
     """The layer-by-layer fit's loss: each router's cross-entropy against the expert whose text it reads, each
-    position weighed as in the fit (`position_weights`)."""
+    position weighed as in the fit (`position_weights`; BOS, which the fit leaves out, counts here too)."""
     keep = mask.reshape(-1).bool()
     labels = torch.tensor([lesson.expert for lesson in chosen], device=mask.device)[:, None].expand_as(mask).reshape(-1)
     weights = torch.zeros(mask.shape, device=mask.device)
     for row, lesson in enumerate(chosen):
-        weights[row, :len(lesson.ids)] = _position_weights(lesson, gaps[lesson.expert]).to(mask.device)
+        weights[row, :len(lesson.ids)] = _position_weights(lesson, scales[lesson.expert]).to(mask.device)
     weights = weights.reshape(-1)[keep]
     losses = [(F.cross_entropy((x.reshape(-1, x.shape[-1]) @ router.weight.T).float()[keep], labels[keep],
                                reduction="none") * weights).sum() / weights.sum()
