@@ -52,7 +52,7 @@ from studio.text_sources import read_text
 TOKENS_PER_EXPERT = 6144  # calibration tokens written (or read) per expert
 NEW_TOKENS = 192  # written after each prompt
 TEMPERATURE = 1.0
-CONTRAST = 1.0  # 0 samples from the expert alone
+CONTRAST = 1.0  # 0 samples from the expert alone (among the tokens PLAUSIBLE keeps)
 PLAUSIBLE = 0.1  # tokens less likely than this share of the expert's best token are never drawn
 L2 = 1e-2  # the router fit's penalty, on unit-RMS inputs
 WINDOW = 256  # tokens per piece of a given calibration text
