@@ -103,9 +103,9 @@ def load_writer(source: ModelSource, device: str, trust_remote_code: bool = Fals
 def write_text(expert, base, prompts: list[list[int]], samples: int, new_tokens: int = NEW_TOKENS,
                seed: int = 0, check: Callable[[], None] = lambda: None
                ) -> tuple[list[list[int]], list[float], list[float]]:
-    """`samples` continuations of each prompt by `expert`, contrasted with `base` (None: the expert alone); each
-    one's advantage: the mean log-probability the expert gives its written tokens, minus the base's (0.0 without a
-    base); and each one's surprise: the mean negative log-probability the expert gives its own written tokens."""
+    """`samples` continuations of each prompt by `expert`, contrasted with `base`; each one's advantage: the mean
+    log-probability the expert gives its written tokens, minus the base's; and each one's surprise: the mean
+    negative log-probability the expert gives its own written tokens."""
     with _threads_for(expert):
         return _write(expert, base, prompts, samples, new_tokens, seed, check)
 
@@ -139,17 +139,15 @@ def _write(expert, base, prompts, samples, new_tokens, seed, check
     advantage, surprise, new = torch.zeros(len(rows)), torch.zeros(len(rows)), []
     for _ in range(new_tokens):
         check()
-        logits = expert_logp = _next_logits(expert, step, mask, positions, caches, 0)
-        if base is not None:
-            base_logp = _next_logits(base, step, mask, positions, caches, 1)
-            logits = expert_logp + CONTRAST * (expert_logp - base_logp)
-            too_unlikely = expert_logp < expert_logp.max(dim=-1, keepdim=True).values + math.log(PLAUSIBLE)
-            logits = logits.masked_fill(too_unlikely, float("-inf"))
+        expert_logp = _next_logits(expert, step, mask, positions, caches, 0)
+        base_logp = _next_logits(base, step, mask, positions, caches, 1)
+        logits = expert_logp + CONTRAST * (expert_logp - base_logp)
+        too_unlikely = expert_logp < expert_logp.max(dim=-1, keepdim=True).values + math.log(PLAUSIBLE)
+        logits = logits.masked_fill(too_unlikely, float("-inf"))
         probabilities = (logits / TEMPERATURE).softmax(dim=-1).cpu()
         step = torch.multinomial(probabilities, 1, generator=generator).to(device)
         surprise -= expert_logp.gather(1, step).squeeze(1).cpu()
-        if base is not None:
-            advantage += (expert_logp - base_logp).gather(1, step).squeeze(1).cpu()
+        advantage += (expert_logp - base_logp).gather(1, step).squeeze(1).cpu()
         new.append(step)
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
         positions = positions[:, -1:] + 1

@@ -155,12 +155,13 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
         experts, [plan.sources[e.source_model] for e in experts], plan.base, plain.__getitem__,
         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, resolve_device(options.device),
         options.seed, options.trust_remote_code, job.log, job.check, partial(job.progress, "text"))
-    job.lessons = list(taught.values()) if job.teach else []
+    lessons = list(taught.values())
+    job.lessons = lessons if job.teach else []
     encoded = {**prompts, **texts}
     targets = {**prompt_targets(experts), **expert_text.text_targets(texts, len(experts))}
     job.log(f"Fitting routers on {sum(map(len, encoded.values()))} tokens of the experts' text and prompts, layer "
             f"by layer through the merged model, each token of the text weighed by what its expert gains there")
-    weights = dict(zip(taught, position_weights(list(taught.values()))))
+    weights = dict(zip(taught, position_weights(lessons)))
     return _fit_through(moe, job, tokenizer, encoded, targets, confidence=confidence, l2=expert_text.L2, fit=fit,
                         weights=weights)
 
