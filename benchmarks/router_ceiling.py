@@ -53,7 +53,7 @@ def lessons_of(config, sources: dict, tokenizer) -> list:
     bos = [tokenizer.bos_token_id]
     taught = expert_texts(config.experts, [sources[e.source_model] for e in config.experts],
                           sources[config.base_model], lambda prompt: prompt_ids(tokenizer, prompt),
-                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos,
+                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, bos,
                           log=lambda message: None)[1]
     return list(taught.values())
 

@@ -185,3 +185,24 @@ def test_expert_text_keeps_more_of_each_experts_gain_than_hidden_and_beats_the_b
     for ours, theirs in zip(text.domains, hidden.domains):
         assert ours.moe < ours.base, text.table()
         assert ours.recovered >= 0.5 and ours.recovered > theirs.recovered, f"{text.table()}\n{hidden.table()}"
+
+
+def test_bare_keywords_lead_the_math_expert_astray_and_its_own_arithmetic_stands_in():
+    """The zoo's math expert never learnt the words "math", "arithmetic" or "calculate": after them it writes garbled
+    code, which would teach the routers to send code to it. So its texts written from a document's start, which are
+    arithmetic, become its calibration text instead; no other expert is led astray by Beyonder-style keywords."""
+    from studio.build.expert_text import expert_texts
+    from studio.prompts import prompt_ids
+    from studio.sources import open_model
+
+    config = load_config(ROOT / "benchmarks" / "natural" / "keywords.yml")
+    tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "base")
+    bos, log = [tokenizer.bos_token_id], []
+    texts, _ = expert_texts(
+        config.experts, [open_model(str(ROOT / e.source_model)) for e in config.experts],
+        open_model(str(ROOT / config.base_model)), lambda prompt: prompt_ids(tokenizer, prompt),
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, bos, seed=0, log=log.append)
+    assert [line.split(" (")[0] for line in log if "led it astray" in line] == ["Expert 1"]
+    math = [tokenizer.decode(ids[1:]) for key, ids in texts.items() if key[1] == 1]
+    assert len(math) >= 4 and all(re.search(r"\d+ [-+*/] \d+ = \d+", text) for text in math), math
+    assert not any(text.startswith(("math", "arithmetic", "calculate")) for text in math)  # no continuation kept

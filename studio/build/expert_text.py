@@ -25,6 +25,16 @@ So once every text is written, each expert reads the others' texts too, and a wr
 writer leads the best other expert by at least SPECIFIC of its median lead (`specific_pieces`; measured on the zoo:
 chat keeps 2 to 7 points more of its gain in every config with a chat expert, math up to 5 more).
 
+A prompt can also lead an expert astray altogether: the zoo's math expert never learnt the bare keywords of
+Beyonder-style configs ("math", "arithmetic", "calculate"), and after them writes garbled code, most of which the
+rules above keep (it is typical of what it writes there, and the median lead is that of the garbled code). Such text
+is not the writer's own: another expert (code's) gains on it nearly as much as the writer does. So each expert also
+writes a few texts from a document's start alone, where it writes what it was fine-tuned on; when fewer than a
+quarter of the continuations of its prompts are its own (`kept_texts`), the texts that are take their place (measured
+on the zoo's keyword config: math keeps 93% of its gain instead of 18%, code 92% instead of 57%). Only then: from a
+document's start the zoo's chat expert writes stories as often as chats, and reads its own stories better than the
+stories expert does (they are its own samples); always kept, they cost stories 20 to 30 points in two configs.
+
 While each expert is in memory, what it predicts on its text is kept too, and how far the base is from it at each
 position (studio/build/refine.py's lessons). Then, layer by layer through the merged model (studio/build/calibrate.py),
 each router is fitted where it will look, every token of an expert's text labelled with that expert and weighed by
@@ -58,6 +68,9 @@ L2 = 1e-2  # the router fit's penalty, on unit-RMS inputs
 WINDOW = 256  # tokens per piece of a given calibration text
 TYPICAL = 3.0  # a written text is kept when its advantage over the base is within this factor of the median
 SPECIFIC = 0.5  # ... and its writer's lead over the other experts is at least this share of the median lead
+FREE_TEXTS = 12  # texts each expert also writes from a document's start alone, for when its prompts lead it astray
+OWN = 0.5  # a text is its writer's own when at least this share of what the writer gains there, no other expert gains
+STRAY = 0.25  # an expert's prompts led it astray when fewer than this share of their continuations are its own
 SMALL_MODEL = 50_000_000  # parameters
 
 
@@ -184,6 +197,33 @@ def typical_pieces(advantages: list[float], surprises: list[float] | None = None
     return kept
 
 
+def own_pieces(leads: list[float], gains: list[float]) -> list[int]:
+    """Indices of the written texts that are their writer's own: where it gains over the base (mean log-probability
+    per token) and leads the best other expert by at least OWN of that gain. On text of another expert's domain
+    (the garbled code a math expert writes after a word it never learnt) that expert gains about as much."""
+    return [i for i, (lead, gain) in enumerate(zip(leads, gains, strict=True)) if gain > 0 and lead >= OWN * gain]
+
+
+def kept_texts(leads: list[float], gains: list[float], free: list[bool], continuations: int
+               ) -> tuple[list[int], bool]:
+    """Indices of an expert's written texts that calibrate its router, and whether its prompts led it astray; given
+    how far its writer leads the best other expert on each text and gains over the base, and which texts were
+    written from a document's start alone (`free`), after `continuations` of its prompts were written.
+
+    Normally the continuations `specific_pieces` keeps. But when fewer than STRAY of the continuations written are
+    the writer's own (`own_pieces`), its prompts led it astray: the zoo's math expert, after the bare keywords
+    "math" or "arithmetic" (words it never learnt), writes garbled code, which would teach the router to send code
+    to it. Then the texts that are its own are kept, most of them written from a document's start: there an
+    expert writes what it was fine-tuned on.
+    """
+    prompted = [i for i, is_free in enumerate(free) if not is_free]
+    by_lead = [prompted[i] for i in specific_pieces([leads[i] for i in prompted])]
+    own = own_pieces(leads, gains)
+    if not leads or statistics.median(leads) <= 0 or sum(not free[i] for i in own) >= STRAY * continuations:
+        return by_lead, False
+    return own, True
+
+
 def specific_pieces(leads: list[float]) -> list[int]:
     """Indices of the written texts whose writer leads the best other expert (mean log-probability per token) by at
     least SPECIFIC of the median lead: text of the writer's own domain, not of one another expert knows as well."""
@@ -213,12 +253,12 @@ def samples_per_prompt(prompts: int, budget: int = TOKENS_PER_EXPERT, new_tokens
 
 def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelSource,
                  encode: Callable[[str], list[int]], encode_text: Callable[[str], list[int]], bos: list[int],
-                 device: str = "cpu", seed: int | None = None, trust_remote_code: bool = False,
+                 start: list[int], device: str = "cpu", seed: int | None = None, trust_remote_code: bool = False,
                  log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
                  done: Callable[[int, int, str], None] = lambda step, steps, label: None
                  ) -> tuple[dict[tuple, list[int]], dict[tuple, Lesson]]:
     """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts and
-    the other experts do not know as well (`specific_pieces`); and, under the same keys, what the expert predicts
+    the other experts do not know as well (`kept_texts`); and, under the same keys, what the expert predicts
     on each piece and how far the base is from it (studio/build/refine.py's lessons), taken while it is in memory.
     `done(step, steps, label)` hears of each step: an expert's text ready, then an expert's reading of the others'
     written texts."""
@@ -234,7 +274,7 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
             return still_loaded.pop()[1]
         return base_model if source is base else load_writer(source, device, trust_remote_code)
 
-    pieces_of, taught_of = [], []
+    pieces_of, taught_of, free_of, continuations_of = [], [], [], []
     for index, (expert, source) in enumerate(zip(experts, sources)):
         check()
         if expert.calibration_text:
@@ -243,20 +283,27 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
             pieces = read_calibration_text(expert, index, encode_text, bos)
             log(f"Expert {index} ({expert.source_model}): {sum(map(len, pieces))} tokens of its calibration text")
             model = model_of(source)
+            free, continuations = [False] * len(pieces), 0
         else:
             prompts = [encode(p) for p in expert.positive_prompts or []]
             samples = samples_per_prompt(len(prompts))
+            starts = FREE_TEXTS if judged and start else 0  # only the other experts' reading tells when they serve
             log(f"Expert {index} ({expert.source_model}) writes {samples} continuations of each of its "
-                f"{len(prompts)} prompts, {NEW_TOKENS} tokens each")
+                f"{len(prompts)} prompts and {starts} texts from a document's start, {NEW_TOKENS} tokens each")
             model = model_of(source)
-            pieces, advantages, surprises = write_text(model, base_model, prompts, samples,
-                                                       seed=(seed or 0) + index, check=check)
+            rows = [prompt for prompt in prompts for _ in range(samples)] + [start] * starts
+            pieces, advantages, surprises = write_text(model, base_model, rows, 1, seed=(seed or 0) + index,
+                                                       check=check)
             kept = typical_pieces(advantages, surprises)
             log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "
                 f"the expert (median {statistics.median(advantages):.2f} nats per token) and that do not surprise it "
                 f"(median {statistics.median(surprises):.2f} nats per token)")
             pieces = [pieces[i] for i in kept]
+            continuations = len(rows) - starts
+            free = [i >= continuations for i in kept]
         pieces_of.append(pieces)
+        free_of.append(free)
+        continuations_of.append(continuations)
         taught_of.append(lessons(model, base_model, pieces, index))
         if judged and index == len(experts) - 1:
             still_loaded.append((source, model))
@@ -265,10 +312,13 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
     if judged:
         log("Each expert reads the other experts' written texts: a text is kept where its writer leads them")
         written = {index: pieces_of[index] for index in range(len(experts)) if writes[index]}
-        kept_of = _judged(experts, sources, written, model_of, log, check,
-                          lambda judges: done(len(experts) + judges, steps, f"Experts reading each other's text: "
-                                                                            f"{judges} of {len(experts)} done"))
-        for index, kept in kept_of.items():
+        readings = _readings(sources, written, model_of, base_model, check,
+                             lambda judges: done(len(experts) + judges, steps, f"Experts reading each other's text: "
+                                                                               f"{judges} of {len(experts)} done"))
+        for index, (leads, gains) in readings.items():
+            kept, astray = kept_texts(leads, gains, free_of[index], continuations_of[index])
+            _log_kept(log, f"Expert {index} ({experts[index].source_model})", astray,
+                      [free_of[index][i] for i in kept], leads)
             pieces_of[index] = [pieces_of[index][i] for i in kept]
             taught_of[index] = [taught_of[index][i] for i in kept]
     keyed = [(text_key(index, i), piece, lesson) for index, (pieces, taught) in enumerate(zip(pieces_of, taught_of))
@@ -276,10 +326,11 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
     return {key: piece for key, piece, _ in keyed}, {key: lesson for key, _, lesson in keyed}
 
 
-def _judged(experts: list[Expert], sources: list[ModelSource], written: dict[int, list[list[int]]], model_of,
-            log: Callable[[str], None], check: Callable[[], None], read: Callable[[int], None]) -> dict[int, list[int]]:
-    """Expert -> the indices of its `written` texts that `specific_pieces` keeps, every expert reading every
-    written text (one expert in memory at a time, the last first: it may still be in memory from writing)."""
+def _readings(sources: list[ModelSource], written: dict[int, list[list[int]]], model_of, base,
+              check: Callable[[], None], read: Callable[[int], None]) -> dict[int, tuple[list[float], list[float]]]:
+    """Writer -> for each of its `written` texts, how far it leads the best other expert there and what it gains over
+    `base` (mean log-probability per token); every expert reads every written text, one in memory at a time, the
+    last first: it may still be in memory from writing."""
     scores: dict[int, dict[int, list[float]]] = {index: {} for index in written}  # writer -> reader -> per text
     for reading, reader in enumerate(reversed(range(len(sources)))):
         check()
@@ -288,15 +339,24 @@ def _judged(experts: list[Expert], sources: list[ModelSource], written: dict[int
             scores[writer][reader] = mean_log_probabilities(model, pieces)
         del model
         read(reading + 1)
-    kept_of = {}
+    readings = {}
     for writer, by_reader in scores.items():
         table = torch.tensor([by_reader[reader] for reader in range(len(sources))])  # (readers, texts)
-        leads = (table[writer] - torch.cat([table[:writer], table[writer + 1:]]).max(dim=0).values).tolist()
-        kept_of[writer] = specific_pieces(leads)
-        log(f"Expert {writer} ({experts[writer].source_model}): kept {len(kept_of[writer])} of {len(leads)} texts: "
-            f"those it predicts ahead of every other expert by at least {SPECIFIC:.0%} of its median lead "
-            f"({statistics.median(leads) if leads else 0.0:.2f} nats per token)")
-    return kept_of
+        leads = table[writer] - torch.cat([table[:writer], table[writer + 1:]]).max(dim=0).values
+        gains = table[writer] - torch.tensor(mean_log_probabilities(base, written[writer]))
+        readings[writer] = (leads.tolist(), gains.tolist())
+    return readings
+
+
+def _log_kept(log: Callable[[str], None], expert: str, astray: bool, free: list[bool], leads: list[float]) -> None:
+    if astray:
+        log(f"{expert}: its prompts led it astray (fewer than {STRAY:.0%} of their continuations are its own: "
+            f"another expert gains there about as much); kept the {len(free)} texts that are its own, {sum(free)} of "
+            f"them written from a document's start")
+    else:
+        log(f"{expert}: kept {len(free)} continuations of its prompts: those it predicts ahead of every other expert "
+            f"by at least {SPECIFIC:.0%} of its median lead ({statistics.median(leads) if leads else 0:.2f} nats per "
+            f"token)")
 
 
 def text_targets(texts: dict[tuple, list[int]], experts: int) -> dict[tuple, torch.Tensor]:

@@ -151,9 +151,10 @@ def _expert_text(job: GateJob, fit: Callable[..., torch.Tensor] = fit_router,
                                                                         expert_text.WINDOW + 1)
     moe = _merged_model(job, longest)  # before any text is written: a base it cannot run is named at once
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    start = bos or [t for t in (tokenizer.eos_token_id,) if t is not None]  # where a document starts
     texts, taught = expert_text.expert_texts(
         experts, [plan.sources[e.source_model] for e in experts], plan.base, plain.__getitem__,
-        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, resolve_device(options.device),
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, start, resolve_device(options.device),
         options.seed, options.trust_remote_code, job.log, job.check, partial(job.progress, "text"))
     lessons = list(taught.values())
     job.lessons = lessons if job.teach else []
