@@ -17,7 +17,9 @@ refines them end to end once written (studio/build/refine.py). The config `domai
 own domain text instead of text the experts write. The config `chat-format` (not run by default either) holds
 instructions and questions under `prompt_format: chat`, written after the others; so are `two-experts` and
 `three-experts` (not run by default), with fewer experts and fewer prompts (4 and 3 per expert), and `mixed`
-(not run by default: four experts, five prompts each), written later still.
+(not run by default: four experts, five prompts each), written later still; and later again `casual` (four short
+prompts per expert), `topics` (topic words) and `half-keywords` (two experts by sentences, two by bare keywords),
+none run by default.
 
 Usage: python benchmarks/gate_modes.py [--configs sentences,keywords,assistant] [--modes hidden,cheap_embed,
        calibrated,expert_text/fitted,expert_text,expert_text_ridge] [--seed 0]

@@ -31,9 +31,10 @@ rules above keep (it is typical of what it writes there, and the median lead is 
 is not the writer's own: another expert (code's) gains on it nearly as much as the writer does. So each expert also
 writes a few texts from a document's start alone, where it writes what it was fine-tuned on; when fewer than a
 quarter of the continuations of its prompts are its own (`kept_texts`), the texts that are take their place (measured
-on the zoo's keyword config: math keeps 93% of its gain instead of 18%, code 92% instead of 57%). Only then: from a
+on the zoo's keyword config: math keeps 92% of its gain instead of 18%, code 91% instead of 41%). Only then: from a
 document's start the zoo's chat expert writes stories as often as chats, and reads its own stories better than the
-stories expert does (they are its own samples); always kept, they cost stories 20 to 30 points in two configs.
+stories expert does (they are its own samples); always kept (every text judged by that rule), they cost stories
+20 to 30 points in two configs of seven.
 
 While each expert is in memory, what it predicts on its text is kept too, and how far the base is from it at each
 position (studio/build/refine.py's lessons). Then, layer by layer through the merged model (studio/build/calibrate.py),
