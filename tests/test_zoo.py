@@ -187,10 +187,14 @@ def test_expert_text_keeps_more_of_each_experts_gain_than_hidden_and_beats_the_b
         assert ours.recovered >= 0.5 and ours.recovered > theirs.recovered, f"{text.table()}\n{hidden.table()}"
 
 
-def test_bare_keywords_lead_the_math_expert_astray_and_its_own_arithmetic_stands_in():
+def test_bare_keywords_lead_the_math_expert_astray_and_texts_from_a_documents_start_serve():
     """The zoo's math expert never learnt the words "math", "arithmetic" or "calculate": after them it writes garbled
     code, which would teach the routers to send code to it. So its texts written from a document's start, which are
-    arithmetic, become its calibration text instead; no other expert is led astray by Beyonder-style keywords."""
+    arithmetic, become its calibration text instead; no other expert is led astray by Beyonder-style keywords. The
+    others' texts from a document's start join theirs where they read like their kept continuations: the stories
+    expert's stories do; the stories the chat expert writes there (which pass for its own) do not."""
+    from functools import partial
+
     from studio.build.expert_text import expert_texts
     from studio.prompts import prompt_ids
     from studio.sources import open_model
@@ -206,3 +210,8 @@ def test_bare_keywords_lead_the_math_expert_astray_and_its_own_arithmetic_stands
     math = [tokenizer.decode(ids[1:]) for key, ids in texts.items() if key[1] == 1]
     assert len(math) >= 4 and all(re.search(r"\d+ [-+*/] \d+ = \d+", text) for text in math), math
     assert not any(text.startswith(("math", "arithmetic", "calculate")) for text in math)  # no continuation kept
+    started = {k: [tokenizer.decode(ids[1:]) for key, ids in texts.items() if key[1] == k
+                   and not any(ids[:len(p)] == p for p in map(partial(prompt_ids, tokenizer), e.positive_prompts))]
+               for k, e in enumerate(config.experts)}
+    assert len(started[2]) >= 6 and all(re.search(r"there was|named|appeared", text) for text in started[2])
+    assert all("<|user|>" in text for text in started[3]), started[3]

@@ -31,10 +31,13 @@ rules above keep (it is typical of what it writes there, and the median lead is 
 is not the writer's own: another expert (code's) gains on it nearly as much as the writer does. So each expert also
 writes a few texts from a document's start alone, where it writes what it was fine-tuned on; when fewer than a
 quarter of the continuations of its prompts are its own (`kept_texts`), the texts that are take their place (measured
-on the zoo's keyword config: math keeps 92% of its gain instead of 18%, code 91% instead of 41%). Only then: from a
-document's start the zoo's chat expert writes stories as often as chats, and reads its own stories better than the
-stories expert does (they are its own samples); always kept (every text judged by that rule), they cost stories
-20 to 30 points in two configs of seven.
+on the zoo's keyword config: math keeps 92% of its gain instead of 18%, code 91% instead of 41%). Otherwise they
+join its text only where they read like the continuations it kept (`read_alike`: their token counts are likest to
+those of its own text, not to any other expert's). From a document's start the zoo's chat expert writes stories as
+often as chats, and reads its own stories better than the stories expert does (they are its own samples), so they
+pass for its own; all kept (every text judged by that rule), they cost stories 20 to 30 points in two configs of
+seven. The stories expert's stories read like its continuations, and give it clean stories to calibrate on where
+its continuations of requests and questions are often not its own.
 
 While each expert is in memory, what it predicts on its text is kept too, and how far the base is from it at each
 position (studio/build/refine.py's lessons). Then, layer by layer through the merged model (studio/build/calibrate.py),
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from contextlib import contextmanager
 from typing import Callable
 
@@ -69,7 +73,7 @@ L2 = 1e-2  # the router fit's penalty, on unit-RMS inputs
 WINDOW = 256  # tokens per piece of a given calibration text
 TYPICAL = 3.0  # a written text is kept when its advantage over the base is within this factor of the median
 SPECIFIC = 0.5  # ... and its writer's lead over the other experts is at least this share of the median lead
-FREE_TEXTS = 12  # texts each expert also writes from a document's start alone, for when its prompts lead it astray
+FREE_TEXTS = 12  # texts each expert also writes from a document's start alone (`kept_texts`, `read_alike`: which serve)
 OWN = 0.5  # a text is its writer's own when at least this share of what the writer gains there, no other expert gains
 STRAY = 0.25  # an expert's prompts led it astray when fewer than this share of their continuations are its own
 SMALL_MODEL = 50_000_000  # parameters
@@ -225,6 +229,35 @@ def kept_texts(leads: list[float], gains: list[float], free: list[bool], continu
     return own, True
 
 
+def read_alike(pieces: list[list[int]], writer: int, references: dict[int, list[list[int]]]) -> list[int]:
+    """Indices of the `pieces` whose tokens are likest (cosine of token counts) to those of the writer's
+    `references` (per expert, its calibration text so far), rather than to any other expert's: of the texts an expert
+    writes from a document's start, those of the domain its prompts point to."""
+    centroids = {expert: _centroid(texts) for expert, texts in references.items() if texts}
+    if writer not in centroids:
+        return []
+    return [i for i, piece in enumerate(pieces)
+            if max(centroids, key=lambda expert: _similarity(_bag(piece), centroids[expert])) == writer]
+
+
+def _bag(piece: list[int]) -> dict[int, float]:
+    """A text's token counts (its first token, BOS or the prompt's, left out), scaled to unit length."""
+    counts = Counter(piece[1:])
+    norm = math.sqrt(sum(count * count for count in counts.values())) or 1.0
+    return {token: count / norm for token, count in counts.items()}
+
+
+def _centroid(pieces: list[list[int]]) -> dict[int, float]:
+    total: Counter = Counter()
+    for piece in pieces:
+        total.update(_bag(piece))
+    return {token: weight / len(pieces) for token, weight in total.items()}
+
+
+def _similarity(bag: dict[int, float], centroid: dict[int, float]) -> float:
+    return sum(weight * centroid.get(token, 0.0) for token, weight in bag.items())
+
+
 def specific_pieces(leads: list[float]) -> list[int]:
     """Indices of the written texts whose writer leads the best other expert (mean log-probability per token) by at
     least SPECIFIC of the median lead: text of the writer's own domain, not of one another expert knows as well."""
@@ -258,9 +291,10 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
                  log: Callable[[str], None] = print, check: Callable[[], None] = lambda: None,
                  done: Callable[[int, int, str], None] = lambda step, steps, label: None
                  ) -> tuple[dict[tuple, list[int]], dict[tuple, Lesson]]:
-    """Calibration text per expert, keyed by `text_key`: its own files, else text it writes from its prompts and
-    the other experts do not know as well (`kept_texts`); and, under the same keys, what the expert predicts
-    on each piece and how far the base is from it (studio/build/refine.py's lessons), taken while it is in memory.
+    """Calibration text per expert, keyed by `text_key`: its own files, else text it writes (from its prompts, and
+    from a document's start) that the other experts do not know as well (`kept_texts`, `read_alike`); and, under the
+    same keys, what the expert predicts on each piece and how far the base is from it (studio/build/refine.py's
+    lessons), taken while it is in memory.
     `done(step, steps, label)` hears of each step: an expert's text ready, then an expert's reading of the others'
     written texts."""
     writes = [not e.calibration_text for e in experts]
@@ -316,10 +350,16 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
         readings = _readings(sources, written, model_of, base_model, check,
                              lambda judges: done(len(experts) + judges, steps, f"Experts reading each other's text: "
                                                                                f"{judges} of {len(experts)} done"))
-        for index, (leads, gains) in readings.items():
-            kept, astray = kept_texts(leads, gains, free_of[index], continuations_of[index])
+        chosen = {index: kept_texts(*reading, free_of[index], continuations_of[index])
+                  for index, reading in readings.items()}
+        references = {index: [pieces_of[index][i] for i in kept] for index, (kept, _) in chosen.items()}
+        references.update({index: pieces_of[index] for index in range(len(experts)) if not writes[index]})
+        for index, (kept, astray) in chosen.items():
+            if not astray:  # its own texts from a document's start that read like the continuations kept
+                own = [i for i in own_pieces(*readings[index]) if free_of[index][i]]
+                kept = kept + [own[i] for i in read_alike([pieces_of[index][i] for i in own], index, references)]
             _log_kept(log, f"Expert {index} ({experts[index].source_model})", astray,
-                      [free_of[index][i] for i in kept], leads)
+                      [free_of[index][i] for i in kept], readings[index][0])
             pieces_of[index] = [pieces_of[index][i] for i in kept]
             taught_of[index] = [taught_of[index][i] for i in kept]
     keyed = [(text_key(index, i), piece, lesson) for index, (pieces, taught) in enumerate(zip(pieces_of, taught_of))
@@ -355,9 +395,9 @@ def _log_kept(log: Callable[[str], None], expert: str, astray: bool, free: list[
             f"another expert gains there about as much); kept the {len(free)} texts that are its own, {sum(free)} of "
             f"them written from a document's start")
     else:
-        log(f"{expert}: kept {len(free)} continuations of its prompts: those it predicts ahead of every other expert "
-            f"by at least {SPECIFIC:.0%} of its median lead ({statistics.median(leads) if leads else 0:.2f} nats per "
-            f"token)")
+        log(f"{expert}: kept {free.count(False)} continuations of its prompts: those it predicts ahead of every other "
+            f"expert by at least {SPECIFIC:.0%} of its median lead ({statistics.median(leads) if leads else 0:.2f} "
+            f"nats per token); and {sum(free)} texts of its own from a document's start that read like them")
 
 
 def text_targets(texts: dict[tuple, list[int]], experts: int) -> dict[tuple, torch.Tensor]:
