@@ -350,14 +350,7 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
         readings = _readings(sources, written, model_of, base_model, check,
                              lambda judges: done(len(experts) + judges, steps, f"Experts reading each other's text: "
                                                                                f"{judges} of {len(experts)} done"))
-        chosen = {index: kept_texts(*reading, free_of[index], continuations_of[index])
-                  for index, reading in readings.items()}
-        references = {index: [pieces_of[index][i] for i in kept] for index, (kept, _) in chosen.items()}
-        references.update({index: pieces_of[index] for index in range(len(experts)) if not writes[index]})
-        for index, (kept, astray) in chosen.items():
-            if not astray:  # its own texts from a document's start that read like the continuations kept
-                own = [i for i in own_pieces(*readings[index]) if free_of[index][i]]
-                kept = kept + [own[i] for i in read_alike([pieces_of[index][i] for i in own], index, references)]
+        for index, (kept, astray) in _chosen(readings, pieces_of, free_of, continuations_of).items():
             _log_kept(log, f"Expert {index} ({experts[index].source_model})", astray,
                       [free_of[index][i] for i in kept], readings[index][0])
             pieces_of[index] = [pieces_of[index][i] for i in kept]
@@ -387,6 +380,23 @@ def _readings(sources: list[ModelSource], written: dict[int, list[list[int]]], m
         gains = table[writer] - torch.tensor(mean_log_probabilities(base, written[writer]))
         readings[writer] = (leads.tolist(), gains.tolist())
     return readings
+
+
+def _chosen(readings: dict[int, tuple[list[float], list[float]]], pieces_of: list[list[list[int]]],
+            free_of: list[list[bool]], continuations_of: list[int]) -> dict[int, tuple[list[int], bool]]:
+    """Writer -> the indices of its texts kept, and whether its prompts led it astray (`kept_texts`); where they did
+    not, its own texts from a document's start that read like the continuations kept join them (`read_alike`,
+    against every expert's text: kept, or given)."""
+    chosen = {index: kept_texts(*reading, free_of[index], continuations_of[index])
+              for index, reading in readings.items()}
+    references = {index: [pieces_of[index][i] for i in kept] for index, (kept, _) in chosen.items()}
+    references.update({index: pieces for index, pieces in enumerate(pieces_of) if index not in readings})
+    for index, (kept, astray) in chosen.items():
+        if not astray:
+            own = [i for i in own_pieces(*readings[index]) if free_of[index][i]]
+            chosen[index] = kept + [own[i] for i in read_alike([pieces_of[index][i] for i in own], index,
+                                                               references)], astray
+    return chosen
 
 
 def _log_kept(log: Callable[[str], None], expert: str, astray: bool, free: list[bool], leads: list[float]) -> None:
