@@ -255,12 +255,13 @@ def looks_like_a_model(folder: Path) -> bool:
 
 
 def staging_bytes(parent: Path, name: str) -> int:
+    """Bytes in the merge's staging folder so far (a lower bound if the merge ends while they are counted)."""
     total = 0
-    for file in parent.glob(f".{name}.partial-*/*"):
-        try:
+    try:
+        for file in parent.glob(f".{name}.partial-*/*"):
             total += file.stat().st_size if file.is_file() else 0
-        except FileNotFoundError:  # the merge ended and moved its folder into place since the listing
-            pass
+    except FileNotFoundError:  # the merge ended and moved the folder, or a file of it, into place since the listing
+        pass
     return total
 
 
