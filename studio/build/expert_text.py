@@ -236,8 +236,9 @@ def read_alike(pieces: list[list[int]], writer: int, references: dict[int, list[
     centroids = {expert: _centroid(texts) for expert, texts in references.items() if texts}
     if writer not in centroids:
         return []
-    return [i for i, piece in enumerate(pieces)
-            if max(centroids, key=lambda expert: _similarity(_bag(piece), centroids[expert])) == writer]
+    bags = [_bag(piece) for piece in pieces]
+    return [i for i, bag in enumerate(bags)
+            if max(centroids, key=lambda expert: _similarity(bag, centroids[expert])) == writer]
 
 
 def _bag(piece: list[int]) -> dict[int, float]:
