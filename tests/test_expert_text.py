@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from studio.build import expert_text
 from studio.build.expert_text import (kept_texts, load_writer, mean_log_probabilities, own_pieces, read_alike,
                                      samples_per_prompt, specific_pieces, typical_pieces, write_text)
 from studio.build.merge import MergeOptions, merge
@@ -114,6 +115,19 @@ def test_texts_from_a_documents_start_join_the_expert_whose_text_they_read_like(
     assert read_alike(free, 1, references) == [1, 2]
     assert read_alike(free, 0, references) == [0]
     assert read_alike(free, 3, references) == []  # no text of its own to compare with
+
+
+def test_a_text_its_writer_leads_on_is_kept_only_where_it_reads_like_the_writers_text():
+    """Measured on the zoo (`sentences`): after "The dragon opened one eye..." the stories expert writes chats, with
+    its own slips ("The capital of Brazil is Lisbon."), and reads them better than the chat expert does (they are
+    its own samples), so it leads there; but they read like the chat expert's text. Token ids stand for words: 10-19
+    a story's, 20-29 a chat's. Expert 0 (stories) wrote three stories and a chat, expert 1 (chat) three chats, and
+    from BOS a story and a chat."""
+    stories = [[1, 10, 11, 12, 13], [1, 11, 12, 14, 10], [1, 12, 13, 15, 11], [1, 20, 21, 22, 23]]
+    chats = [[1, 20, 21, 22], [1, 23, 20, 24, 21], [1, 21, 22, 25], [1, 10, 13, 12, 14], [1, 22, 24, 20]]
+    readings = {0: ([0.3] * 4, [0.4] * 4), 1: ([0.3] * 5, [0.4] * 5)}
+    chosen = expert_text._chosen(readings, [stories, chats], [[False] * 4, [False] * 3 + [True] * 2], [4, 3])
+    assert chosen == {0: ([0, 1, 2], False), 1: ([0, 1, 2, 4], False)}
 
 
 def test_mean_log_probabilities_of_pieces_padded_together_are_each_ones_alone(mistral):

@@ -195,17 +195,9 @@ def test_bare_keywords_lead_the_math_expert_astray_and_texts_from_a_documents_st
     expert's stories do; the stories the chat expert writes there (which pass for its own) do not."""
     from functools import partial
 
-    from studio.build.expert_text import expert_texts
     from studio.prompts import prompt_ids
-    from studio.sources import open_model
 
-    config = load_config(ROOT / "benchmarks" / "natural" / "keywords.yml")
-    tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "base")
-    bos, log = [tokenizer.bos_token_id], []
-    texts, _ = expert_texts(
-        config.experts, [open_model(str(ROOT / e.source_model)) for e in config.experts],
-        open_model(str(ROOT / config.base_model)), lambda prompt: prompt_ids(tokenizer, prompt),
-        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, bos, seed=0, log=log.append)
+    config, tokenizer, texts, log = _written_texts("keywords")
     assert [line.split(" (")[0] for line in log if "led it astray" in line] == ["Expert 1"]
     math = [tokenizer.decode(ids[1:]) for key, ids in texts.items() if key[1] == 1]
     assert len(math) >= 4 and all(re.search(r"\d+ [-+*/] \d+ = \d+", text) for text in math), math
@@ -215,3 +207,29 @@ def test_bare_keywords_lead_the_math_expert_astray_and_texts_from_a_documents_st
                for k, e in enumerate(config.experts)}
     assert len(started[2]) >= 6 and all(re.search(r"there was|named|appeared", text) for text in started[2])
     assert all("<|user|>" in text for text in started[3]), started[3]
+
+
+def test_chats_the_stories_expert_writes_are_not_its_calibration_text():
+    """After "The dragon opened one eye and saw the knight at the door." or "Tell me a bedtime story about a brave
+    mouse." the zoo's stories expert (seed 0) writes chats, with its own slips ("The capital of Brazil is Lisbon.").
+    It reads them better than the chat expert does (they are its own samples), so it leads there; but they read like
+    the chat expert's text, and are not kept as stories (4 of its 38 texts were, before that check)."""
+    config, tokenizer, texts, _ = _written_texts("sentences")
+    stories = [tokenizer.decode(ids) for key, ids in texts.items() if key[1] == 2]
+    assert len(stories) >= 20 and not any("<|user|>" in text for text in stories), stories
+
+
+def _written_texts(name: str):
+    """The calibration text the experts of benchmarks/natural/NAME.yml write (seed 0), and the log."""
+    from studio.build.expert_text import expert_texts
+    from studio.prompts import prompt_ids
+    from studio.sources import open_model
+
+    config = load_config(ROOT / "benchmarks" / "natural" / f"{name}.yml")
+    tokenizer = AutoTokenizer.from_pretrained(ZOO_DIR / "base")
+    bos, log = [tokenizer.bos_token_id], []
+    texts, _ = expert_texts(
+        config.experts, [open_model(str(ROOT / e.source_model)) for e in config.experts],
+        open_model(str(ROOT / config.base_model)), lambda prompt: prompt_ids(tokenizer, prompt),
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, bos, seed=0, log=log.append)
+    return config, tokenizer, texts, log

@@ -31,13 +31,19 @@ rules above keep (it is typical of what it writes there, and the median lead is 
 is not the writer's own: another expert (code's) gains on it nearly as much as the writer does. So each expert also
 writes a few texts from a document's start alone, where it writes what it was fine-tuned on; when fewer than a
 quarter of the continuations of its prompts are its own (`kept_texts`), the texts that are take their place (measured
-on the zoo's keyword config: math keeps 92% of its gain instead of 18%, code 91% instead of 41%). Otherwise they
-join its text only where they read like the continuations it kept (`read_alike`: their token counts are likest to
-those of its own text, not to any other expert's). From a document's start the zoo's chat expert writes stories as
-often as chats, and reads its own stories better than the stories expert does (they are its own samples), so they
-pass for its own; all kept (every text judged by that rule), they cost stories 20 to 30 points in two configs of
-seven. The stories expert's stories read like its continuations, and give it clean stories to calibrate on where
-its continuations of requests and questions are often not its own.
+on the zoo's keyword config: math keeps 92% of its gain instead of 18%, code 91% instead of 41%).
+
+A writer also reads its own samples better than the others do, whatever their domain, so a lead can be its own
+bias. From a document's start the zoo's chat expert writes stories as often as chats, and after "The dragon opened
+one eye and saw the knight at the door." the stories expert writes chats, with its own slips ("The capital of
+Brazil is Lisbon."): each leads the expert of that domain on them. So, unless its prompts led it astray, a text is
+kept only where it also reads like the writer's kept continuations (`read_alike`: its token counts are likest to
+those of the writer's text, not to any other expert's), continuations and texts from a document's start alike.
+Measured on the zoo, six configs and two seeds: chat keeps 3 to 4 points more of its gain on average, and its
+held-out prompts reach it more often; stories moves both ways (-6 to +6 points), under 1 point up on average. (The
+stories expert's stories, which read like its continuations, give it clean stories to calibrate on where its
+continuations of requests and questions are often not its own; all kept, the chat expert's stories cost stories 20
+to 30 points in two configs of seven.)
 
 While each expert is in memory, what it predicts on its text is kept too, and how far the base is from it at each
 position (studio/build/refine.py's lessons). Then, layer by layer through the merged model (studio/build/calibrate.py),
@@ -386,8 +392,8 @@ def _readings(sources: list[ModelSource], written: dict[int, list[list[int]]], m
 def _chosen(readings: dict[int, tuple[list[float], list[float]]], pieces_of: list[list[list[int]]],
             free_of: list[list[bool]], continuations_of: list[int]) -> dict[int, tuple[list[int], bool]]:
     """Writer -> the indices of its texts kept, and whether its prompts led it astray (`kept_texts`); where they did
-    not, its own texts from a document's start that read like the continuations kept join them (`read_alike`,
-    against every expert's text: kept, or given)."""
+    not, its own texts from a document's start join the continuations kept, and of all these only those that read
+    like the continuations kept stay (`read_alike`, against every expert's text: kept, or given)."""
     chosen = {index: kept_texts(*reading, free_of[index], continuations_of[index])
               for index, reading in readings.items()}
     references = {index: [pieces_of[index][i] for i in kept] for index, (kept, _) in chosen.items()}
@@ -395,8 +401,9 @@ def _chosen(readings: dict[int, tuple[list[float], list[float]]], pieces_of: lis
     for index, (kept, astray) in chosen.items():
         if not astray:
             own = [i for i in own_pieces(*readings[index]) if free_of[index][i]]
-            chosen[index] = kept + [own[i] for i in read_alike([pieces_of[index][i] for i in own], index,
-                                                               references)], astray
+            candidates = kept + own
+            chosen[index] = [candidates[i] for i in read_alike([pieces_of[index][i] for i in candidates], index,
+                                                                references)], astray
     return chosen
 
 
@@ -408,7 +415,8 @@ def _log_kept(log: Callable[[str], None], expert: str, astray: bool, free: list[
     else:
         log(f"{expert}: kept {free.count(False)} continuations of its prompts: those it predicts ahead of every other "
             f"expert by at least {SPECIFIC:.0%} of its median lead ({statistics.median(leads) if leads else 0:.2f} "
-            f"nats per token); and {sum(free)} texts of its own from a document's start that read like them")
+            f"nats per token) and that read like its text, not another expert's; and {sum(free)} texts of its own "
+            f"from a document's start that read like them")
 
 
 def text_targets(texts: dict[tuple, list[int]], experts: int) -> dict[tuple, torch.Tensor]:
