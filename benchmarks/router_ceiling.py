@@ -6,7 +6,8 @@ The merged MoE's routers are linear, one per layer, and route 2 of 4 experts per
 (studio/build/refine.py, with a larger budget than a merge spends, and without the pull towards the layer-by-layer
 fit) on:
   * the zoo's training text of each domain (never the held-out text scored here): the routers' ceiling on the
-    zoo, as far as this training finds it;
+    zoo, as far as this training finds it; in pieces of 256 tokens after BOS, as a user's `calibration_text` is
+    read, and again without BOS, as the held-out text is scored (windows that start mid-text);
   * the text the experts write from the config's prompts (studio/build/expert_text.py);
   * the zoo's training text for every domain but one, whose text is the one its expert writes: how good each
     expert's written text is, one at a time.
@@ -48,12 +49,14 @@ def domain_losses(model, held: dict[str, torch.Tensor]) -> list[float]:
     return [mean_loss(model, held[domain]) for domain in DOMAINS]
 
 
-def lessons_of(config, sources: dict, tokenizer) -> list:
-    """What each expert of `config` predicts on its calibration text: its own files, else the text it writes."""
+def lessons_of(config, sources: dict, tokenizer, after_bos: bool = True) -> list:
+    """What each expert of `config` predicts on its calibration text: its own files (in pieces after BOS, or not),
+    else the text it writes."""
     bos = [tokenizer.bos_token_id]
     taught = expert_texts(config.experts, [sources[e.source_model] for e in config.experts],
                           sources[config.base_model], lambda prompt: prompt_ids(tokenizer, prompt),
-                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos, bos,
+                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                          bos if after_bos else [], bos,
                           log=lambda message: None)[1]
     return list(taught.values())
 
@@ -88,8 +91,10 @@ def main() -> None:
                   for e, d in zip(config.experts, DOMAINS)]
         written = lessons_of(config, sources, tokenizer)
         given = lessons_of(with_domain_text(config, Path(folder)), sources, tokenizer)
+        mid_text = lessons_of(with_domain_text(config, Path(folder)), sources, tokenizer, after_bos=False)
         runs = {f"as merged ({args.config}, expert_text)": lambda: load_moe(moe_folder, torch.float32)[0],
                 "routers retrained on the zoo's training text": lambda: retrained(moe_folder, given, budget),
+                "... on the same text, without BOS": lambda: retrained(moe_folder, mid_text, budget),
                 "routers retrained on the experts' written text": lambda: retrained(moe_folder, written, budget)}
         for index, domain in enumerate(DOMAINS):
             mixed = [lesson for lesson in given if lesson.expert != index] + \
