@@ -30,7 +30,7 @@ from gate_modes import NATURAL  # noqa: E402
 from studio.build.merge import MergeOptions, merge  # noqa: E402
 from studio.config import load_config  # noqa: E402
 from studio.formatting import format_table  # noqa: E402
-from studio.inspect.quality import WINDOW, zoo_texts  # noqa: E402
+from studio.inspect.quality import WINDOW, scored_windows, zoo_texts  # noqa: E402
 from studio.inspect.routing import find_routers, load_moe  # noqa: E402
 from studio.zoo.corpora import DOMAINS  # noqa: E402  (the experts' order in every natural config of four)
 
@@ -40,10 +40,9 @@ OVERRULED = 8  # first positions of each window whose routing is overruled in th
 
 @torch.inference_mode()
 def token_losses(model, ids: torch.Tensor) -> torch.Tensor:
-    """(windows, WINDOW - 1): the next-token loss at each position of each window, as `quality` windows the text."""
-    windows = ids[:(len(ids) - 1) // WINDOW * WINDOW].view(-1, WINDOW)
+    """(windows, WINDOW - 1): the next-token loss at each position of each of `quality`'s scored windows."""
     losses = []
-    for chunk in windows.split(16):
+    for chunk in scored_windows(ids).split(16):
         logits = model(input_ids=chunk).logits[:, :-1].float()
         losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none"))
     return torch.cat(losses)

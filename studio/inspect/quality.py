@@ -62,14 +62,19 @@ class QualityReport:
         return format_table(self.HEADERS, self.rows())
 
 
-@torch.inference_mode()
-def mean_loss(model, ids: torch.Tensor, window: int = WINDOW, batch: int = 16) -> float:
-    """Mean next-token loss over consecutive windows of `window` tokens of `ids` (the tail that does not fill a
-    window is left out, unless the text is shorter than one window)."""
+def scored_windows(ids: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
+    """(windows, window): the consecutive windows of `ids` that are scored (the tail that does not fill a window is
+    left out, unless the text is shorter than one window)."""
     if len(ids) < 2:
         raise StudioError("The text to score holds fewer than two tokens; give more text for this domain.")
     usable = max((len(ids) - 1) // window * window, 0)
-    windows = ids[:usable].view(-1, window) if usable else ids[None]
+    return ids[:usable].view(-1, window) if usable else ids[None]
+
+
+@torch.inference_mode()
+def mean_loss(model, ids: torch.Tensor, window: int = WINDOW, batch: int = 16) -> float:
+    """Mean next-token loss over the `scored_windows` of `ids`."""
+    windows = scored_windows(ids, window)
     device = model.get_input_embeddings().weight.device
     losses = [model(input_ids=chunk.to(device), labels=chunk.to(device)).loss.float().item() * len(chunk)
               for chunk in windows.split(batch)]
