@@ -90,8 +90,9 @@ def main() -> None:
         expert = [mean_loss(AutoModelForCausalLM.from_pretrained(e.source_model, dtype=torch.float32), held[d])
                   for e, d in zip(config.experts, DOMAINS)]
         written = lessons_of(config, sources, tokenizer)
-        given = lessons_of(with_domain_text(config, Path(folder)), sources, tokenizer)
-        mid_text = lessons_of(with_domain_text(config, Path(folder)), sources, tokenizer, after_bos=False)
+        domain_text = with_domain_text(config, Path(folder))
+        given = lessons_of(domain_text, sources, tokenizer)
+        mid_text = lessons_of(domain_text, sources, tokenizer, after_bos=False)
         runs = {f"as merged ({args.config}, expert_text)": lambda: load_moe(moe_folder, torch.float32)[0],
                 "routers retrained on the zoo's training text": lambda: retrained(moe_folder, given, budget),
                 "... on the same text, without BOS": lambda: retrained(moe_folder, mid_text, budget),
