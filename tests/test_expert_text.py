@@ -130,6 +130,19 @@ def test_a_text_its_writer_leads_on_is_kept_only_where_it_reads_like_the_writers
     assert chosen == {0: ([0, 1, 2], False), 1: ([0, 1, 2, 4], False)}
 
 
+def test_an_astray_experts_own_texts_are_kept_only_where_they_read_like_its_text():
+    """Measured on the zoo (`keywords`): led astray by "math", the math expert keeps the texts it leads on, nearly all
+    arithmetic written from a document's start; but one of them is a story it wrote from there, which would send
+    story tokens to it. Token ids stand for words: 10-19 a story's, 30-39 arithmetic, 40-49 garbled code. Expert 0
+    (stories) wrote three stories; expert 1 (math) two continuations that are not its own, then from BOS three
+    arithmetic texts and a story."""
+    stories = [[1, 10, 11, 12, 13], [1, 11, 12, 14, 10], [1, 12, 13, 15, 11]]
+    maths = [[1, 40, 41], [1, 42, 43], [1, 30, 31, 32], [1, 31, 33, 30], [1, 32, 30, 34], [1, 10, 12, 11, 30]]
+    readings = {0: ([0.3] * 3, [0.4] * 3), 1: ([0.01, 0.02, 0.3, 0.3, 0.3, 0.3], [0.4] * 6)}
+    chosen = expert_text._chosen(readings, [stories, maths], [[False] * 3, [False] * 2 + [True] * 4], [3, 2])
+    assert chosen == {0: ([0, 1, 2], False), 1: ([2, 3, 4], True)}
+
+
 def test_mean_log_probabilities_of_pieces_padded_together_are_each_ones_alone(mistral):
     writer = load_writer(open_model(str(mistral[1][0])), "cpu")
     pieces = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14, 15]]

@@ -213,10 +213,12 @@ def test_chats_the_stories_expert_writes_are_not_its_calibration_text():
     """After "The dragon opened one eye and saw the knight at the door." or "Tell me a bedtime story about a brave
     mouse." the zoo's stories expert (seed 0) writes chats, with its own slips ("The capital of Brazil is Lisbon.").
     It reads them better than the chat expert does (they are its own samples), so it leads there; but they read like
-    the chat expert's text, and are not kept as stories (4 of its 38 texts were, before that check)."""
+    the chat expert's text, and are not kept as stories (4 of its 38 texts were, before that check). A story whose
+    last lines slip into garbled code and a stray user turn is still a story: no kept text holds an assistant's
+    reply."""
     config, tokenizer, texts, _ = _written_texts("sentences")
     stories = [tokenizer.decode(ids) for key, ids in texts.items() if key[1] == 2]
-    assert len(stories) >= 20 and not any("<|user|>" in text for text in stories), stories
+    assert len(stories) >= 20 and not any("<|assistant|>" in text for text in stories), stories
 
 
 def _written_texts(name: str):

@@ -36,9 +36,11 @@ on the zoo's keyword config: math keeps 92% of its gain instead of 18%, code 91%
 A writer also reads its own samples better than the others do, whatever their domain, so a lead can be its own
 bias. From a document's start the zoo's chat expert writes stories as often as chats, and after "The dragon opened
 one eye and saw the knight at the door." the stories expert writes chats, with its own slips ("The capital of
-Brazil is Lisbon."): each leads the expert of that domain on them. So, unless its prompts led it astray, a text is
-kept only where it also reads like the writer's kept continuations (`read_alike`: its token counts are likest to
-those of the writer's text, not to any other expert's), continuations and texts from a document's start alike.
+Brazil is Lisbon."): each leads the expert of that domain on them. So a text is kept only where it also reads like
+the writer's kept text (`read_alike`: its token counts are likest to those of the writer's text, not to any other
+expert's), continuations and texts from a document's start alike. That holds for an expert its prompts led astray
+too: of the texts the zoo's math expert kept after "math" in `keywords`, one was a story it wrote from a document's
+start, which taught the routers to send story tokens to it.
 Measured on the zoo, six configs and two seeds: chat keeps 3 to 4 points more of its gain on average, and its
 held-out prompts reach it more often; stories moves both ways (-6 to +6 points), under 1 point up on average. (The
 stories expert's stories, which read like its continuations, give it clean stories to calibrate on where its
@@ -79,7 +81,7 @@ L2 = 1e-2  # the router fit's penalty, on unit-RMS inputs
 WINDOW = 256  # tokens per piece of a given calibration text
 TYPICAL = 3.0  # a written text is kept when its advantage over the base is within this factor of the median
 SPECIFIC = 0.5  # ... and its writer's lead over the other experts is at least this share of the median lead
-FREE_TEXTS = 12  # texts each expert also writes from a document's start alone (`kept_texts`, `read_alike`: which serve)
+FREE_TEXTS = 24  # texts each expert also writes from a document's start alone (`kept_texts`, `read_alike`: which serve)
 OWN = 0.5  # a text is its writer's own when at least this share of what the writer gains there, no other expert gains
 STRAY = 0.25  # an expert's prompts led it astray when fewer than this share of their continuations are its own
 SMALL_MODEL = 50_000_000  # parameters
@@ -392,18 +394,17 @@ def _readings(sources: list[ModelSource], written: dict[int, list[list[int]]], m
 def _chosen(readings: dict[int, tuple[list[float], list[float]]], pieces_of: list[list[list[int]]],
             free_of: list[list[bool]], continuations_of: list[int]) -> dict[int, tuple[list[int], bool]]:
     """Writer -> the indices of its texts kept, and whether its prompts led it astray (`kept_texts`); where they did
-    not, its own texts from a document's start join the continuations kept, and of all these only those that read
-    like the continuations kept stay (`read_alike`, against every expert's text: kept, or given)."""
+    not, its own texts from a document's start join the continuations kept; of all these, only those that read like
+    the texts kept stay (`read_alike`, against every expert's text: kept, or given)."""
     chosen = {index: kept_texts(*reading, free_of[index], continuations_of[index])
               for index, reading in readings.items()}
     references = {index: [pieces_of[index][i] for i in kept] for index, (kept, _) in chosen.items()}
     references.update({index: pieces for index, pieces in enumerate(pieces_of) if index not in readings})
     for index, (kept, astray) in chosen.items():
-        if not astray:
-            own = [i for i in own_pieces(*readings[index]) if free_of[index][i]]
-            candidates = kept + own
-            chosen[index] = [candidates[i] for i in read_alike([pieces_of[index][i] for i in candidates], index,
-                                                                references)], astray
+        own = [] if astray else [i for i in own_pieces(*readings[index]) if free_of[index][i]]
+        candidates = kept + own
+        chosen[index] = [candidates[i] for i in read_alike([pieces_of[index][i] for i in candidates], index,
+                                                            references)], astray
     return chosen
 
 
