@@ -62,6 +62,19 @@ def test_an_experts_share_lost_is_a_ratio_of_means_as_in_the_quality_measure():
     assert float(lost[0]) == pytest.approx(0.01 / 1.01) and float(lost[1]) == pytest.approx(0.5)
 
 
+def test_a_fall_one_held_out_piece_of_several_makes_is_not_told_apart_from_chance():
+    """Change in each held-out piece's share lost (positive: worse) for expert 0's three pieces and expert 1's two.
+    Expert 0's share falls 8 points in all; where one piece of three makes the fall, that is within two standard
+    errors of chance, and the step may be kept; where every piece falls alike, it is refused."""
+    lessons_ = [_lesson(expert, [0.5, 0.5]) for expert in (0, 0, 0, 1, 1)]
+    one_piece = torch.tensor([0.24, 0.0, 0.0, -0.10, -0.12])
+    every_piece = torch.tensor([0.08, 0.08, 0.08, -0.10, -0.12])
+    assert refine._none_worse(one_piece, lessons_)
+    assert not refine._none_worse(every_piece, lessons_)
+    assert refine._none_worse(torch.tensor([0.005, 0.01, 0.0, 0.01, 0.0]), lessons_)  # within TOLERANCE
+    assert not refine._none_worse(torch.tensor([0.0, 0.0, 0.0, 0.02, 0.02]), lessons_)  # expert 1 alike, and worse
+
+
 def test_position_weights_are_half_even_half_the_experts_gain_there_on_its_own_scale():
     """A position's weight is 0.5 + 0.5 * gain / the expert's mean gain over all its positions (expert 0: 0.505,
     expert 1: 0.55); a truncated KL below 0 (the base surer of the expert's top tokens than the expert) counts as
@@ -155,6 +168,7 @@ def test_refinement_keeps_the_fitted_routers_when_no_step_helps(random_router_mo
     routers = find_routers(model)
     before = [routers[layer].weight.detach().clone() for layer in sorted(routers)]
     monkeypatch.setattr(refine, "TOLERANCE", -1.0)  # a step is kept only if every share rose by 100 points
+    monkeypatch.setattr(refine, "NOISE", 0.0)
     refined = refine_routers(model, routers, alphabet_lessons, 4, lambda m: None)
     assert refined.step == 0 and refined.after == refined.before
     assert all(torch.equal(routers[layer].weight, rows) for layer, rows in zip(sorted(routers), before))

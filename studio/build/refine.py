@@ -11,8 +11,8 @@ pieces, divided by e's mean KL(e || base), is the share of e's gain the MoE lose
 and the loss averages it over the experts; plus a penalty on any expert that loses more than at the start, and the
 layer-by-layer fit's own loss, which keeps the routing the fit found wherever the divergence does not care. A
 quarter of each expert's pieces is held out: the routers are kept at the step where the held-out shares add up to
-most while no expert's share is more than TOLERANCE below where it started; if no step does that, the fitted routers
-stay as they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same
+most while no expert's share is more than TOLERANCE below where it started, beyond what chance among its few
+held-out pieces allows (NOISE standard errors); if no step does that, the fitted routers stay as they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same
 shape).
 
 On a GPU the model runs in bfloat16 (half the memory of float32); the optimiser keeps
@@ -45,7 +45,8 @@ TOP_K = 32  # tokens of the expert's distribution kept per position
 BATCH = 24  # pieces per step
 CHECK_EVERY = 4  # steps between looks at the held-out pieces
 PROTECT = 1.0  # weight of an expert's loss beyond where it started
-TOLERANCE = 0.01  # an expert's held-out share may fall this much at a kept step (noise of a few pieces)
+TOLERANCE = 0.01  # an expert's held-out share may fall this much at a kept step
+NOISE = 2.0  # ... plus this many standard errors of the change over its held-out pieces
 CPU_PARAMETERS = 50_000_000  # larger merged models are refined on a GPU only: a CPU step would take minutes
 GPU_HEADROOM = 1.5  # the bfloat16 model times this must fit the GPU's free memory (activations, Adam, logits)
 GAIN_SHARE = 0.5  # the share of a token's weight in the routers' fit set by what its expert gains there
@@ -158,8 +159,9 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     gaps, scales = _gaps(lessons_), _gain_scales(lessons_)
-    start = _shares_kept(model, held, gaps, device)
-    floor = _shares_lost(model, fit, gaps, device)  # each expert's loss at the start, on the text it fits
+    start_lost = _pieces_lost(model, held, gaps, device)
+    start = _shares_kept(start_lost, held)
+    floor = _shares_lost(_pieces_lost(model, fit, gaps, device), fit)  # each expert's loss at the start, on its fit
     log(f"Refining the routers end to end on {len(fit)} pieces of the experts' text ({len(held)} held out); "
         f"held-out share of each expert's gain: {_shares(start)}")
     best_sum, best_step, best_rows = sum(start), 0, fitted
@@ -172,8 +174,9 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
             _step(optimizer, weights, masters,
                   lambda: _loss(model, routers, chosen, gaps, scales, device, floor, budget.labels))
             if step % CHECK_EVERY == 0 or step == budget.steps:
-                shares = _shares_kept(model, held, gaps, device)
-                better = all(s >= s0 - TOLERANCE for s, s0 in zip(shares, start)) and sum(shares) > best_sum
+                lost = _pieces_lost(model, held, gaps, device)
+                shares = _shares_kept(lost, held)
+                better = _none_worse(lost - start_lost, held) and sum(shares) > best_sum
                 if better:
                     best_sum, best_step = sum(shares), step
                     best_rows = torch.stack([m.detach().cpu() for m in masters])
@@ -186,7 +189,7 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     if not best_step:
         log("Kept the fitted routers: no step raised the held-out shares without lowering an expert's")
         return Refined(fitted, 0, start, start)
-    after = _shares_kept(model, held, gaps, device)
+    after = _shares_kept(_pieces_lost(model, held, gaps, device), held)
     log(f"Kept the routers of step {best_step}: held-out shares {_shares(start)} -> {_shares(after)}")
     return Refined(best_rows, best_step, start, after)
 
@@ -322,17 +325,43 @@ def _label_loss(inputs: list[tuple[torch.nn.Module, torch.Tensor]], chosen: list
 
 
 @torch.no_grad()
-def _shares_lost(model, lessons_: list[Lesson], gaps: dict[int, float], device) -> list[float]:
-    """Each expert's share of its gain over the base that the MoE loses on `lessons_`."""
+def _pieces_lost(model, lessons_: list[Lesson], gaps: dict[int, float], device) -> torch.Tensor:
+    """Per lesson, the MoE's divergence from its expert over the expert's mean gap: the share of the expert's gain
+    lost there (an expert's share lost is the mean over its pieces)."""
     values = []
     for start in range(0, len(lessons_), BATCH):
         chunk = lessons_[start:start + BATCH]
-        values.append(_divergences(model, chunk, *padded([lesson.ids for lesson in chunk], device)))
-    return [float(v) for v in _per_expert(torch.cat(values), lessons_, gaps).values()]
+        values.append(_divergences(model, chunk, *padded([lesson.ids for lesson in chunk], device)).cpu())
+    return torch.cat(values) / torch.tensor([gaps[lesson.expert] for lesson in lessons_])
 
 
-def _shares_kept(model, lessons_: list[Lesson], gaps: dict[int, float], device) -> list[float]:
-    return [1.0 - lost for lost in _shares_lost(model, lessons_, gaps, device)]
+def _by_expert(values: torch.Tensor, lessons_: list[Lesson]) -> list[torch.Tensor]:
+    owner = torch.tensor([lesson.expert for lesson in lessons_])
+    return [values[owner == e] for e in sorted(set(owner.tolist()))]
+
+
+def _shares_lost(pieces_lost: torch.Tensor, lessons_: list[Lesson]) -> list[float]:
+    return [float(lost.mean()) for lost in _by_expert(pieces_lost, lessons_)]
+
+
+def _shares_kept(pieces_lost: torch.Tensor, lessons_: list[Lesson]) -> list[float]:
+    return [1.0 - lost for lost in _shares_lost(pieces_lost, lessons_)]
+
+
+def _none_worse(change: torch.Tensor, lessons_: list[Lesson]) -> bool:
+    """Whether no expert's held-out share fell (`change`: each piece's share lost, now minus at the start) by more
+    than TOLERANCE plus NOISE standard errors of its pieces' changes.
+
+    An expert may hold out 3 pieces, and one of them unlike the rest: on the zoo (`half-keywords`), the code expert's
+    continuation of "How do I read a file line by line in Python?" opens with a chat's reply, which a step rightly
+    sends to the chat expert; that one piece cost code 8 points of its held-out share, and the fitted routers were
+    kept, where the steps kept stories 11 to 15 points more and chat 6. A fall all of an expert's pieces share is
+    still refused."""
+    for changes in _by_expert(change, lessons_):
+        noise = float(changes.std()) / len(changes) ** 0.5 if len(changes) > 1 else 0.0
+        if float(changes.mean()) > TOLERANCE + NOISE * noise:
+            return False
+    return True
 
 
 def _shares(shares: list[float]) -> str:
