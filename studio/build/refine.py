@@ -354,9 +354,9 @@ def _none_worse(change: torch.Tensor, lessons_: list[Lesson]) -> bool:
 
     An expert may hold out 3 pieces, and one of them unlike the rest: on the zoo (`half-keywords`), the code expert's
     continuation of "How do I read a file line by line in Python?" opens with a chat's reply, which a step rightly
-    sends to the chat expert; that one piece cost code 8 points of its held-out share, and the fitted routers were
-    kept, where the steps kept stories 11 to 15 points more and chat 6. A fall all of an expert's pieces share is
-    still refused."""
+    sends to the chat expert; code's held-out share fell 8 points, 6 of them on that one piece (the others fell 4
+    and 2 points), and the fitted routers were kept, where the steps kept stories 11 to 15 points more and chat 6.
+    A fall all of an expert's pieces share alike is still refused."""
     for changes in _by_expert(change, lessons_):
         noise = float(changes.std()) / len(changes) ** 0.5 if len(changes) > 1 else 0.0
         if float(changes.mean()) > TOLERANCE + NOISE * noise:
