@@ -29,7 +29,7 @@ MOE_MERGE_METHOD = "moe"
 MERGE_METHOD_NOTE = ("`merge_method: moe` is ignored, as mergekit-moe ignores it: an MoE config always makes an MoE "
                      "merge (the line can go).")
 # Measured with benchmarks/gate_modes.py's `sentences` config under `expert_text` (README, "Routers from the prompts
-# people write"): 87/83/51/72% of the code/math/stories/chat gains with one expert per token, 92/94/85/80% with two.
+# people write"): 87/87/67/73% of the code/math/stories/chat gains with one expert per token, 92/95/86/84% with two.
 ONE_EXPERT_PER_TOKEN_NOTE = (
     "`experts_per_token: 1` sends each token to a single expert, so a token sent to the wrong one loses all of its "
     "expert's gain: on the bundled zoo with natural prompts, 1 keeps 67% to 87% of the experts' gains where 2 keeps "

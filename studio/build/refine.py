@@ -12,8 +12,8 @@ and the loss averages it over the experts; plus a penalty on any expert that los
 layer-by-layer fit's own loss, which keeps the routing the fit found wherever the divergence does not care. A
 quarter of each expert's pieces is held out: the routers are kept at the step where the held-out shares add up to
 most while no expert's share is more than TOLERANCE below where it started, beyond what chance among its few
-held-out pieces allows (NOISE standard errors); if no step does that, the fitted routers stay as they are. The kept rows are written over the routers' bytes in the staging files, in place (same dtype, same
-shape).
+held-out pieces allows (NOISE standard errors); if no step does that, the fitted routers stay as they are. The kept
+rows are written over the routers' bytes in the staging files, in place (same dtype, same shape).
 
 On a GPU the model runs in bfloat16 (half the memory of float32); the optimiser keeps
 float32 copies of the routers and writes them into the model after each step, so that small updates are not lost
