@@ -38,14 +38,13 @@ bias. From a document's start the zoo's chat expert writes stories as often as c
 one eye and saw the knight at the door." the stories expert writes chats, with its own slips ("The capital of
 Brazil is Lisbon."): each leads the expert of that domain on them. So a text is kept only where it also reads like
 the writer's kept text (`read_alike`: its token counts are likest to those of the writer's text, not to any other
-expert's), continuations and texts from a document's start alike. That holds for an expert its prompts led astray
-too: of the texts the zoo's math expert kept after "math" in `keywords`, one was a story it wrote from a document's
-start, which taught the routers to send story tokens to it.
-Measured on the zoo, six configs and two seeds: chat keeps 3 to 4 points more of its gain on average, and its
-held-out prompts reach it more often; stories moves both ways (-6 to +6 points), under 1 point up on average. (The
-stories expert's stories, which read like its continuations, give it clean stories to calibrate on where its
-continuations of requests and questions are often not its own; all kept, the chat expert's stories cost stories 20
-to 30 points in two configs of seven.)
+expert's), continuations and texts from a document's start alike. Measured on the zoo, six configs and two seeds:
+chat keeps 3 to 4 points more of its gain on average, and its held-out prompts reach it more often; stories moves
+both ways (-6 to +6 points), under 1 point up on average. (The stories expert's stories, which read like its
+continuations, give it clean stories to calibrate on where its continuations of requests and questions are often not
+its own; all kept, the chat expert's stories cost stories 20 to 30 points in two configs of seven.) The rule holds
+for an expert its prompts led astray too: of the texts the zoo's math expert kept after "math" in `keywords`, one was
+a story it wrote from a document's start, which taught the routers to send story tokens to it.
 
 While each expert is in memory, what it predicts on its text is kept too, and how far the base is from it at each
 position (studio/build/refine.py's lessons). Then, layer by layer through the merged model (studio/build/calibrate.py),

@@ -164,7 +164,7 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     floor = _shares_lost(_pieces_lost(model, fit, gaps, device), fit)  # each expert's loss at the start, on its fit
     log(f"Refining the routers end to end on {len(fit)} pieces of the experts' text ({len(held)} held out); "
         f"held-out share of each expert's gain: {_shares(start)}")
-    best_sum, best_step, best_rows = sum(start), 0, fitted
+    best_sum, best_step, best_rows, best_shares = sum(start), 0, fitted, start
     optimizer = torch.optim.Adam(masters, lr=budget.learning_rate)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
@@ -178,7 +178,7 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
                 shares = _shares_kept(lost, held)
                 better = _none_worse(lost - start_lost, held) and sum(shares) > best_sum
                 if better:
-                    best_sum, best_step = sum(shares), step
+                    best_sum, best_step, best_shares = sum(shares), step, shares
                     best_rows = torch.stack([m.detach().cpu() for m in masters])
                 log(f"  step {step} of {budget.steps}: held-out shares {_shares(shares)}"
                     f"{' (best so far)' if better else ''}")
@@ -189,9 +189,8 @@ def refine_routers(model, routers: dict[int, torch.nn.Module], lessons_: list[Le
     if not best_step:
         log("Kept the fitted routers: no step raised the held-out shares without lowering an expert's")
         return Refined(fitted, 0, start, start)
-    after = _shares_kept(_pieces_lost(model, held, gaps, device), held)
-    log(f"Kept the routers of step {best_step}: held-out shares {_shares(start)} -> {_shares(after)}")
-    return Refined(best_rows, best_step, start, after)
+    log(f"Kept the routers of step {best_step}: held-out shares {_shares(start)} -> {_shares(best_shares)}")
+    return Refined(best_rows, best_step, start, best_shares)
 
 
 def _step(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], masters: list[torch.Tensor],
@@ -277,8 +276,13 @@ def _divergences(model, lessons_: list[Lesson], ids: torch.Tensor, mask: torch.T
 
 def _per_expert(values: torch.Tensor, lessons_: list[Lesson], gaps: dict[int, float]) -> dict[int, torch.Tensor]:
     """Each expert's share of its gain lost: the mean divergence of its lessons over its mean gap."""
+    return {e: own.mean() / gaps[e] for e, own in _by_expert(values, lessons_).items()}
+
+
+def _by_expert(values: torch.Tensor, lessons_: list[Lesson]) -> dict[int, torch.Tensor]:
+    """Expert -> its lessons' entries of `values` (one per lesson), for each expert with a lesson here."""
     owner = torch.tensor([lesson.expert for lesson in lessons_], device=values.device)
-    return {e: values[owner == e].mean() / gap for e, gap in gaps.items() if bool((owner == e).any())}
+    return {e: values[owner == e] for e in sorted(set(owner.tolist()))}
 
 
 def _loss(model, routers: dict[int, torch.nn.Module], chosen: list[Lesson], gaps: dict[int, float],
@@ -335,13 +339,8 @@ def _pieces_lost(model, lessons_: list[Lesson], gaps: dict[int, float], device) 
     return torch.cat(values) / torch.tensor([gaps[lesson.expert] for lesson in lessons_])
 
 
-def _by_expert(values: torch.Tensor, lessons_: list[Lesson]) -> list[torch.Tensor]:
-    owner = torch.tensor([lesson.expert for lesson in lessons_])
-    return [values[owner == e] for e in sorted(set(owner.tolist()))]
-
-
 def _shares_lost(pieces_lost: torch.Tensor, lessons_: list[Lesson]) -> list[float]:
-    return [float(lost.mean()) for lost in _by_expert(pieces_lost, lessons_)]
+    return [float(lost.mean()) for lost in _by_expert(pieces_lost, lessons_).values()]
 
 
 def _shares_kept(pieces_lost: torch.Tensor, lessons_: list[Lesson]) -> list[float]:
@@ -357,7 +356,7 @@ def _none_worse(change: torch.Tensor, lessons_: list[Lesson]) -> bool:
     sends to the chat expert; code's held-out share fell 8 points, 6 of them on that one piece (the others fell 4
     and 2 points), and the fitted routers were kept, where the steps kept stories 11 to 15 points more and chat 6.
     A fall all of an expert's pieces share alike is still refused."""
-    for changes in _by_expert(change, lessons_):
+    for changes in _by_expert(change, lessons_).values():
         noise = float(changes.std()) / len(changes) ** 0.5 if len(changes) > 1 else 0.0
         if float(changes.mean()) > TOLERANCE + NOISE * noise:
             return False
