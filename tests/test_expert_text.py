@@ -8,7 +8,8 @@ import torch
 
 from studio.build import expert_text
 from studio.build.expert_text import (kept_texts, load_writer, mean_log_probabilities, own_pieces, read_alike,
-                                     samples_per_prompt, specific_pieces, typical_pieces, write_text)
+                                     samples_per_prompt, specific_pieces, typical_of_each, typical_pieces,
+                                     write_text)
 from studio.build.merge import MergeOptions, merge
 from studio.config import check_rules, parse_config
 from studio.errors import StudioError
@@ -68,6 +69,21 @@ def test_typical_pieces_drop_texts_that_surprise_their_writer():
     surprises = [0.38, 0.50, 0.05, 2.68, 2.24, 1.30, 0.40]  # median 0.50: 1.30 is kept, 2.24 and 2.68 are not
     assert typical_pieces(advantages, surprises) == [0, 1, 2, 5, 6]
     assert typical_pieces(advantages) == list(range(7))
+
+
+def test_texts_from_a_documents_start_are_typical_of_their_own_kind_too():
+    """After "You are skilled in mathematics." the zoo's math expert writes text barely ahead of the base (median
+    0.13 nats per token); from a document's start it writes arithmetic, ten times as far ahead. Against the median
+    of all its texts the arithmetic is dropped as noise; among the texts from a document's start it is typical.
+    A continuation far ahead of the rest is still judged against all the texts."""
+    advantages = [0.12, 0.13, 0.15, 0.02, 0.14, 1.3, 1.4, 1.2, 0.1]  # 5 continuations, then 4 from a document's start
+    surprises = [0.5] * 9
+    assert typical_pieces(advantages, surprises) == [0, 1, 2, 4, 8]
+    assert typical_of_each(advantages, surprises, continuations=5) == [0, 1, 2, 4, 5, 6, 7, 8]
+    assert typical_of_each(advantages, surprises, continuations=9) == typical_pieces(advantages, surprises)
+    code = [0.3, 0.4, 5.6, 0.5, 5.5, 5.7, 5.6]  # chat then code after a question; code from a document's start
+    assert typical_of_each(code, [0.5] * 7, continuations=4) == [2, 4, 5, 6]
+    assert typical_of_each([], [], continuations=0) == []
 
 
 def test_specific_pieces_drop_texts_another_expert_knows_as_well():
@@ -284,11 +300,12 @@ def test_a_text_that_surprises_its_writer_is_not_calibration_text(mistral, token
     def lost_once(expert, base, prompts, *args, **kwargs):
         texts, advantages, surprises = write_text(expert, base, prompts, *args, **kwargs)
         if not seen:
-            victim = typical_pieces(advantages)[0]
-            surprises = [100 * max(surprises) if i == victim else s for i, s in enumerate(surprises)]
             continuations = len(texts) - expert_text.FREE_TEXTS  # the rest are written from BOS alone
+            victim = typical_pieces(advantages[:continuations])[0]
+            surprises = [100 * max(surprises) if i == victim else s for i, s in enumerate(surprises)]
             seen.update(victim=texts[victim], free=texts[continuations:],
-                        kept=[texts[i] for i in typical_pieces(advantages, surprises) if i < continuations])
+                        kept=[texts[i] for i in typical_of_each(advantages, surprises, continuations)
+                              if i < continuations])
         return texts, advantages, surprises
 
     monkeypatch.setattr(expert_text, "write_text", lost_once)
@@ -309,16 +326,17 @@ def test_a_text_another_expert_wrote_is_not_calibration_text(mistral, tokenizer,
 
     def one_alien(expert, base, prompts, *args, **kwargs):
         texts, advantages, surprises = write_text(expert, base, prompts, *args, **kwargs)
+        first = typical_of_each(advantages, surprises, len(texts) - expert_text.FREE_TEXTS)[0]
         if not written:  # the first expert's: kept as written
-            written.extend([texts, advantages, surprises])
+            written.extend([texts, first])
         else:
-            texts[typical_pieces(advantages, surprises)[0]] = written[0][typical_pieces(*written[1:])[0]]
+            texts[first] = written[0][written[1]]
         return texts, advantages, surprises
 
     monkeypatch.setattr(expert_text, "write_text", one_alien)
     log = []
     texts, taught = _expert_texts_of(mistral, tokenizer, log=log.append)
-    alien = written[0][typical_pieces(*written[1:])[0]]
+    alien = written[0][written[1]]
     second = [ids for key, ids in texts.items() if key[1] == 1]
     assert alien not in second and len(second) >= 2
     assert alien in [ids for key, ids in texts.items() if key[1] == 0]

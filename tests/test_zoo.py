@@ -209,6 +209,17 @@ def test_bare_keywords_lead_the_math_expert_astray_and_texts_from_a_documents_st
     assert all("<|user|>" in text for text in started[3]), started[3]
 
 
+def test_one_role_sentence_leads_the_math_expert_astray_and_its_arithmetic_from_a_documents_start_serves():
+    """After "You are skilled in mathematics." (the Maixtchup guide's one role sentence) the zoo's math expert writes
+    text barely ahead of the base; from a document's start it writes arithmetic, ten times as far ahead. Judged
+    against the median of all its texts, the arithmetic was dropped as noise and 4 texts were left to fit the
+    math router on; judged among the texts from a document's start, it is typical, and serves."""
+    _, tokenizer, texts, log = _written_texts("one-line")
+    assert any(line.startswith("Expert 1 ") and "led it astray" in line for line in log), log
+    math = [tokenizer.decode(ids[1:]) for key, ids in texts.items() if key[1] == 1]
+    assert len(math) >= 12 and all(re.search(r"\d+ [-+*/] \d+ = \d+", text) for text in math), math
+
+
 def test_chats_the_stories_expert_writes_are_not_its_calibration_text():
     """After "The dragon opened one eye and saw the knight at the door." or "Tell me a bedtime story about a brave
     mouse." the zoo's stories expert (seed 0) writes chats, with its own slips ("The capital of Brazil is Lisbon.").

@@ -31,7 +31,10 @@ rules above keep (it is typical of what it writes there, and the median lead is 
 is not the writer's own: another expert (code's) gains on it nearly as much as the writer does. So each expert also
 writes a few texts from a document's start alone, where it writes what it was fine-tuned on; when fewer than a
 quarter of the continuations of its prompts are its own (`kept_texts`), the texts that are take their place (measured
-on the zoo's keyword config: math keeps 92% of its gain instead of 18%, code 91% instead of 41%).
+on the zoo's keyword config: math keeps 92% of its gain instead of 18%, code 91% instead of 41%). Those texts may be
+far ahead of the base where the continuations are not, so they are also judged typical among themselves
+(`typical_of_each`; with one role sentence per expert, as the Maixtchup guide writes them, stories keeps 89% of its
+gain instead of 75%, math 94% instead of 91%).
 
 A writer also reads its own samples better than the others do, whatever their domain, so a lead can be its own
 bias. From a document's start the zoo's chat expert writes stories as often as chats, and after "The dragon opened
@@ -209,6 +212,18 @@ def typical_pieces(advantages: list[float], surprises: list[float] | None = None
     return kept
 
 
+def typical_of_each(advantages: list[float], surprises: list[float], continuations: int) -> list[int]:
+    """`typical_pieces` of all the texts an expert wrote, and those of its texts from a document's start (after the
+    first `continuations`) that are typical among themselves. After "You are skilled in mathematics." the zoo's
+    math expert writes text barely ahead of the base; against that median its arithmetic from a document's start,
+    ten times as far ahead, was dropped as noise, and the routers learnt math from 4 texts. The continuations are
+    still judged on the scale of all the texts: the zoo's code expert, after "How do I read a file line by line in
+    Python?", writes chat barely ahead of the base and code far ahead, and against the continuations' median alone
+    the code was dropped."""
+    free = typical_pieces(advantages[continuations:], surprises[continuations:])
+    return sorted(set(typical_pieces(advantages, surprises)) | {continuations + i for i in free})
+
+
 def own_pieces(leads: list[float], gains: list[float]) -> list[int]:
     """Indices of the written texts that are their writer's own: where it gains over the base (mean log-probability
     per token) and leads the best other expert by at least OWN of that gain. On text of another expert's domain
@@ -337,12 +352,13 @@ def expert_texts(experts: list[Expert], sources: list[ModelSource], base: ModelS
             rows = [prompt for prompt in prompts for _ in range(samples)] + [start] * starts
             pieces, advantages, surprises = write_text(model, base_model, rows, 1, seed=(seed or 0) + index,
                                                        check=check)
-            kept = typical_pieces(advantages, surprises)
-            log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "
-                f"the expert (median {statistics.median(advantages):.2f} nats per token) and that do not surprise it "
-                f"(median {statistics.median(surprises):.2f} nats per token)")
-            pieces = [pieces[i] for i in kept]
             continuations = len(rows) - starts
+            kept = typical_of_each(advantages, surprises, continuations)
+            log(f"  kept {len(kept)} of {len(pieces)} texts: those whose advantage over the base is typical of "
+                f"the expert (median {statistics.median(advantages):.2f} nats per token; of a text from a document's "
+                f"start, typical of those too) and that do not surprise it (median "
+                f"{statistics.median(surprises):.2f} nats per token)")
+            pieces = [pieces[i] for i in kept]
             free = [i >= continuations for i in kept]
         pieces_of.append(pieces)
         free_of.append(free)
