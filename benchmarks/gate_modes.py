@@ -19,10 +19,14 @@ instructions and questions under `prompt_format: chat`, written after the others
 `three-experts` (not run by default), with fewer experts and fewer prompts (4 and 3 per expert), and `mixed`
 (not run by default: four experts, five prompts each), written later still; and later again `casual` (four short
 prompts per expert), `topics` (topic words) and `half-keywords` (two experts by sentences, two by bare keywords),
-none run by default.
+none run by default. Last, with a second set of held-out prompts (`--prompts benchmarks/natural/eval-prompts-2.yml`,
+10 per domain) and before anything was measured on them: `one-line` (one role sentence per expert, as the Maixtchup
+guide), `eight-sentences`, `with-negatives` (negative prompts too) and `fragments` (openings, as the mergekit docs'
+clown-car config).
 
 Usage: python benchmarks/gate_modes.py [--configs sentences,keywords,assistant] [--modes hidden,cheap_embed,
        calibrated,expert_text/fitted,expert_text,expert_text_ridge] [--seed 0]
+       [--prompts benchmarks/natural/eval-prompts.yml]
 """
 
 from __future__ import annotations
@@ -93,9 +97,10 @@ def main() -> None:
     parser.add_argument("--modes", default="hidden,cheap_embed,calibrated,expert_text/fitted,expert_text,"
                                            "expert_text_ridge")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", default=str(NATURAL / "eval-prompts.yml"), help="held-out prompts per expert")
     args = parser.parse_args()
+    prompts = load_prompts(Path(args.prompts).resolve())
     os.chdir(ROOT)  # the configs' paths are relative to the project folder
-    prompts = load_prompts(NATURAL / "eval-prompts.yml")
     rows, seconds = [], {}
     for name in args.configs.split(","):
         path = Path(name) if name.endswith(".yml") else NATURAL / f"{name}.yml"
