@@ -301,7 +301,7 @@ def test_a_text_that_surprises_its_writer_is_not_calibration_text(mistral, token
         texts, advantages, surprises = write_text(expert, base, prompts, *args, **kwargs)
         if not seen:
             continuations = len(texts) - expert_text.FREE_TEXTS  # the rest are written from BOS alone
-            victim = typical_pieces(advantages[:continuations])[0]
+            victim = typical_of_each(advantages, surprises, continuations)[0]  # a continuation the rules keep
             surprises = [100 * max(surprises) if i == victim else s for i, s in enumerate(surprises)]
             seen.update(victim=texts[victim], free=texts[continuations:],
                         kept=[texts[i] for i in typical_of_each(advantages, surprises, continuations)
